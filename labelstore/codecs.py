@@ -1,0 +1,150 @@
+"""8-bit (and 16-bit) value codecs for kept teacher probabilities.
+
+Every codec encodes a kept entry *relative to the position's most probable token*:
+the input is ``r = log p - log p_max`` (so ``r <= 0``; ``-inf`` for a zero-probability entry),
+and decoding yields an unnormalised weight ``w = exp(r)`` approximately. No per-position scale is stored:
+the reader recovers absolute probabilities from the exact stored tail mass ``t``::
+
+    p_i = (1 - t) * w_i / sum_j w_j          (the reconstruction rule, docs/FORMAT.md)
+
+which also cancels any common bias of the code. Codecs:
+
+``log8`` (default)
+    ``code = min(254, floor(-r / step + 0.5))``, ``w = exp(-code * step)``; code 255 means ``w = 0``.
+    ``step = 1/16`` nat covers 15.9 nats below the top token with at most 3.2 % relative error.
+``e4m3``
+    float8 e4m3fn bits of ``clamp(exp(r) * 256, 0, 448)``: 6.25 % max relative error, entries below
+    ``p_max * 2**-17`` flush to zero.
+``e5m2``
+    float8 e5m2 bits of ``clamp(exp(r) * 32768, 0, 57344)``: 12.5 % error, range ``2**-31``.
+``fp16``
+    float16 bits (2 bytes, little-endian) of ``exp(r) * 1024``: 0.05 % error, range ``2**-34``.
+``none``
+    no values at all (hard-label stores keep ids only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LOG8_DEFAULT_STEP = 1.0 / 16.0
+ZERO_CODE = 255  # log8's code for a zero weight
+
+
+@dataclass(frozen=True)
+class ValueCodec:
+    """A value codec as recorded in a store's metadata: ``{"name": ..., "params": {...}}``."""
+
+    name: str
+    params: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def bytes_per_value(self) -> int:
+        return {"none": 0, "fp16": 2}.get(self.name, 1)
+
+    @property
+    def param(self) -> dict:
+        return dict(self.params)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "params": dict(self.params)}
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, logrel: torch.Tensor) -> torch.Tensor:
+        """Encode relative log-probabilities ``r = log p - log p_max`` (float32, ``<= 0``, ``-inf`` for 0).
+
+        Returns uint8 codes of shape ``[..., K * bytes_per_value]``.
+        """
+        r = logrel.float()
+        if self.name == "log8":
+            step = self.param["step"]
+            code = torch.floor(-r / step + 0.5).clamp_(0, ZERO_CODE - 1)
+            code = torch.where(torch.isneginf(r), torch.full_like(code, ZERO_CODE), code)
+            return code.to(torch.uint8)
+        if self.name in ("e4m3", "e5m2"):
+            scale, vmax, dt = _FP8[self.name]
+            x = (torch.exp(r) * scale).clamp_(0.0, vmax)
+            return x.to(dt).view(torch.uint8)
+        if self.name == "fp16":
+            x = torch.exp(r) * 1024.0
+            return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*r.shape[:-1], -1)
+        if self.name == "none":
+            return torch.zeros(*r.shape[:-1], 0, dtype=torch.uint8)
+        raise ValueError(f"unknown value codec {self.name!r}")
+
+    # ------------------------------------------------------------------ decode
+    def decode_lut(self) -> np.ndarray:
+        """The 256-entry float32 table mapping an 8-bit code to its weight."""
+        codes = np.arange(256, dtype=np.uint8)
+        if self.name == "log8":
+            step = self.param["step"]
+            w = np.exp(-codes.astype(np.float64) * step)
+            w[ZERO_CODE] = 0.0
+            return w.astype(np.float32)
+        if self.name in ("e4m3", "e5m2"):
+            scale, _, dt = _FP8[self.name]
+            x = torch.from_numpy(codes).view(dt).float().numpy() / scale
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            return x.astype(np.float32)
+        raise ValueError(f"codec {self.name!r} has no 8-bit decode table")
+
+    def decode_numpy(self, codes: np.ndarray) -> np.ndarray:
+        """Weights (float32) from the raw value bytes of ``n`` entries."""
+        codes = np.asarray(codes, dtype=np.uint8)
+        if self.name == "fp16":
+            return codes.view("<f2").astype(np.float32) / np.float32(1024.0)
+        if self.name == "none":
+            raise ValueError("codec 'none' stores no values")
+        return self.decode_lut()[codes]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Torch version of :meth:`decode_numpy` (last dim holds the value bytes)."""
+        if self.name == "fp16":
+            return codes.contiguous().view(torch.float16).float() / 1024.0
+        lut = torch.from_numpy(self.decode_lut())
+        return lut[codes.long()]
+
+
+_FP8 = {
+    "e4m3": (256.0, 448.0, torch.float8_e4m3fn),
+    "e5m2": (32768.0, 57344.0, torch.float8_e5m2),
+}
+
+CODEC_NAMES = ("log8", "e4m3", "e5m2", "fp16", "none")
+DEFAULT_CODEC = "log8"
+
+
+def get_codec(name: str | dict | ValueCodec, **params) -> ValueCodec:
+    """Look a codec up by name (or by its metadata dict). Unknown names raise ValueError."""
+    if isinstance(name, ValueCodec):
+        return name
+    if isinstance(name, dict):
+        params = {**name.get("params", {}), **params}
+        name = name["name"]
+    if name not in CODEC_NAMES:
+        raise ValueError(f"unknown value codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+    if name == "log8":
+        step = float(params.get("step", LOG8_DEFAULT_STEP))
+        if not (math.isfinite(step) and 0 < step <= 1):
+            raise ValueError(f"log8 step must be in (0, 1], got {step}")
+        return ValueCodec("log8", (("step", step),))
+    if params:
+        raise ValueError(f"codec {name!r} takes no parameters, got {sorted(params)}")
+    return ValueCodec(name)
+
+
+def reconstruct(weights: np.ndarray, tail: np.ndarray, counts_mask: np.ndarray | None = None) -> np.ndarray:
+    """Absolute probabilities ``[T, K]`` from decoded weights ``[T, K]`` and the exact tail ``[T]``.
+
+    ``p = (1 - t) * w / sum(w)``; rows whose weights sum to 0 get 0.
+    """
+    w = weights if counts_mask is None else np.where(counts_mask, weights, 0)
+    s = w.sum(axis=-1, keepdims=True)
+    kept = (1.0 - tail)[..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(s > 0, w * (kept / np.where(s > 0, s, 1)), 0)
+    return out.astype(np.float32, copy=False)

@@ -37,3 +37,7 @@ class InvalidLogitsError(LabelStoreError):
 
 class InputDataError(LabelStoreError):
     """A corpus file is missing, empty, unreadable or lacks the requested field."""
+
+
+class StoreWriteError(LabelStoreError):
+    """Writing a shard failed (disk full, permissions...). Committed shards are intact."""

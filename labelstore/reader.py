@@ -1,0 +1,295 @@
+"""LabelStore: random access to a label store's sequences, decoded to torch tensors.
+
+Shards are memory-mapped Arrow IPC files; a row's byte columns are read in place (no copy) and decoded
+with numpy. Every error is a :class:`~labelstore.errors.LabelStoreError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import bitpack
+from .codecs import get_codec
+from .errors import StoreCorruptError, StoreFormatError
+from .format import MAX_SEQ_LEN, PAYLOAD_COLUMNS, meta_from_schema, row_crc32
+from .manifest import load_manifest, safe_shard_path
+
+
+@dataclass
+class RawRow:
+    """One sequence decoded to flat numpy arrays (no padding to K)."""
+
+    sample_id: int
+    input_ids: np.ndarray  # int64 [T]
+    counts: np.ndarray  # int64 [T]
+    ids: np.ndarray  # int64 [sum(counts)]
+    weights: np.ndarray | None  # float32 [sum(counts)] decoded codec weights (None for hard labels)
+    tail: np.ndarray  # float32 [T] (zeros for hard labels)
+    doc_starts: np.ndarray  # int64 [D]
+
+
+@dataclass
+class Sample:
+    """One sequence with its teacher targets, padded to the store's K."""
+
+    sample_id: int
+    input_ids: torch.Tensor  # int64 [T]
+    ids: torch.Tensor  # int64 [T, K], 0 past counts
+    probs: torch.Tensor  # float32 [T, K], absolute probabilities, 0 past counts
+    tail: torch.Tensor  # float32 [T], exact teacher mass outside the kept ids
+    counts: torch.Tensor  # int64 [T]
+    doc_starts: torch.Tensor  # int64 [D]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool [T, K]: True for real kept entries."""
+        return torch.arange(self.ids.shape[1]) < self.counts[:, None]
+
+
+def pad_row(raw: RawRow, k: int, codec_name: str, normalize: bool = True):
+    """Flat row -> (ids [T, K] int64, probs [T, K] float32) with the reconstruction rule of docs/FORMAT.md."""
+    T = raw.input_ids.size
+    counts = raw.counts
+    n = raw.ids.size
+    if raw.weights is None:  # hard labels: the kept id is the target, with probability 1
+        w = np.ones(n, dtype=np.float32)
+    else:
+        w = raw.weights
+    if T and n == T * k:  # every position full: a reshape, no scatter
+        ids = raw.ids.reshape(T, k)
+        wk = w.reshape(T, k)
+        if normalize and raw.weights is not None:
+            s = wk.sum(axis=1, keepdims=True, dtype=np.float32)
+            probs = wk * ((1.0 - raw.tail)[:, None] / np.where(s > 0, s, 1))
+        else:
+            probs = wk
+        return ids, probs.astype(np.float32, copy=False)
+    pos = np.repeat(np.arange(T), counts)
+    starts = np.cumsum(counts) - counts
+    slot = np.arange(n) - np.repeat(starts, counts)
+    ids = np.zeros((T, k), dtype=np.int64)
+    ids[pos, slot] = raw.ids
+    probs = np.zeros((T, k), dtype=np.float32)
+    if normalize and raw.weights is not None:
+        s = np.bincount(pos, weights=w, minlength=T)
+        scale = (1.0 - raw.tail) / np.where(s > 0, s, 1)
+        probs[pos, slot] = w * scale[pos]
+    else:
+        probs[pos, slot] = w
+    return ids, probs
+
+
+class _Shard:
+    """A memory-mapped shard and the numpy views of its record batches."""
+
+    def __init__(self, root: Path, rec: dict, meta: dict):
+        self.path = safe_shard_path(root, rec["path"], str(root / "manifest.json"))
+        self.rec = rec
+        where = str(self.path)
+        if not self.path.exists():
+            raise StoreCorruptError(
+                f"shard {where} listed in the manifest is missing; the store is incomplete: re-copy it from its "
+                "source, or rerun the compile to rebuild it"
+            )
+        size = self.path.stat().st_size
+        if size != rec["bytes"]:
+            raise StoreCorruptError(
+                f"shard {where} is {size} bytes but the manifest says {rec['bytes']}: it was truncated or modified; "
+                "re-copy it, or rerun `labelstore verify` for a full report"
+            )
+        try:
+            self.mmap = pa.memory_map(str(self.path))
+            self.reader = pa.ipc.open_file(self.mmap)
+            file_meta = meta_from_schema(self.reader.schema, where)
+            rows = [self.reader.get_batch(i).num_rows for i in range(self.reader.num_record_batches)]
+        except StoreFormatError as exc:
+            raise StoreCorruptError(str(exc)) from None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StoreCorruptError(
+                f"shard {where} cannot be read as an Arrow IPC file ({exc}); it is damaged"
+            ) from None
+        if file_meta != meta:
+            raise StoreCorruptError(f"shard {where} was written with different metadata than the manifest records")
+        if sum(rows) != rec["rows"]:
+            raise StoreCorruptError(f"shard {where} holds {sum(rows)} rows but the manifest says {rec['rows']}")
+        self.batch_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self._views: dict[int, dict] = {}
+
+    def views(self, b: int) -> dict:
+        v = self._views.get(b)
+        if v is None:
+            try:
+                batch = self.reader.get_batch(b)
+                v = {
+                    "sample_id": batch.column(0).to_numpy(),
+                    "num_tokens": batch.column(1).to_numpy(),
+                    "crc32": batch.column(8).to_numpy(),
+                }
+                for j, name in enumerate(PAYLOAD_COLUMNS, start=2):
+                    col = batch.column(j)
+                    bufs = col.buffers()
+                    offs = np.frombuffer(bufs[1], dtype=np.int32)[col.offset: col.offset + len(col) + 1]
+                    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+                    if len(offs) != len(col) + 1 or np.any(np.diff(offs) < 0) or (len(offs) and offs[-1] > data.size):
+                        raise StoreCorruptError(f"shard {self.path} batch {b}: column {name} has invalid offsets")
+                    v[name] = (offs, data)
+            except pa.ArrowException as exc:
+                raise StoreCorruptError(f"shard {self.path} batch {b} cannot be read ({exc}); it is damaged") from None
+            self._views[b] = v
+        return v
+
+
+class LabelStore:
+    """Read a finalized label store.
+
+    Args:
+        path: the store directory.
+        verify_rows: check each row's CRC32 as it is decoded (cheap; catches silent corruption).
+        normalize: rescale decoded weights so kept + tail sum to 1 (the format's reconstruction rule).
+        max_open_shards: memory maps kept open at once.
+    """
+
+    def __init__(self, path, *, verify_rows: bool = True, normalize: bool = True, max_open_shards: int = 64):
+        self.path = Path(path)
+        self.verify_rows = verify_rows
+        self.normalize = normalize
+        self.max_open_shards = max_open_shards
+        self.manifest = load_manifest(self.path)
+        self.meta: dict = self.manifest["meta"]
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.k: int = self.meta["selection"]["k"]
+        self.label_kind: str = self.meta["label_kind"]
+        self.codec = get_codec(self.meta["value_codec"])
+        self.id_bits: int = self.meta["id_bits"]
+        self._count_dtype = "<u1" if self.meta["count_bytes"] == 1 else "<u2"
+        shards = self.manifest["shards"]
+        self._shard_starts = np.concatenate([[0], np.cumsum([s["rows"] for s in shards])]).astype(np.int64)
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._lut = self.codec.decode_lut() if self.codec.bytes_per_value == 1 else None
+
+    # ------------------------------------------------------------------------------ container protocol
+    def __len__(self) -> int:
+        return int(self._shard_starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["totals"]["tokens"])
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.get(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def __getstate__(self):  # picklable for DataLoader workers: each reopens its own memory maps
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    def __repr__(self) -> str:
+        return f"LabelStore({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens}, k={self.k})"
+
+    # ------------------------------------------------------------------------------ access
+    def _shard(self, s: int) -> _Shard:
+        sh = self._open.get(s)
+        if sh is None:
+            sh = _Shard(self.path, self.manifest["shards"][s], self.meta)
+            self._open[s] = sh
+            while len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(s)
+        return sh
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, batch, row) of global index ``i`` (binary search over cumulative counts)."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for a store of {n} samples")
+        i = int(i) % n if n else i
+        s = int(np.searchsorted(self._shard_starts, i, side="right")) - 1
+        sh = self._shard(s)
+        local = i - int(self._shard_starts[s])
+        b = int(np.searchsorted(sh.batch_starts, local, side="right")) - 1
+        return s, b, local - int(sh.batch_starts[b])
+
+    def get_raw(self, i: int) -> RawRow:
+        s, b, r = self.locate(i)
+        sh = self._shard(s)
+        v = sh.views(b)
+        where = f"shard {sh.path} row {int(sh.batch_starts[b]) + r}"
+        parts = {}
+        for name in PAYLOAD_COLUMNS:
+            offs, data = v[name]
+            parts[name] = data[offs[r]: offs[r + 1]]
+        if self.verify_rows and row_crc32(*(parts[n] for n in PAYLOAD_COLUMNS)) != int(v["crc32"][r]):
+            raise StoreCorruptError(
+                f"{where}: CRC32 mismatch, the row's bytes changed after writing; run `labelstore verify` and "
+                "re-copy or recompile the damaged shard"
+            )
+        return self._decode(int(v["sample_id"][r]), int(v["num_tokens"][r]), parts, where)
+
+    def _decode(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
+        bits = self.id_bits
+        if not 0 <= T <= MAX_SEQ_LEN:
+            raise StoreCorruptError(f"{where}: num_tokens {T} is out of range")
+        cb = self.meta["count_bytes"]
+        if parts["input_ids"].size != bitpack.packed_nbytes(T, bits) or parts["counts"].size != T * cb:
+            raise StoreCorruptError(f"{where}: input_ids or counts size disagrees with num_tokens={T}")
+        input_ids = bitpack.unpack(parts["input_ids"], bits, T)
+        counts = np.frombuffer(parts["counts"], dtype=self._count_dtype).astype(np.int64)
+        n = int(counts.sum())
+        if T and counts.max() > self.k:
+            raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
+        if parts["ids"].size != bitpack.packed_nbytes(n, bits):
+            raise StoreCorruptError(f"{where}: ids column holds {parts['ids'].size} bytes, expected "
+                                    f"{bitpack.packed_nbytes(n, bits)} for {n} entries")
+        ids = bitpack.unpack(parts["ids"], bits, n)
+        if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
+            raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
+        bpv = self.codec.bytes_per_value
+        if self.label_kind == "soft":
+            if parts["values"].size != n * bpv or parts["tail"].size != 4 * T:
+                raise StoreCorruptError(f"{where}: values or tail size disagrees with counts")
+            weights = self._lut[parts["values"]] if self._lut is not None else self.codec.decode_numpy(parts["values"])
+            tail = np.frombuffer(parts["tail"], dtype="<f4")
+        else:
+            weights = None
+            tail = np.zeros(T, dtype=np.float32)
+        if parts["doc_starts"].size % 4:
+            raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
+        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
+        return RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts)
+
+    def get(self, i: int) -> Sample:
+        raw = self.get_raw(i)
+        ids, probs = pad_row(raw, self.k, self.codec.name, self.normalize)
+        return Sample(
+            sample_id=raw.sample_id,
+            input_ids=torch.from_numpy(raw.input_ids),
+            ids=torch.from_numpy(ids),
+            probs=torch.from_numpy(np.ascontiguousarray(probs)),
+            tail=torch.from_numpy(np.array(raw.tail, dtype=np.float32)),
+            counts=torch.from_numpy(raw.counts),
+            doc_starts=torch.from_numpy(raw.doc_starts),
+        )
+
+    def sample_ids(self) -> np.ndarray:
+        """Sample id of every row, in store order."""
+        out = []
+        for s in range(len(self.manifest["shards"])):
+            sh = self._shard(s)
+            for b in range(len(sh.batch_starts) - 1):
+                out.append(np.asarray(sh.views(b)["sample_id"], dtype=np.int64))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def open_store(path, **kwargs) -> LabelStore:
+    return LabelStore(path, **kwargs)

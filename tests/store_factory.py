@@ -1,0 +1,48 @@
+"""Random label stores for tests: rows generated from a seed, kept beside the store as the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from labelstore.codecs import get_codec
+
+
+def make_meta(vocab_size=1000, k=8, codec="log8", label_kind="soft", **extra):
+    meta = {
+        "vocab_size": vocab_size,
+        "label_kind": label_kind,
+        "selection": {"mode": "topk", "k": k},
+        "value_codec": get_codec(codec).to_json(),
+        "temperature": 1.0,
+        "teacher": {"name": "test-teacher", "hash": "0" * 16},
+        "tokenizer": {"name": "test-tokenizer", "hash": "1" * 16},
+        "compile_config": {"seed": 0},
+    }
+    meta.update(extra)
+    return meta
+
+
+def random_rows(n, vocab_size=1000, k=8, codec="log8", seed=0, max_len=40, lengths=None, label_kind="soft"):
+    """Rows as the writer takes them: dicts of numpy arrays, with variable counts per position."""
+    rng = np.random.default_rng(seed)
+    bpv = get_codec(codec).bytes_per_value if label_kind == "soft" else 0
+    rows = []
+    for i in range(n):
+        T = int(lengths[i]) if lengths is not None else int(rng.integers(0, max_len + 1))
+        counts = rng.integers(1, k + 1, size=T)
+        m = int(counts.sum())
+        rows.append({
+            "sample_id": 1000 + i,
+            "input_ids": rng.integers(0, vocab_size, size=T),
+            "counts": counts,
+            "ids": rng.integers(0, vocab_size, size=m),
+            "values": rng.integers(0, 255, size=m * bpv).astype(np.uint8),
+            "tail": rng.random(T).astype(np.float32) if label_kind == "soft" else np.zeros(0, np.float32),
+            "doc_starts": np.sort(rng.choice(max(T, 1), size=min(T, 2), replace=False)).astype(np.int32),
+        })
+    return rows
+
+
+def write_rows(writer, rows):
+    for r in rows:
+        writer.add(r["sample_id"], r["input_ids"], r["counts"], r["ids"], r["values"], r["tail"], r["doc_starts"])

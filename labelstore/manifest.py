@@ -168,7 +168,7 @@ def load_manifest(root: Path) -> dict:
     if not root.is_dir():
         raise StoreFormatError(f"{root} is not a directory; a label store is a directory with a manifest.json")
     if not mpath.exists():
-        if (root / "commits").is_dir() and any((root / "commits").glob("*.json")):
+        if (root / CONFIG).exists():
             raise StoreNotFinalizedError(
                 f"{root} has committed shards but no manifest.json: the compile was interrupted or is still "
                 "running. Rerun the same `labelstore compile` command to resume and finalize it."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from labelstore.codecs import get_codec
 
@@ -36,7 +37,7 @@ def random_rows(n, vocab_size=1000, k=8, codec="log8", seed=0, max_len=40, lengt
             "input_ids": rng.integers(0, vocab_size, size=T),
             "counts": counts,
             "ids": rng.integers(0, vocab_size, size=m),
-            "values": rng.integers(0, 255, size=m * bpv).astype(np.uint8),
+            "values": _codes(codec, counts, rng) if bpv else np.zeros(0, np.uint8),
             "tail": rng.random(T).astype(np.float32) if label_kind == "soft" else np.zeros(0, np.float32),
             "doc_starts": np.sort(rng.choice(max(T, 1), size=min(T, 2), replace=False)).astype(np.int32),
         })
@@ -46,3 +47,12 @@ def random_rows(n, vocab_size=1000, k=8, codec="log8", seed=0, max_len=40, lengt
 def write_rows(writer, rows):
     for r in rows:
         writer.add(r["sample_id"], r["input_ids"], r["counts"], r["ids"], r["values"], r["tail"], r["doc_starts"])
+
+
+def _codes(codec, counts, rng):
+    """Valid codec bytes: relative log-probs, 0 for each position's first entry, then decreasing."""
+    r = -rng.exponential(2.0, size=int(counts.sum()))
+    starts = np.cumsum(counts) - counts
+    r[starts[counts > 0]] = 0.0
+    c = get_codec(codec)
+    return c.encode(torch.from_numpy(r).float()[None, :]).reshape(-1).numpy()

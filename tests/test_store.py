@@ -201,7 +201,10 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
     for attempt in range(3):
         p = _run_writer(tmp_path / "s", slow=True)
         assert p.stdout.readline().strip() == "started"
-        time.sleep(float(rng.uniform(0.1, 0.6)))
+        t0 = time.time()
+        while not list((tmp_path / "s" / "commits").glob("r*-*.json")) and time.time() - t0 < 60:
+            time.sleep(0.01)  # kill after at least one commit, at a random moment
+        time.sleep(float(rng.uniform(0.0, 0.4)))
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             killed += 1

@@ -1,0 +1,67 @@
+"""How faithful a stored distribution is to the teacher's: KL, kept mass, top-1 agreement.
+
+Reconstruction rule (docs/FORMAT.md): the kept entries get their stored (renormalised) probabilities and
+the stored tail mass is spread uniformly over the ``V - count`` tokens that were not kept::
+
+    q_v = p_stored_v                   for v kept
+    q_v = tail / (V - count)           otherwise
+
+Every metric is computed against the teacher's full distribution in float64, in row chunks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def kl_to_reconstruction(teacher_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                         tail: torch.Tensor, counts: torch.Tensor | None = None, *, temperature: float = 1.0,
+                         chunk: int = 256) -> dict[str, np.ndarray]:
+    """Per-row metrics of stored targets against the teacher.
+
+    Args:
+        teacher_logits: ``[N, V]`` the teacher's logits (divided by ``temperature`` to get p).
+        ids, probs: ``[N, K]`` kept ids and their reconstructed probabilities (0 past ``counts``).
+        tail: ``[N]`` stored tail mass. counts: ``[N]`` kept entries per row (default: all K).
+
+    Returns a dict of float64 numpy arrays ``[N]``: ``kl`` (KL(teacher || reconstruction), nats),
+    ``kept_mass`` (teacher mass on the kept ids), ``top1`` (1.0 where the reconstruction's argmax is the
+    teacher's argmax).
+    """
+    N, V = teacher_logits.shape
+    K = ids.shape[1]
+    if counts is None:
+        counts = torch.full((N,), K, dtype=torch.long)
+    out = {"kl": np.empty(N), "kept_mass": np.empty(N), "top1": np.empty(N)}
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        lp = torch.log_softmax(teacher_logits[a:b].double() / temperature, dim=-1)
+        p = lp.exp()
+        n = b - a
+        mask = torch.arange(K)[None, :] < counts[a:b, None]
+        c = counts[a:b].double()
+        fill = (tail[a:b].double() / (V - c).clamp_min(1)).clamp_min(1e-300)
+        q = fill[:, None].expand(n, V).clone()
+        kid = ids[a:b].long()
+        q.scatter_(1, torch.where(mask, kid, torch.zeros_like(kid)),
+                   torch.where(mask, probs[a:b].double(), q.gather(1, kid)))
+        # rows where an id repeats past `counts` were written twice above with the fill: harmless.
+        logq = torch.log(q.clamp_min(1e-300))
+        kl = torch.where(p > 0, p * (lp - logq), torch.zeros_like(p)).sum(-1)
+        kept = torch.where(mask, p.gather(1, kid), torch.zeros_like(probs[a:b].double())).sum(-1)
+        out["kl"][a:b] = kl.clamp_min(0).numpy()
+        out["kept_mass"][a:b] = kept.numpy()
+        out["top1"][a:b] = (q.argmax(-1) == lp.argmax(-1)).double().numpy()
+    return out
+
+
+def summarize(metrics: dict[str, np.ndarray]) -> dict[str, float]:
+    kl = metrics["kl"]
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+        "kept_mass": float(metrics["kept_mass"].mean()),
+        "top1_agreement": float(metrics["top1"].mean()),
+    }

@@ -1,0 +1,160 @@
+"""Store write/read throughput and bytes per token, side by side with the quick-script baseline.
+
+    python benchmarks/bench_store.py [--tokens 131072] [--vocab 32000]
+
+Content: top-k of SYNTHETIC Zipf-like teacher logits (labelstore.synthetic, mean entropy 2.5 nats), sequences
+of 2048 positions whose probabilities are drawn from a pool of generated positions (jittered) and whose
+ids are uniform random (the worst case for id compression; real top-k ids favour frequent tokens).
+labelstore: log8 values, bit-packed ids. Baseline
+(what a quick script does): Parquet (pyarrow defaults, snappy) with int64 input ids, list<int64> kept ids and
+list<float32> probabilities per sequence, read back with pyarrow and sliced into numpy per sequence.
+Reading = decoding every sequence to [T, K] ids and float32 probabilities, warm page cache, one process.
+Writes benchmarks/results/store.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from labelstore.codecs import get_codec  # noqa: E402
+from labelstore.reader import LabelStore  # noqa: E402
+from labelstore.synthetic import zipf_logits  # noqa: E402
+from labelstore.writer import StoreWriter  # noqa: E402
+
+
+def make_pool(vocab, kmax, n=512, seed=0):
+    logits = zipf_logits(n, vocab, mean_entropy=2.5, seed=seed)
+    lp = torch.log_softmax(logits, -1)
+    top, ids = lp.topk(kmax, -1)
+    return ids.numpy(), top.numpy()
+
+
+def run_one(vocab, k, tokens, T, pool, tmp):
+    ids_pool, lp_pool = pool[0][:, :k], pool[1][:, :k]
+    rng = np.random.default_rng(k)
+    nseq = tokens // T
+    codec = get_codec("log8")
+    seqs = []
+    for i in range(nseq):
+        pick = rng.integers(0, ids_pool.shape[0], size=T)
+        # fresh ids and jittered log-probs per position, so no codec can exploit the pool's repetition
+        lp = np.sort(lp_pool[pick] + rng.normal(0, 0.02, size=(T, k)).astype(np.float32), axis=1)[:, ::-1]
+        lp = np.ascontiguousarray(lp)
+        ids = rng.integers(0, vocab, size=(T, k))
+        tail = np.clip(1 - np.exp(lp).sum(1), 0, 1).astype(np.float32)  # fine here: synthetic benchmark input
+        codes = codec.encode(torch.from_numpy(lp - lp[:, :1])).numpy()
+        seqs.append((i, rng.integers(0, vocab, size=T), ids, codes, np.exp(lp).astype(np.float32), tail))
+    meta = {"vocab_size": vocab, "label_kind": "soft", "selection": {"mode": "topk", "k": k},
+            "value_codec": codec.to_json(), "temperature": 1.0, "teacher": {"name": "synthetic", "hash": "-"},
+            "tokenizer": {"name": "synthetic", "hash": "-"}}
+    counts = np.full(T, k)
+    # --- labelstore write
+    store = os.path.join(tmp, f"ls-{vocab}-{k}")
+    t0 = time.perf_counter()
+    with StoreWriter(store, meta) as w:
+        for sid, inp, ids, codes, _p, tail in seqs:
+            w.add(sid, inp, counts, ids.reshape(-1), codes.reshape(-1), tail)
+    t_write = time.perf_counter() - t0
+    ls_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(store) for f in fs
+                   if not f.endswith(".lock"))
+    # --- labelstore read (warm: one untimed pass first)
+    s = LabelStore(store)
+    for i in range(len(s)):
+        s[i]
+    t0 = time.perf_counter()
+    for i in range(len(s)):
+        x = s[i]
+        assert x.ids.shape == (T, k)
+    t_read = time.perf_counter() - t0
+    # --- baseline write
+    pqf = os.path.join(tmp, f"pq-{vocab}-{k}.parquet")
+    t0 = time.perf_counter()
+    table = pa.table({
+        "sample_id": pa.array([q[0] for q in seqs], pa.int64()),
+        "input_ids": pa.array([q[1].astype(np.int64) for q in seqs], pa.list_(pa.int64())),
+        "ids": pa.array([q[2].reshape(-1).astype(np.int64) for q in seqs], pa.list_(pa.int64())),
+        "probs": pa.array([q[4].reshape(-1) for q in seqs], pa.list_(pa.float32())),
+    })
+    pq.write_table(table, pqf)
+    t_bwrite = time.perf_counter() - t0
+    pq_bytes = os.path.getsize(pqf)
+    pq.read_table(pqf)
+    t0 = time.perf_counter()
+    tb = pq.read_table(pqf)
+    idc, prc = tb.column("ids"), tb.column("probs")
+    for i in range(tb.num_rows):
+        ids = torch.from_numpy(idc[i].values.to_numpy().reshape(T, k))
+        probs = torch.from_numpy(prc[i].values.to_numpy().reshape(T, k))
+        assert ids.shape == probs.shape
+    t_bread = time.perf_counter() - t0
+    ntok = nseq * T
+    return {
+        "vocab_size": vocab, "k": k, "tokens": ntok,
+        "labelstore": {"bytes_per_token": ls_bytes / ntok, "bytes_per_entry_marginal": None,
+                       "write_tokens_per_s": ntok / t_write, "read_tokens_per_s": ntok / t_read},
+        "baseline_parquet": {"bytes_per_token": pq_bytes / ntok, "write_tokens_per_s": ntok / t_bwrite,
+                             "read_tokens_per_s": ntok / t_bread},
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--ks", default="8,32,64,128")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "store.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    ks = [int(x) for x in a.ks.split(",")]
+    pool = make_pool(a.vocab, max(ks))
+    tmp = tempfile.mkdtemp(prefix="bench-store-")
+    results = []
+    try:
+        for k in ks:
+            results.append(run_one(a.vocab, k, a.tokens, a.seq_len, pool, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # marginal bytes per kept entry: slope of bytes/token over k; per-position overhead: the intercept
+    kk = np.array([r["k"] for r in results], float)
+    bb = np.array([r["labelstore"]["bytes_per_token"] for r in results])
+    slope, icpt = np.polyfit(kk, bb, 1) if len(ks) > 1 else (float("nan"), float("nan"))
+    print(f"SYNTHETIC teacher top-k, V={a.vocab}, {a.tokens} tokens per setting, sequences of {a.seq_len}, "
+          "one process, warm page cache")
+    hdr = (f"{'k':>4} | {'labelstore B/tok':>16} {'write tok/s':>12} {'read tok/s':>12} | {'parquet B/tok':>13} "
+           f"{'write tok/s':>12} {'read tok/s':>12} | {'size x':>6} {'read x':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        ls, bl = r["labelstore"], r["baseline_parquet"]
+        print(f"{r['k']:>4} | {ls['bytes_per_token']:16.1f} {ls['write_tokens_per_s']:12,.0f} "
+              f"{ls['read_tokens_per_s']:12,.0f} | {bl['bytes_per_token']:13.1f} {bl['write_tokens_per_s']:12,.0f} "
+              f"{bl['read_tokens_per_s']:12,.0f} | {bl['bytes_per_token'] / ls['bytes_per_token']:6.2f} "
+              f"{ls['read_tokens_per_s'] / bl['read_tokens_per_s']:6.2f}")
+    print(f"fit: {slope:.3f} bytes per kept entry + {icpt:.2f} bytes per position "
+          "(targets: <= 2.25 and <= 8 before entropy coding)")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"synthetic": True, "vocab_size": a.vocab, "seq_len": a.seq_len,
+                   "bytes_per_entry": slope, "bytes_per_position": icpt, "machine": platform.machine(),
+                   "python": platform.python_version(), "results": results}, f, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

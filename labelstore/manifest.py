@@ -132,8 +132,14 @@ def safe_shard_path(root: Path, rel, where: str) -> Path:
             "refusing it (a manifest must not point outside its store)"
         )
     p = root / rel
-    if p.is_symlink():
-        raise StoreFormatError(f"{where}: shard {rel} is a symbolic link; refusing to follow it")
+    if p.is_symlink() or (root / "shards").is_symlink():
+        raise StoreFormatError(f"{where}: shard {rel} is (or lies in) a symbolic link; refusing to follow it")
+    try:
+        inside = p.resolve().is_relative_to(root.resolve())
+    except OSError:
+        inside = False
+    if not inside:
+        raise StoreFormatError(f"{where}: shard {rel} resolves outside the store; refusing it")
     return p
 
 
@@ -155,6 +161,13 @@ def validate_shard_record(rec, where: str) -> dict:
     _int(rec.get("tokens"), 0, 1 << 50, "tokens", where)
     _int(rec.get("entries"), 0, 1 << 56, "entries", where)
     _int(rec.get("bytes"), 0, 1 << 50, "bytes", where)
+    rank, seq = int(m.group(1)), int(m.group(2))
+    if rec.get("rank") != rank or rec.get("seq") != seq:
+        raise StoreFormatError(f"{where}: rank/seq {rec.get('rank')!r}/{rec.get('seq')!r} disagree with {rec['path']}")
+    first, last = rec.get("first_sample_id"), rec.get("last_sample_id")
+    if rec["rows"]:
+        _int(first, -(1 << 63), (1 << 63) - 1, "first_sample_id", where)
+        _int(last, first, (1 << 63) - 1, "last_sample_id", where)
     sha = rec.get("sha256")
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise StoreFormatError(f"{where}: sha256 {sha!r} is not a hex digest")
@@ -187,6 +200,10 @@ def load_manifest(root: Path) -> dict:
     shards = man.get("shards")
     if not isinstance(shards, list) or len(shards) > MAX_SHARDS:
         raise StoreFormatError(f"{where}: \"shards\" must be a list of at most {MAX_SHARDS} entries")
+    tot = man.get("totals")
+    keys = ("shards", "samples", "tokens", "entries", "bytes")
+    if not isinstance(tot, dict) or any(not isinstance(tot.get(k), int) or isinstance(tot.get(k), bool) for k in keys):
+        raise StoreFormatError(f"{where}: \"totals\" must hold integer {', '.join(keys)}")
     seen = set()
     for i, rec in enumerate(shards):
         validate_shard_record(rec, f"{where} shard #{i}")
@@ -194,6 +211,13 @@ def load_manifest(root: Path) -> dict:
             raise StoreFormatError(f"{where}: shard {rec['path']} is listed twice")
         seen.add(rec["path"])
         safe_shard_path(root, rec["path"], where)
+    firsts = [r["first_sample_id"] for r in shards if r["rows"]]
+    if firsts != sorted(firsts):
+        raise StoreFormatError(f"{where}: shards are not listed in sample-id order; the manifest was edited")
+    sums = {"shards": len(shards), **{k: sum(r[k] for r in shards) for k in keys[1:] if k != "samples"},
+            "samples": sum(r["rows"] for r in shards)}
+    if any(sums[k] != tot[k] for k in keys):
+        raise StoreFormatError(f"{where}: totals {tot} disagree with the shard list {sums}; the manifest was edited")
     return man
 
 

@@ -120,6 +120,11 @@ class _Shard:
             raise StoreCorruptError(f"shard {where} holds {sum(rows)} rows but the manifest says {rec['rows']}")
         self.batch_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         self._views: dict[int, dict] = {}
+        if rec["rows"]:
+            sids = np.concatenate([self.views(b)["sample_id"] for b in range(len(rows))])
+            if sids.min() != rec["first_sample_id"] or sids.max() != rec["last_sample_id"]:
+                raise StoreCorruptError(f"shard {where} holds sample ids {sids.min()}..{sids.max()}, the manifest says "
+                                        f"{rec['first_sample_id']}..{rec['last_sample_id']}")
 
     def views(self, b: int) -> dict:
         v = self._views.get(b)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LabelStoreError
-from .manifest import MANIFEST, list_commits, load_manifest, sha256_file
+from .manifest import CONFIG, MANIFEST, list_commits, load_manifest, read_json, sha256_file
 
 
 def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> dict:
@@ -29,6 +29,12 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
     except LabelStoreError as exc:
         problems.append(f"commit records: {exc}")
         commits = {}
+    if (root / CONFIG).exists():
+        try:
+            if read_json(root / CONFIG, "store config") != man["meta"]:
+                problems.append(f"{MANIFEST}: metadata differs from {CONFIG} (one of them was edited)")
+        except LabelStoreError as exc:
+            problems.append(str(exc))
     shards = man["shards"]
     it = range(len(shards))
     if progress:
@@ -54,32 +60,44 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
         if digest != rec["sha256"]:
             problems.append(f"{rec['path']}: sha256 mismatch (the file changed after it was written)")
         c = commits.get(rec["path"])
-        if commits and (c is None or c["sha256"] != rec["sha256"]):
-            problems.append(f"{rec['path']}: commit record missing or disagreeing with the manifest")
+        if commits and (c is None or any(c.get(key) != val for key, val in rec.items())):
+            problems.append(f"{rec['path']}: commit record missing or disagreeing with the manifest entry")
         checked["shards"] += 1
-    if tot != {k: man["totals"][k] for k in tot}:
+    firsts = [r["first_sample_id"] for r in shards if r["rows"]]
+    if firsts != sorted(firsts):
+        problems.append(f"{MANIFEST}: shards are not in sample-id order (the shard list was edited)")
+    if tot != {k: man["totals"].get(k) for k in tot} or man["totals"].get("shards") != len(shards):
         problems.append(f"{MANIFEST}: totals {man['totals']} disagree with the shard list {tot}")
     if decode_rows and not problems:
         try:
             store = LabelStore(root, verify_rows=True)
             tokens = entries = 0
+            all_ids = []
             for s_idx, rec in enumerate(shards):
                 start = int(store._shard_starts[s_idx])
                 sh_tokens = sh_entries = 0
+                sids = []
                 for i in range(start, start + rec["rows"]):
                     raw = store.get_raw(i)
+                    sids.append(raw.sample_id)
                     sh_tokens += raw.input_ids.size
                     sh_entries += raw.ids.size
                     if raw.weights is not None and raw.weights.size and not np.all(np.isfinite(raw.weights)):
                         problems.append(f"{rec['path']}: row {i - start} decodes to non-finite values")
                     if raw.tail.size and not (np.all(raw.tail >= 0) and np.all(raw.tail <= 1)):
                         problems.append(f"{rec['path']}: row {i - start} has a tail mass outside [0, 1]")
+                if sids and (min(sids) != rec["first_sample_id"] or max(sids) != rec["last_sample_id"]):
+                    problems.append(f"{rec['path']}: sample ids {min(sids)}..{max(sids)} disagree with the manifest's "
+                                    f"{rec['first_sample_id']}..{rec['last_sample_id']}")
                 if sh_tokens != rec["tokens"] or sh_entries != rec["entries"]:
                     problems.append(f"{rec['path']}: rows hold {sh_tokens} tokens / {sh_entries} entries, "
                                     f"manifest says {rec['tokens']} / {rec['entries']}")
+                all_ids.extend(sids)
                 tokens += sh_tokens
                 entries += sh_entries
                 checked["rows"] += rec["rows"]
+            if len(set(all_ids)) != len(all_ids):
+                problems.append("duplicate sample ids across shards")
         except LabelStoreError as exc:
             problems.append(str(exc))
     return {"ok": not problems, "problems": problems, "checked": checked}

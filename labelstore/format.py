@@ -19,8 +19,10 @@ from .codecs import CODEC_NAMES, get_codec
 from .errors import StoreFormatError
 
 FORMAT_NAME = "labelstore"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 1  # stores with encoding "packed"; encoding "zstd" writes version 2
+SUPPORTED_VERSIONS = (1, 2)
+ENCODINGS = ("packed", "zstd")
+DEFAULT_ENCODING = "packed"
 META_KEY = b"labelstore"
 
 # Sanity limits: anything beyond these in a manifest or a schema is refused before any allocation.
@@ -59,7 +61,13 @@ def normalize_meta(meta: dict) -> dict:
         raise StoreFormatError(f"store metadata lacks {', '.join(missing)}")
     out = json.loads(json.dumps(meta))  # deep copy, and proves it is JSON
     out["format"] = FORMAT_NAME
-    out["format_version"] = FORMAT_VERSION
+    enc = out.get("encoding") or {"name": DEFAULT_ENCODING}
+    if isinstance(enc, str):
+        enc = {"name": enc}
+    if isinstance(enc, dict) and enc.get("name") == "zstd":
+        enc = {"name": "zstd", "level": int(enc.get("level", 3))}
+    out["encoding"] = enc
+    out["format_version"] = 2 if isinstance(enc, dict) and enc.get("name") == "zstd" else FORMAT_VERSION
     v = out["vocab_size"]
     out["id_bits"] = bitpack.bits_for(v) if isinstance(v, int) and v > 0 else None
     sel = out.get("selection") or {}
@@ -81,6 +89,13 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
             f"{where}: format version {ver!r} is not supported by this labelstore (reads {SUPPORTED_VERSIONS}); "
             "upgrade labelstore to read it"
         )
+    enc = meta.get("encoding", {"name": "packed"})  # version-1 stores written before encodings existed
+    if not isinstance(enc, dict) or enc.get("name") not in ENCODINGS:
+        raise StoreFormatError(f"{where}: encoding {enc!r} is unknown ({', '.join(ENCODINGS)})")
+    if (ver == 2) != (enc["name"] == "zstd"):
+        raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver}")
+    if enc["name"] == "zstd" and (not isinstance(enc.get("level"), int) or not -7 <= enc["level"] <= 22):
+        raise StoreFormatError(f"{where}: zstd level {enc.get('level')!r} is not an integer in [-7, 22]")
     v = meta.get("vocab_size")
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_VOCAB:
         raise StoreFormatError(f"{where}: vocab_size {v!r} is not an integer in [1, {MAX_VOCAB}]")
@@ -159,8 +174,11 @@ def row_crc32(*parts) -> int:
     return c & 0xFFFFFFFF
 
 
-def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_starts=None) -> EncodedRow:
-    """Validate one sequence's arrays against ``meta`` and pack them into bytes."""
+def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_starts=None,
+               compressor=None) -> EncodedRow:
+    """Validate one sequence's arrays against ``meta`` and pack them into bytes.
+
+    ``compressor`` (a :class:`labelstore.entropy.RowCompressor`) is required for encoding "zstd"."""
     v = meta["vocab_size"]
     bits = meta["id_bits"]
     k = meta["selection"]["k"]
@@ -196,6 +214,15 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
         tail_b = b""
     ds = np.asarray([] if doc_starts is None else doc_starts, dtype="<i4").reshape(-1)
     count_dt = "<u1" if meta["count_bytes"] == 1 else "<u2"
+    if meta.get("encoding", {}).get("name") == "zstd":
+        if compressor is None:
+            from .entropy import RowCompressor
+
+            compressor = RowCompressor(meta["encoding"]["level"])
+        streams = compressor.encode(bits, bpv, input_ids, counts.astype(count_dt).tobytes(), counts, ids,
+                                    values, tail_b)
+        return EncodedRow(sample_id=int(sample_id), num_tokens=T, doc_starts=ds.tobytes(), num_entries=n,
+                          **streams)
     return EncodedRow(
         sample_id=int(sample_id),
         num_tokens=T,

@@ -177,6 +177,8 @@ class LabelStore:
         self._shard_starts = np.concatenate([[0], np.cumsum([s["rows"] for s in shards])]).astype(np.int64)
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._lut = self.codec.decode_lut() if self.codec.bytes_per_value == 1 else None
+        self._zstd = self.meta.get("encoding", {}).get("name") == "zstd"
+        self._dec = None
 
     # ------------------------------------------------------------------------------ container protocol
     def __len__(self) -> int:
@@ -245,6 +247,8 @@ class LabelStore:
         bits = self.id_bits
         if not 0 <= T <= MAX_SEQ_LEN:
             raise StoreCorruptError(f"{where}: num_tokens {T} is out of range")
+        if self._zstd:
+            return self._decode_zstd(sample_id, T, parts, where)
         cb = self.meta["count_bytes"]
         if parts["input_ids"].size != bitpack.packed_nbytes(T, bits) or parts["counts"].size != T * cb:
             raise StoreCorruptError(f"{where}: input_ids or counts size disagrees with num_tokens={T}")
@@ -268,6 +272,33 @@ class LabelStore:
         else:
             weights = None
             tail = np.zeros(T, dtype=np.float32)
+        if parts["doc_starts"].size % 4:
+            raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
+        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
+        return RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts)
+
+    def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
+        if self._dec is None:
+            from .entropy import RowDecompressor
+
+            self._dec = RowDecompressor()
+        d, bits, cb = self._dec, self.id_bits, self.meta["count_bytes"]
+        counts = np.frombuffer(d.frame(parts["counts"], T * cb, where, "counts"), dtype=self._count_dtype)
+        counts = counts.astype(np.int64)
+        n = int(counts.sum())
+        if T and counts.max() > self.k:
+            raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
+        input_ids = d.ids(parts["input_ids"], bits, T, where, "input_ids")
+        ids = d.ids(parts["ids"], bits, n, where, "ids")
+        if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
+            raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
+        bpv = self.codec.bytes_per_value
+        if self.label_kind == "soft":
+            codes = d.values(parts["values"], bpv, counts, n, where)
+            weights = self._lut[codes] if self._lut is not None else self.codec.decode_numpy(codes)
+            tail = d.tail(parts["tail"], T, where)
+        else:
+            weights, tail = None, np.zeros(T, dtype=np.float32)
         if parts["doc_starts"].size % 4:
             raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
         doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)

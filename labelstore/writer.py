@@ -95,6 +95,11 @@ class StoreWriter:
         self.shard_bytes, self.batch_bytes = shard_bytes, min(batch_bytes, shard_bytes)
         self.meta = normalize_meta(meta)
         self.schema = build_schema(self.meta)
+        self._compressor = None
+        if self.meta["encoding"]["name"] == "zstd":
+            from .entropy import RowCompressor
+
+            self._compressor = RowCompressor(self.meta["encoding"]["level"])
         self._lock_fd = None
         self._closed = False
         self._rows: list = []
@@ -181,7 +186,7 @@ class StoreWriter:
         """Append one sequence. Arrays follow docs/FORMAT.md; invalid ones raise ValueError."""
         if self._closed:
             raise StoreWriteError("this StoreWriter is closed")
-        row = encode_row(self.meta, sample_id, input_ids, counts, ids, values, tail, doc_starts)
+        row = encode_row(self.meta, sample_id, input_ids, counts, ids, values, tail, doc_starts, self._compressor)
         self._rows.append(row)
         self._pending_bytes += row.nbytes
         if self._pending_bytes >= self.batch_bytes:

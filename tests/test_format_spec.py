@@ -44,10 +44,39 @@ def spec_weights(codec: dict, raw: bytes) -> np.ndarray:
     raise AssertionError(codec)
 
 
+def spec_zstd(buf: bytes, size: int) -> bytes:
+    return pa.decompress(buf, decompressed_size=size, codec="zstd", asbytes=True) if size else b""
+
+
+def spec_planes(buf: bytes, width: int, n: int) -> np.ndarray:
+    planes = np.frombuffer(buf, dtype=np.uint8).reshape(width, n).astype(np.int64)
+    return sum(planes[j] << (8 * j) for j in range(width)) if width else np.zeros(n, np.int64)
+
+
+def spec_v2_row(meta, cols, r, T):
+    """Version 2 (encoding zstd): undo zstd, byte planes and per-position code deltas (FORMAT.md section 6)."""
+    w, cb = (meta["id_bits"] + 7) // 8, meta["count_bytes"]
+    counts = np.frombuffer(spec_zstd(cols["counts"][r], T * cb), dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
+    n = int(counts.sum())
+    inp = spec_planes(spec_zstd(cols["input_ids"][r], T * w), w, T)
+    ids = spec_planes(spec_zstd(cols["ids"][r], n * w), w, n)
+    tail = spec_planes(spec_zstd(cols["tail"][r], 4 * T), 4, T).astype("<u4").view("<f4").astype(np.float64)
+    if meta["value_codec"]["name"] == "fp16":
+        values = spec_planes(spec_zstd(cols["values"][r], 2 * n), 2, n).astype("<u2").tobytes()
+    else:
+        deltas = np.frombuffer(spec_zstd(cols["values"][r], n), dtype=np.uint8)
+        codes, start = [], 0
+        for c in counts:
+            codes.extend(np.cumsum(deltas[start:start + c].astype(np.int64)) % 256)
+            start += c
+        values = np.array(codes, dtype=np.uint8).tobytes()
+    return inp, counts, ids, tail, values
+
+
 def spec_decode_store(path: Path) -> dict:
     """{sample_id: (input_ids, [per-position (ids, probs)], tail)} per docs/FORMAT.md."""
     man = json.loads((path / "manifest.json").read_text())
-    assert man["format"] == "labelstore" and man["format_version"] == 1
+    assert man["format"] == "labelstore" and man["format_version"] in (1, 2)
     meta = man["meta"]
     w, cb = meta["id_bits"], meta["count_bytes"]
     assert w == (meta["vocab_size"] - 1).bit_length()
@@ -63,12 +92,15 @@ def spec_decode_store(path: Path) -> dict:
             for p in payload:
                 crc = zlib.crc32(p, crc)
             assert crc == cols["crc32"][r]
-            inp = spec_unpack(cols["input_ids"][r], w, T)
-            counts = np.frombuffer(cols["counts"][r], dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
-            n = int(counts.sum())
-            ids = spec_unpack(cols["ids"][r], w, n)
-            tail = np.frombuffer(cols["tail"][r], dtype="<f4").astype(np.float64)
-            wts = spec_weights(meta["value_codec"], cols["values"][r])
+            if man["format_version"] == 2:
+                inp, counts, ids, tail, values = spec_v2_row(meta, cols, r, T)
+            else:
+                inp = spec_unpack(cols["input_ids"][r], w, T)
+                counts = np.frombuffer(cols["counts"][r], dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
+                ids = spec_unpack(cols["ids"][r], w, int(counts.sum()))
+                tail = np.frombuffer(cols["tail"][r], dtype="<f4").astype(np.float64)
+                values = cols["values"][r]
+            wts = spec_weights(meta["value_codec"], values)
             positions, start = [], 0
             for t in range(T):
                 c = counts[t]
@@ -80,12 +112,13 @@ def spec_decode_store(path: Path) -> dict:
     return out
 
 
+@pytest.mark.parametrize("encoding", ["packed", "zstd"])
 @pytest.mark.parametrize("codec,vocab", [("log8", 50257), ("e4m3", 1000), ("e5m2", 262144), ("fp16", 1 << 20)])
-def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab):
+def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab, encoding):
     from labelstore.reader import LabelStore  # only to cross-check, after the spec decode
 
     rows = random_rows(12, vocab_size=vocab, k=8, codec=codec, seed=1)
-    with StoreWriter(tmp_path / "s", make_meta(vocab, 8, codec=codec), shard_bytes=2500) as wr:
+    with StoreWriter(tmp_path / "s", make_meta(vocab, 8, codec=codec, encoding=encoding), shard_bytes=2500) as wr:
         write_rows(wr, rows)
     dec = spec_decode_store(tmp_path / "s")
     assert sorted(dec) == sorted(r["sample_id"] for r in rows)
@@ -100,3 +133,19 @@ def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab):
         for t, (ids_t, probs_t) in enumerate(positions):
             assert x.ids[t, : len(ids_t)].tolist() == ids_t.tolist()
             np.testing.assert_allclose(x.probs[t, : len(ids_t)].numpy(), probs_t, rtol=2e-5, atol=1e-7)
+
+
+def test_store_written_by_format_v1_code_still_reads():
+    """tests/data/store_v1 was written by the version-1 writer (before entropy coding existed)."""
+    from labelstore.reader import LabelStore
+    from labelstore.verify import verify_store
+
+    root = Path(__file__).parent / "data"
+    expected = json.loads((root / "store_v1_expected.json").read_text())
+    s = LabelStore(root / "store_v1")
+    assert s.meta["format_version"] == 1 and "encoding" not in s.meta
+    got = [{"sample_id": x.sample_id, "input_ids": x.input_ids.tolist(), "ids": x.ids.tolist(),
+            "probs": x.probs.tolist(), "tail": x.tail.tolist()} for x in s]
+    assert got == expected
+    assert verify_store(root / "store_v1")["ok"]
+    assert sorted(spec_decode_store(root / "store_v1")) == [r["sample_id"] for r in expected]

@@ -43,14 +43,17 @@ def expected_probs(row, codec):
     return out
 
 
+@pytest.mark.parametrize("encoding", ["packed", "zstd"])
 @pytest.mark.parametrize("vocab_size", [1000, 50257, 262144, 1 << 20])
-def test_round_trip(tmp_path, vocab_size):
+def test_round_trip(tmp_path, vocab_size, encoding):
     k = 16
     rows = random_rows(30, vocab_size=vocab_size, k=k, seed=vocab_size)
-    with StoreWriter(tmp_path / "s", make_meta(vocab_size, k), shard_bytes=4000) as w:
+    meta = make_meta(vocab_size, k, encoding={"name": encoding})
+    with StoreWriter(tmp_path / "s", meta, shard_bytes=4000) as w:
         write_rows(w, rows)
     s = LabelStore(tmp_path / "s")
     assert len(s) == 30 and len(s.manifest["shards"]) > 1
+    assert s.meta["format_version"] == (2 if encoding == "zstd" else 1)
     assert s.meta["id_bits"] == max(1, (vocab_size - 1).bit_length())
     by_id = {r["sample_id"]: r for r in rows}
     for i in range(len(s)):
@@ -70,9 +73,10 @@ def test_round_trip(tmp_path, vocab_size):
     assert s.sample_ids().tolist() == [r["sample_id"] for r in rows]
 
 
-def test_empty_and_length_one_sequences(tmp_path):
+@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+def test_empty_and_length_one_sequences(tmp_path, encoding):
     rows = random_rows(4, lengths=[0, 1, 0, 1], seed=3)
-    with StoreWriter(tmp_path / "s", make_meta()) as w:
+    with StoreWriter(tmp_path / "s", make_meta(encoding=encoding)) as w:
         write_rows(w, rows)
     s = LabelStore(tmp_path / "s")
     assert [len(s[i].input_ids) for i in range(4)] == [0, 1, 0, 1]
@@ -104,9 +108,10 @@ def test_codec_against_float64_reference(codec):
     assert c.decode(c.encode(torch.zeros(1, 1))).item() == 1.0
 
 
-def test_hard_label_store(tmp_path):
+@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+def test_hard_label_store(tmp_path, encoding):
     rows = random_rows(5, k=1, codec="none", label_kind="hard", seed=5)
-    with StoreWriter(tmp_path / "s", make_meta(k=1, codec="none", label_kind="hard")) as w:
+    with StoreWriter(tmp_path / "s", make_meta(k=1, codec="none", label_kind="hard", encoding=encoding)) as w:
         write_rows(w, rows)
     s = LabelStore(tmp_path / "s")
     for i, r in enumerate(rows):

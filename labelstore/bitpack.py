@@ -47,13 +47,16 @@ def unpack(buf, bits: int, n: int, out_dtype=np.int64) -> np.ndarray:
     need = packed_nbytes(n, bits)
     if raw.size < need:
         raise ValueError(f"packed buffer holds {raw.size} bytes, {need} needed for {n} values of {bits} bits")
-    # Read an unaligned little-endian 64-bit window at each value's first byte (a strided view, no copy),
-    # then shift and mask. bits + 7 <= 39 < 64, so one window always covers a value.
-    padded = np.empty(need + 8, dtype=np.uint8)
+    # Eight consecutive values fill exactly `bits` bytes, so value 8g+j starts at byte g*bits + (j*bits)//8,
+    # bit (j*bits)%8: for each lane j, one strided (unaligned, no-copy) little-endian 64-bit view reads every
+    # group's window; bits + 7 <= 39 < 64, so one window always covers a value.
+    groups = (n + 7) // 8
+    padded = np.zeros(groups * bits + 8, dtype=np.uint8)
     padded[:need] = raw[:need]
-    padded[need:] = 0
-    windows = np.ndarray(shape=(need + 1,), dtype="<u8", buffer=padded, offset=0, strides=(1,))
-    off = np.arange(n, dtype=np.int64) * bits
-    w = windows[off >> 3]
-    vals = (w >> (off & 7).astype(np.uint64)) & np.uint64((1 << bits) - 1)
-    return vals.astype(out_dtype, copy=False)
+    out = np.empty((groups, 8), dtype=np.uint64)
+    for j in range(8):
+        lane = np.ndarray((groups,), dtype="<u8", buffer=padded, offset=(j * bits) >> 3, strides=(bits,))
+        np.right_shift(lane, np.uint64((j * bits) & 7), out=out[:, j])
+    out &= np.uint64((1 << bits) - 1)
+    vals = out.reshape(-1)[:n]
+    return vals.view(np.int64) if np.dtype(out_dtype) == np.int64 else vals.astype(out_dtype)

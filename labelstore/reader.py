@@ -241,9 +241,11 @@ class LabelStore:
                 f"{where}: CRC32 mismatch, the row's bytes changed after writing; run `labelstore verify` and "
                 "re-copy or recompile the damaged shard"
             )
-        return self._decode(int(v["sample_id"][r]), int(v["num_tokens"][r]), parts, where)
+        return self.decode_parts(int(v["sample_id"][r]), int(v["num_tokens"][r]), parts, where)
 
-    def _decode(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
+    def decode_parts(self, sample_id: int, T: int, parts: dict, where: str = "row") -> RawRow:
+        """Decode one row from its six payload byte columns (``parts``: name -> bytes-like)."""
+        parts = {k: (v if isinstance(v, np.ndarray) else np.frombuffer(v, dtype=np.uint8)) for k, v in parts.items()}
         bits = self.id_bits
         if not 0 <= T <= MAX_SEQ_LEN:
             raise StoreCorruptError(f"{where}: num_tokens {T} is out of range")
@@ -303,6 +305,8 @@ class LabelStore:
             raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
         doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
         return RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts)
+
+    _decode = decode_parts  # backwards-compatible alias
 
     def get(self, i: int) -> Sample:
         raw = self.get_raw(i)

@@ -21,6 +21,9 @@ which also cancels any common bias of the code. Codecs:
     float16 bits (2 bytes, little-endian) of ``exp(r) * 1024``: 0.05 % error, range ``2**-34``.
 ``none``
     no values at all (hard-label stores keep ids only).
+``count8``
+    not a probability code: the byte is how many of the position's samples drew the entry (1..255), used by
+    the sampled selection modes (``sample``, and the sampled part of ``topk+sample``). Weight = the count.
 """
 
 from __future__ import annotations
@@ -74,12 +77,23 @@ class ValueCodec:
             return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*r.shape[:-1], -1)
         if self.name == "none":
             return torch.zeros(*r.shape[:-1], 0, dtype=torch.uint8)
+        if self.name == "count8":
+            raise ValueError("count8 encodes sample counts, not log-probabilities: use encode_counts")
         raise ValueError(f"unknown value codec {self.name!r}")
+
+    @staticmethod
+    def encode_counts(counts: torch.Tensor) -> torch.Tensor:
+        """count8 bytes of per-entry sample counts (0..255)."""
+        if counts.numel() and (counts.min() < 0 or counts.max() > 255):
+            raise ValueError("sample counts must lie in [0, 255]")
+        return counts.to(torch.uint8)
 
     # ------------------------------------------------------------------ decode
     def decode_lut(self) -> np.ndarray:
         """The 256-entry float32 table mapping an 8-bit code to its weight."""
         codes = np.arange(256, dtype=np.uint8)
+        if self.name == "count8":
+            return codes.astype(np.float32)
         if self.name == "log8":
             step = self.param["step"]
             w = np.exp(-codes.astype(np.float64) * step)
@@ -114,7 +128,7 @@ _FP8 = {
     "e5m2": (32768.0, 57344.0, torch.float8_e5m2),
 }
 
-CODEC_NAMES = ("log8", "e4m3", "e5m2", "fp16", "none")
+CODEC_NAMES = ("log8", "e4m3", "e5m2", "fp16", "none", "count8")
 DEFAULT_CODEC = "log8"
 
 

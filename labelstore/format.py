@@ -109,6 +109,7 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
     k = sel.get("k")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise StoreFormatError(f"{where}: selection k {k!r} is not an integer in [1, {MAX_K}]")
+    _validate_selection(sel, meta.get("value_codec"), where)
     if meta.get("count_bytes") not in (1, 2) or (k > 255 and meta["count_bytes"] != 2):
         raise StoreFormatError(f"{where}: count_bytes {meta.get('count_bytes')!r} cannot hold k={k}")
     vc = meta.get("value_codec")
@@ -121,6 +122,44 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
     t = meta.get("temperature")
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t > 0):
         raise StoreFormatError(f"{where}: temperature {t!r} is not a positive number")
+
+
+def _validate_selection(sel: dict, codec, where: str) -> None:
+    """Mode-specific selection parameters (docs/FORMAT.md section 5b)."""
+    mode, k = sel["mode"], sel["k"]
+    name = codec.get("name") if isinstance(codec, dict) else None
+
+    def need_int(key, lo, hi):
+        v = sel.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise StoreFormatError(f"{where}: selection {mode} needs {key} in [{lo}, {hi}], got {v!r}")
+        return v
+
+    if mode == "topp":
+        p = sel.get("p")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise StoreFormatError(f"{where}: selection topp needs p in (0, 1], got {p!r}")
+        need_int("min_k", 1, k)
+    elif mode == "sample":
+        s = need_int("samples", 1, 255)
+        if k > s:
+            raise StoreFormatError(f"{where}: selection sample keeps at most samples={s} unique ids, k={k}")
+        if name != "count8":
+            raise StoreFormatError(f"{where}: selection sample stores counts: value_codec must be count8")
+    elif mode == "topk+sample":
+        ke = need_int("k_exact", 0, k)
+        s = need_int("samples", 1, 255)
+        if k != ke + s:
+            raise StoreFormatError(f"{where}: topk+sample needs k = k_exact + samples ({ke} + {s}), got {k}")
+        if name not in ("log8", "e4m3", "e5m2"):
+            raise StoreFormatError(f"{where}: topk+sample needs a 1-byte value codec (log8, e4m3, e5m2), got {name!r}")
+    elif name == "count8":
+        raise StoreFormatError(f"{where}: value codec count8 only belongs to the sampled selection modes")
+
+
+def has_tail_column(meta: dict) -> bool:
+    """Soft stores keep an exact tail per position, except pure ``sample`` stores (their samples stand for it)."""
+    return meta["label_kind"] == "soft" and meta["selection"]["mode"] != "sample"
 
 
 def meta_from_schema(schema: pa.Schema, where: str) -> dict:
@@ -203,7 +242,7 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
                 f"sample {sample_id}: {name} outside [0, vocab_size={v}) (max {arr.max()}); "
                 "does the tokenizer match the teacher?"
             )
-    if meta["label_kind"] == "soft":
+    if has_tail_column(meta):
         tail_arr = np.asarray(tail, dtype="<f4").reshape(-1)
         if tail_arr.size != T:
             raise ValueError(f"sample {sample_id}: {tail_arr.size} tail values for {T} tokens")

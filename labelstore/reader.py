@@ -17,7 +17,7 @@ import torch
 from . import bitpack
 from .codecs import get_codec
 from .errors import StoreCorruptError, StoreFormatError
-from .format import MAX_SEQ_LEN, PAYLOAD_COLUMNS, meta_from_schema, row_crc32
+from .format import MAX_SEQ_LEN, PAYLOAD_COLUMNS, has_tail_column, meta_from_schema, row_crc32
 from .manifest import load_manifest, safe_shard_path
 
 
@@ -178,6 +178,8 @@ class LabelStore:
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._lut = self.codec.decode_lut() if self.codec.bytes_per_value == 1 else None
         self._zstd = self.meta.get("encoding", {}).get("name") == "zstd"
+        self._mode = self.meta["selection"]["mode"]
+        self._has_tail = has_tail_column(self.meta)
         self._dec = None
 
     # ------------------------------------------------------------------------------ container protocol
@@ -266,18 +268,19 @@ class LabelStore:
         if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
             raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
         bpv = self.codec.bytes_per_value
+        weights, tail = None, np.zeros(T, dtype=np.float32)
         if self.label_kind == "soft":
-            if parts["values"].size != n * bpv or parts["tail"].size != 4 * T:
-                raise StoreCorruptError(f"{where}: values or tail size disagrees with counts")
-            weights = self._lut[parts["values"]] if self._lut is not None else self.codec.decode_numpy(parts["values"])
+            if parts["values"].size != n * bpv:
+                raise StoreCorruptError(f"{where}: values size disagrees with counts")
+            weights = self._weights(parts["values"], counts)
+        if self._has_tail:
+            if parts["tail"].size != 4 * T:
+                raise StoreCorruptError(f"{where}: tail size disagrees with num_tokens={T}")
             tail = np.frombuffer(parts["tail"], dtype="<f4")
-        else:
-            weights = None
-            tail = np.zeros(T, dtype=np.float32)
         if parts["doc_starts"].size % 4:
             raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
         doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
-        return RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts)
+        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
 
     def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
         if self._dec is None:
@@ -295,16 +298,46 @@ class LabelStore:
         if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
             raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
         bpv = self.codec.bytes_per_value
+        weights, tail = None, np.zeros(T, dtype=np.float32)
         if self.label_kind == "soft":
-            codes = d.values(parts["values"], bpv, counts, n, where)
-            weights = self._lut[codes] if self._lut is not None else self.codec.decode_numpy(codes)
+            weights = self._weights(d.values(parts["values"], bpv, counts, n, where), counts)
+        if self._has_tail:
             tail = d.tail(parts["tail"], T, where)
-        else:
-            weights, tail = None, np.zeros(T, dtype=np.float32)
         if parts["doc_starts"].size % 4:
             raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
         doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
-        return RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts)
+        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
+
+    def _weights(self, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Codec weights of a row's value bytes; in topk+sample the sampled entries' bytes are counts (count8)."""
+        if self._mode == "topk+sample":
+            slot = np.arange(codes.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            return np.where(slot < self.meta["selection"]["k_exact"], self._lut[codes], codes.astype(np.float32))
+        return self._lut[codes] if self._lut is not None else self.codec.decode_numpy(codes)
+
+    def _sampled(self, raw: RawRow) -> RawRow:
+        """Sampled modes: turn counts into absolute probabilities; the tail becomes what no entry represents.
+
+        ``sample``: ``p_j = c_j / sum(c)``, tail 0. ``topk+sample``: the first ``k_exact`` entries of a position
+        get ``(1 - t) * w / sum(w)``, the sampled ones ``t * c / sum(c)``; tail 0 where any sample exists.
+        (docs/FORMAT.md section 5b). Renormalising the result again with its tail is the identity.
+        """
+        if self._mode not in ("sample", "topk+sample") or raw.weights is None:
+            return raw
+        T, counts, w = raw.input_ids.size, raw.counts, raw.weights.astype(np.float64)
+        pos = np.repeat(np.arange(T), counts)
+        slot = np.arange(w.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        t = raw.tail.astype(np.float64)
+        if self._mode == "sample":
+            exact = np.zeros(w.size, dtype=bool)
+        else:
+            exact = slot < self.meta["selection"]["k_exact"]
+        s_exact = np.bincount(pos[exact], weights=w[exact], minlength=T)
+        s_samp = np.bincount(pos[~exact], weights=w[~exact], minlength=T)
+        p = np.where(exact, w * (1 - t[pos]) / np.where(s_exact > 0, s_exact, 1)[pos],
+                     w * np.where(self._mode == "sample", 1.0, t[pos]) / np.where(s_samp > 0, s_samp, 1)[pos])
+        tail = np.where(s_samp > 0, 0.0, t).astype(np.float32)
+        return RawRow(raw.sample_id, raw.input_ids, counts, raw.ids, p.astype(np.float32), tail, raw.doc_starts)
 
     _decode = decode_parts  # backwards-compatible alias
 

@@ -305,3 +305,47 @@ def test_cli_info_and_verify(tmp_path, capsys):
     assert cli_main(["verify", str(store)]) == 1
     assert "missing" in capsys.readouterr().out
     assert cli_main(["info", str(tmp_path / "nope")]) == 1
+
+
+@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+def test_sampled_modes_reconstruction(tmp_path, encoding):
+    """sample: p = c / sum(c), no tail. topk+sample: exact part scaled to 1 - t, sampled part to t (FORMAT 5b)."""
+    rng = np.random.default_rng(9)
+    meta = make_meta(500, 5, codec="count8", encoding=encoding)
+    meta["selection"] = {"mode": "sample", "k": 5, "samples": 9}
+    with StoreWriter(tmp_path / "a", meta) as w:
+        c = np.array([[4, 3, 2, 0, 0], [9, 0, 0, 0, 0], [1, 1, 1, 1, 5]])
+        n = (c > 0).sum(1)
+        w.add(0, [1, 2, 3], n, rng.choice(500, int(n.sum()), replace=False), c[c > 0].astype(np.uint8), [])
+    x = LabelStore(tmp_path / "a")[0]
+    np.testing.assert_allclose(x.probs.numpy(), c / 9.0, rtol=1e-6)
+    assert (x.tail == 0).all()
+
+    meta = make_meta(500, 6, codec="log8", encoding=encoding)
+    meta["selection"] = {"mode": "topk+sample", "k": 6, "k_exact": 2, "samples": 4}
+    codec = get_codec("log8")
+    r = torch.tensor([[0.0, -1.0], [0.0, -0.5]])
+    codes = codec.encode(r).numpy()
+    tail = np.array([0.3, 0.2], np.float32)
+    samp = [np.array([3, 1], np.uint8), np.array([4], np.uint8)]
+    values = np.concatenate([codes[0], samp[0], codes[1], samp[1]])
+    with StoreWriter(tmp_path / "b", meta) as w:
+        w.add(0, [7, 8], [4, 3], [10, 11, 12, 13, 20, 21, 22], values, tail)
+    x = LabelStore(tmp_path / "b")[0]
+    wts = codec.decode(torch.from_numpy(codes)).double().numpy()
+    exp0 = np.concatenate([0.7 * wts[0] / wts[0].sum(), 0.3 * np.array([3, 1]) / 4, [0, 0]])
+    exp1 = np.concatenate([0.8 * wts[1] / wts[1].sum(), [0.2], [0, 0, 0]])
+    np.testing.assert_allclose(x.probs.numpy(), np.stack([exp0, exp1]), rtol=1e-6, atol=1e-7)
+    assert (x.tail == 0).all() and x.ids[0, :4].tolist() == [10, 11, 12, 13]
+    np.testing.assert_allclose(x.probs.sum(1).numpy(), 1.0, rtol=1e-6)
+
+
+def test_invalid_selection_parameters_refused(tmp_path):
+    for sel, codec in [({"mode": "sample", "k": 5}, "count8"), ({"mode": "sample", "k": 5, "samples": 9}, "log8"),
+                       ({"mode": "topk+sample", "k": 5, "k_exact": 2, "samples": 4}, "log8"),
+                       ({"mode": "topp", "k": 5, "p": 1.5, "min_k": 1}, "log8"),
+                       ({"mode": "topk", "k": 5}, "count8")]:
+        meta = make_meta(500, 5, codec=codec)
+        meta["selection"] = sel
+        with pytest.raises(StoreFormatError):
+            StoreWriter(tmp_path / "x", meta)

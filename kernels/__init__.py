@@ -1,0 +1,121 @@
+"""labelstore's compute kernels (repository folder ``kernels/``, import package ``labelstore_kernels``).
+
+The folder is installed under another name on purpose: Hugging Face's PyPI package ``kernels`` is probed by
+transformers, and a top-level ``kernels`` of ours would be mistaken for it (see ``tests/test_packaging.py``).
+No ``__version__`` here for the same reason.
+
+Extraction (teacher logits -> top-k ids, encoded values, exact tail, logsumexp)::
+
+    from labelstore_kernels import extract_topk
+    out = extract_topk(logits, k=64, temperature=1.0, codec="log8")   # Extracted(ids, values, counts, tail, lse)
+
+:func:`extract_topk` runs the Triton kernel on CUDA tensors when Triton is usable and the pure-torch twin
+otherwise; ``LABELSTORE_EXTRACT_BACKEND=torch|triton`` (or ``backend=``) forces one. The contract is in
+:mod:`labelstore_kernels.contract`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from labelstore.codecs import ValueCodec
+from labelstore_kernels.contract import Extracted
+from labelstore_kernels.extract_torch import extract_topk_torch
+
+BACKEND_ENV = "LABELSTORE_EXTRACT_BACKEND"
+BACKENDS = ("torch", "triton")
+
+__all__ = [
+    "BACKEND_ENV",
+    "Extracted",
+    "extract_hard_labels",
+    "extract_topk",
+    "extract_topk_torch",
+    "extract_topk_triton",
+    "triton_available",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install failing at import
+        return False
+    return True
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernel can run on ``device``: CUDA with Triton importable, or the interpreter."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda":
+        return os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+    return _triton_importable() and torch.cuda.is_available()
+
+
+def extract_topk_triton(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    codec: str | dict | ValueCodec = "log8",
+    **tuning,
+) -> Extracted:
+    """The Triton kernel (imported on first use: importing triton costs about a second)."""
+    from labelstore_kernels.extract_triton import extract_topk_triton as impl
+
+    return impl(logits, k, temperature=temperature, codec=codec, **tuning)
+
+
+TRITON_MAX_K = 256  # the kernel's limit; larger k runs on the twin
+
+
+def _resolve_backend(logits: torch.Tensor, k: int, backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not isinstance(k, int):
+        return "torch"  # the twin's argument checks raise the error
+    if name is None:
+        small_k = min(k, logits.shape[1]) <= TRITON_MAX_K
+        return "triton" if logits.is_cuda and small_k and triton_available(logits.device) else "torch"
+    if name not in BACKENDS:
+        src = "backend=" if backend is not None else f"{BACKEND_ENV}="
+        raise ValueError(f"unknown extraction backend {src}{name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "triton" and not triton_available(logits.device):
+        raise ValueError(
+            f"the triton extraction backend cannot run on a {logits.device.type} tensor here: it needs a CUDA "
+            "tensor with triton installed (or TRITON_INTERPRET=1 for CPU tensors, slow); use backend='torch'"
+        )
+    return name
+
+
+def extract_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    codec: str | dict | ValueCodec = "log8",
+    backend: str | None = None,
+) -> Extracted:
+    """Compress teacher logits ``[N, V]`` to the top ``k`` entries per row (``k > V`` is clipped to ``V``).
+
+    Returns :class:`Extracted` ``(ids int32 [N, k], values uint8 [N, k * bytes_per_value], counts int32 [N],
+    tail float32 [N], lse float32 [N])``; see :mod:`labelstore_kernels.contract`. Raises
+    :class:`labelstore.errors.InvalidLogitsError` naming rows with NaN, +inf or no finite entry.
+    """
+    if _resolve_backend(logits, k, backend) == "triton":
+        return extract_topk_triton(logits, k, temperature=temperature, codec=codec)
+    return extract_topk_torch(logits, k, temperature=temperature, codec=codec)
+
+
+def extract_hard_labels(
+    logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None
+) -> Extracted:
+    """Argmax ids (ties: smaller id) with their exact tail ``1 - p_top`` and ``lse``; no value bytes."""
+    return extract_topk(logits, 1, temperature=temperature, codec="none", backend=backend)
+
+
+from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch, student_bucket_logprobs_torch  # noqa: E402,F401,I001

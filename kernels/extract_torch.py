@@ -19,6 +19,11 @@ the selection runs on a few blocks only:
   ``lse = max / T + log(tail + kept)``: a sum of positives, no cancellation.
 * Order ``(row, value desc, id asc)`` by two stable sorts of the candidates (nonzero yields them id-ascending),
   so tie-breaking by the smaller id is exact (``torch.topk`` does not order equal values).
+
+Caveat: the twin issues a few dozen torch ops per chunk. On an oversubscribed CPU (load above the core
+count) OpenMP's default spin-waiting makes each parallel op wait for a descheduled worker, and the twin can
+then fall behind the naive sequence (five big ops); ``OMP_WAIT_POLICY=PASSIVE`` or fewer torch threads
+avoid it (see ``benchmarks/bench_extract.py``).
 """
 
 from __future__ import annotations

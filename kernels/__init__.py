@@ -119,3 +119,47 @@ def extract_hard_labels(
 
 
 from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch, student_bucket_logprobs_torch  # noqa: E402,F401,I001
+
+
+# ------------------------------------------------------------------- selection modes beyond top-k (FORMAT.md 5b)
+from labelstore_kernels.select_torch import extract_select_torch, parse_selection  # noqa: E402,I001
+
+
+def extract_select_triton(logits: torch.Tensor, selection: dict, **kwargs) -> Extracted:
+    """Every selection mode on the Triton kernels (imported on first use)."""
+    from labelstore_kernels.select_triton import extract_select_triton as impl
+
+    return impl(logits, selection, **kwargs)
+
+
+def extract(
+    logits: torch.Tensor,
+    selection: dict,
+    *,
+    temperature: float = 1.0,
+    codec: str | dict | ValueCodec = "log8",
+    seed: int = 0,
+    row_ids=None,
+    backend: str | None = None,
+) -> Extracted:
+    """Compress teacher logits ``[N, V]`` with any selection mode; ``selection`` is the store's ``meta["selection"]``.
+
+    ``{"mode": "topk", "k"}`` (= :func:`extract_topk`), ``{"mode": "topp", "k", "p", "min_k"}``,
+    ``{"mode": "sample", "k": S, "samples": S}`` (codec ``count8``), ``{"mode": "topk+sample", "k_exact",
+    "samples": S, "k": k_exact + S}`` (a 1-byte codec). Returns :class:`Extracted`; row ``i``'s first
+    ``counts[i]`` entries are what the store keeps (docs/FORMAT.md 5b, :mod:`labelstore_kernels.select_torch`).
+
+    The sampled modes are deterministic given ``seed`` and ``row_ids`` (int64 ``[N]``, one *global* id per row,
+    e.g. ``sample_id * max_len + t``; default ``arange(N)``): the same row id draws the same samples whatever
+    the batch, chunking or rank. Backend choice as in :func:`extract_topk`. Raises
+    :class:`labelstore.errors.InvalidLogitsError` for rows with NaN, +inf or no finite entry.
+    """
+    sel, _ = parse_selection(selection, codec)
+    k_top = {"sample": 1, "topk+sample": max(1, sel.get("k_exact", 1))}.get(sel["mode"], sel["k"])
+    kwargs = dict(temperature=temperature, codec=codec, seed=seed, row_ids=row_ids)
+    if _resolve_backend(logits, k_top, backend) == "triton":
+        return extract_select_triton(logits, selection, **kwargs)
+    return extract_select_torch(logits, selection, **kwargs)
+
+
+__all__ += ["extract", "extract_select_torch", "extract_select_triton", "parse_selection"]

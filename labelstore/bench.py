@@ -77,18 +77,61 @@ def default_settings() -> list[dict]:
     return s
 
 
+SELECTION_KEYS = ("p", "min_k", "samples", "k_exact")  # mode parameters a setting may carry (FORMAT.md 5b)
+SAMPLED_MODES = ("sample", "topk+sample")
+
+
+def selection_of(setting: dict) -> dict:
+    """The store's ``meta["selection"]`` for a setting: its mode, k and whichever mode parameters it carries."""
+    return {"mode": setting["mode"], "k": setting["k"], **{x: setting[x] for x in SELECTION_KEYS if x in setting}}
+
+
 def select(logits: torch.Tensor, setting: dict):
-    """Run the extraction for one setting. Returns (ids [N, K] int, values [N, K*bpv] uint8, counts [N], tail [N])."""
-    from labelstore_kernels import extract_topk
+    """Run the extraction for one setting. Returns (ids [N, K] int, values [N, K*bpv] uint8, counts [N], tail [N]).
+
+    Sampled modes draw with ``setting.get("seed", 0)`` and row ids ``0..N-1``."""
+    from labelstore_kernels import extract, extract_topk
 
     mode = setting["mode"]
     if mode in ("topk", "argmax"):
         ex = extract_topk(logits, setting["k"], codec=setting["codec"])
         return ex.ids, ex.values, ex.counts, ex.tail
+    if mode in ("topp", *SAMPLED_MODES):
+        ex = extract(logits, selection_of(setting), codec=setting["codec"], seed=setting.get("seed", 0))
+        return ex.ids, ex.values, ex.counts, ex.tail
     raise ValueError(f"selection mode {mode!r} is not supported by this bench yet")
 
 
+def ce_gap(teacher_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor,
+           counts: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """Per-row cross-entropy gap ``CE(q, p) - H(q) = KL(q || p)`` of the reconstruction ``q`` (kept entries plus
+    the tail spread uniformly, as in labelstore.fidelity) against the teacher ``p``, float64, nats.
+
+    Why: the sampled modes' reconstruction gives 0 to every token not drawn (the reader reports tail 0 there,
+    docs/FORMAT.md 5b), so KL(teacher || reconstruction) is infinite and ``kl_mean`` is reported as None. This
+    direction is finite for every mode (``q > 0`` only where ``p > 0``), 0 only for an exact copy, and measures
+    the sampled targets' noise (it shrinks like 1/S with S draws) as well as truncation. It is the extra code
+    length, in nats, of the stored target under the teacher beyond the target's own entropy."""
+    N, V = teacher_logits.shape
+    K = ids.shape[1]
+    out = np.empty(N)
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        lp = torch.log_softmax(teacher_logits[a:b].double(), dim=-1)
+        mask = torch.arange(K)[None, :] < counts[a:b, None]
+        fill = tail[a:b].double() / (V - counts[a:b].double()).clamp_min(1)
+        q = fill[:, None].expand(b - a, V).clone()
+        kid = torch.where(mask, ids[a:b].long(), 0)
+        q.scatter_(1, kid, torch.where(mask, probs[a:b].double(), q.gather(1, kid)))
+        terms = torch.where(q > 0, q * (torch.log(q.clamp_min(1e-300)) - lp), torch.zeros_like(q))
+        out[a:b] = terms.sum(-1).clamp_min(0).numpy()
+    return out
+
+
 def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, workdir: Path, seq_len: int = 256) -> dict:
+    """One setting end to end. Soft modes also report ``ce_gap_mean`` (see :func:`ce_gap`); the sampled modes
+    report ``kl_mean``/``kl_p99``/``kl_max`` as None: their reconstruction is 0 off the drawn ids, so the forward
+    KL is infinite, and any epsilon floor would make the figure mostly ``missing mass * log(1/epsilon)``."""
     from .codecs import get_codec
     from .fidelity import kl_to_reconstruction, summarize
     from .reader import LabelStore
@@ -102,7 +145,7 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
     t_extract = time.perf_counter() - t0
     K = ids.shape[1]
     meta = {"vocab_size": V, "label_kind": "hard" if hard else "soft",
-            "selection": {"mode": setting["mode"], "k": K}, "value_codec": codec.to_json(), "temperature": 1.0,
+            "selection": {**selection_of(setting), "k": K}, "value_codec": codec.to_json(), "temperature": 1.0,
             "teacher": {"name": "bench", "hash": "-"}, "tokenizer": {"name": "bench", "hash": "-"},
             "encoding": {"name": setting["encoding"]}}
     bpv = codec.bytes_per_value
@@ -143,6 +186,9 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
         out.update({"kl_mean": None, "kl_p99": None, "kept_mass": None, "top1_agreement": top1})
     else:
         out.update(summarize(kl_to_reconstruction(logits, r_ids, r_probs, r_tail, r_counts)))
+        out["ce_gap_mean"] = float(ce_gap(logits, r_ids, r_probs, r_tail, r_counts).mean())
+        if setting["mode"] in SAMPLED_MODES:  # zeros off the drawn ids: KL(teacher || .) is infinite (ce_gap)
+            out.update({"kl_mean": None, "kl_p99": None, "kl_max": None})
     out["projected_5T_tokens_GB"] = 5e12 * out["bytes_per_token"] / 1e9
     out["projected_vs_dense_fp8"] = SEED_FP8_DENSE_GB / out["projected_5T_tokens_GB"]
     return out

@@ -158,6 +158,7 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
         keep = np.arange(K)[None, :] < c[:, None]
         vals = val_np[a:b].reshape(b - a, K, bpv)[keep].reshape(-1) if bpv else np.zeros(0, np.uint8)
         rows.append((nxt[a:b], c, ids_np[a:b][keep], vals, tail_np[a:b] if not hard else np.zeros(0, np.float32)))
+    teacher_mass = torch.softmax(logits.double(), -1).sum(0).numpy()
     # Bytes per token is the marginal cost: a store holding every row twice minus a store holding it once,
     # so the fixed cost of a shard (schema and footer, ~2 KB) does not inflate small measurements.
     sizes = []
@@ -168,6 +169,7 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
             for rep in range(copies):
                 for i, r in enumerate(rows):
                     w.add(rep * len(rows) + i, *r)
+                w.add_teacher_mass(teacher_mass, N)  # as compile does: the store's tail prior
         sizes.append(sum(p.stat().st_size for p in (store / "shards").glob("r*.arrow")))
     shard_bytes = sizes[1] - sizes[0]
     s = LabelStore(workdir / "store1")
@@ -183,12 +185,15 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
            "extract_seconds": t_extract}
     if hard:
         top1 = (r_ids[:, 0] == logits.argmax(-1)).double().mean().item()
-        out.update({"kl_mean": None, "kl_p99": None, "kept_mass": None, "top1_agreement": top1})
+        out.update({"kl_mean": None, "kl_p99": None, "kept_mass": None, "top1_agreement": top1,
+                    "kl_mean_prior": None})
     else:
         out.update(summarize(kl_to_reconstruction(logits, r_ids, r_probs, r_tail, r_counts)))
+        prior_kl = kl_to_reconstruction(logits, r_ids, r_probs, r_tail, r_counts, prior=s.tail_prior())["kl"]
+        out["kl_mean_prior"] = float(prior_kl.mean())
         out["ce_gap_mean"] = float(ce_gap(logits, r_ids, r_probs, r_tail, r_counts).mean())
         if setting["mode"] in SAMPLED_MODES:  # zeros off the drawn ids: KL(teacher || .) is infinite (ce_gap)
-            out.update({"kl_mean": None, "kl_p99": None, "kl_max": None})
+            out.update({"kl_mean": None, "kl_p99": None, "kl_max": None, "kl_mean_prior": None})
     out["projected_5T_tokens_GB"] = 5e12 * out["bytes_per_token"] / 1e9
     out["projected_vs_dense_fp8"] = SEED_FP8_DENSE_GB / out["projected_5T_tokens_GB"]
     return out
@@ -215,15 +220,17 @@ def run_bench(sources: list[tuple], settings: list[dict] | None = None, log=prin
 # ------------------------------------------------------------------------------------------------ reporting
 def markdown_table(results: list[dict]) -> str:
     lines = ["| source | mode | k | codec | encoding | bytes/token | entries/token | x dense fp32 | x dense fp8 | "
-             "KL mean | KL p99 | kept mass | top-1 agree | 5T tokens (GB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "KL mean | KL p99 | KL mean, prior tail | KL(rec||teacher) | kept mass | top-1 agree | 5T tokens (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         def f(x, fmt):
             return "-" if x is None else format(x, fmt)
         lines.append(
             f"| {r['source']} | {r['mode']} | {r['k']} | {r['codec']} | {r['encoding']} | {r['bytes_per_token']:.1f} | "
             f"{r['entries_per_token']:.1f} | {r['ratio_vs_dense']['fp32']:,.0f} | {r['ratio_vs_dense']['fp8']:,.0f} | "
-            f"{f(r['kl_mean'], '.4f')} | {f(r['kl_p99'], '.3f')} | {f(r['kept_mass'], '.3f')} | "
+            f"{f(r['kl_mean'], '.4f')} | {f(r['kl_p99'], '.3f')} | {f(r.get('kl_mean_prior'), '.4f')} | "
+            f"{f(r.get('ce_gap_mean'), '.4f')} | "
+            f"{f(r['kept_mass'], '.3f')} | "
             f"{r['top1_agreement']:.3f} | {r['projected_5T_tokens_GB']:,.0f} |")
     return "\n".join(lines)
 

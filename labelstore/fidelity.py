@@ -17,13 +17,16 @@ import torch
 
 def kl_to_reconstruction(teacher_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
                          tail: torch.Tensor, counts: torch.Tensor | None = None, *, temperature: float = 1.0,
-                         chunk: int = 256) -> dict[str, np.ndarray]:
+                         chunk: int = 256, prior=None) -> dict[str, np.ndarray]:
     """Per-row metrics of stored targets against the teacher.
 
     Args:
         teacher_logits: ``[N, V]`` the teacher's logits (divided by ``temperature`` to get p).
         ids, probs: ``[N, K]`` kept ids and their reconstructed probabilities (0 past ``counts``).
         tail: ``[N]`` stored tail mass. counts: ``[N]`` kept entries per row (default: all K).
+
+    ``prior`` (float [V], e.g. ``LabelStore.tail_prior()``): spread the tail in proportion to it over the
+    non-kept tokens instead of uniformly (docs/FORMAT.md section 5c).
 
     Returns a dict of float64 numpy arrays ``[N]``: ``kl`` (KL(teacher || reconstruction), nats),
     ``kept_mass`` (teacher mass on the kept ids), ``top1`` (1.0 where the reconstruction's argmax is the
@@ -41,15 +44,19 @@ def kl_to_reconstruction(teacher_logits: torch.Tensor, ids: torch.Tensor, probs:
         n = b - a
         mask = torch.arange(K)[None, :] < counts[a:b, None]
         c = counts[a:b].double()
-        fill = (tail[a:b].double() / (V - c).clamp_min(1)).clamp_min(1e-300)
-        q = fill[:, None].expand(n, V).clone()
         kid = ids[a:b].long()
-        q.scatter_(1, torch.where(mask, kid, torch.zeros_like(kid)),
-                   torch.where(mask, probs[a:b].double(), q.gather(1, kid)))
-        # rows where an id repeats past `counts` were written twice above with the fill: harmless.
+        rr, ss = mask.nonzero(as_tuple=True)
+        if prior is None:
+            fill = (tail[a:b].double() / (V - c).clamp_min(1)).clamp_min(1e-300)
+            q = fill[:, None].expand(n, V).clone()
+        else:
+            pr = torch.as_tensor(np.asarray(prior), dtype=torch.float64)[None, :].expand(n, V).clone()
+            pr[rr, kid[rr, ss]] = 0.0
+            q = (tail[a:b].double()[:, None] * pr / pr.sum(-1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-300)
+        q[rr, kid[rr, ss]] = probs[a:b].double()[rr, ss]  # only real kept entries (padding ids are ignored)
         logq = torch.log(q.clamp_min(1e-300))
         kl = torch.where(p > 0, p * (lp - logq), torch.zeros_like(p)).sum(-1)
-        kept = torch.where(mask, p.gather(1, kid), torch.zeros_like(probs[a:b].double())).sum(-1)
+        kept = torch.where(mask, p.gather(1, kid), torch.zeros_like(kid, dtype=torch.float64)).sum(-1)
         out["kl"][a:b] = kl.clamp_min(0).numpy()
         out["kept_mass"][a:b] = kept.numpy()
         out["top1"][a:b] = (q.argmax(-1) == lp.argmax(-1)).double().numpy()

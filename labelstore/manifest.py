@@ -29,6 +29,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 SHARD_RE = re.compile(r"^shards/r(\d{5})-(\d{6})\.arrow$")
 MAX_MANIFEST_BYTES = 256 << 20
+TAIL_PRIOR = "tail_prior.f32"
+DEFAULT_PRIOR_MIX = 0.7  # measured: docs/FORMAT.md section 5c
 
 
 def shard_name(rank: int, seq: int) -> str:
@@ -37,6 +39,10 @@ def shard_name(rank: int, seq: int) -> str:
 
 def commit_name(rank: int, seq: int) -> str:
     return f"commits/r{rank:05d}-{seq:06d}.json"
+
+
+def prior_name(rank: int, seq: int) -> str:
+    return f"commits/r{rank:05d}-{seq:06d}.prior"
 
 
 def done_name(rank: int) -> str:
@@ -214,6 +220,15 @@ def load_manifest(root: Path) -> dict:
     firsts = [r["first_sample_id"] for r in shards if r["rows"]]
     if firsts != sorted(firsts):
         raise StoreFormatError(f"{where}: shards are not listed in sample-id order; the manifest was edited")
+    tp = man.get("tail_prior")
+    if tp is not None:
+        if not isinstance(tp, dict) or tp.get("path") != TAIL_PRIOR or tp.get("dtype") != "float32":
+            raise StoreFormatError(f"{where}: tail_prior {tp!r} is malformed")
+        mix = tp.get("mix")
+        if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0 <= mix <= 1:
+            raise StoreFormatError(f"{where}: tail_prior mix {mix!r} is not in [0, 1]")
+        if not isinstance(tp.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", tp["sha256"]):
+            raise StoreFormatError(f"{where}: tail_prior sha256 is not a hex digest")
     sums = {"shards": len(shards), **{k: sum(r[k] for r in shards) for k in keys[1:] if k != "samples"},
             "samples": sum(r["rows"] for r in shards)}
     if any(sums[k] != tot[k] for k in keys):

@@ -6,6 +6,7 @@ with numpy. Every error is a :class:`~labelstore.errors.LabelStoreError` naming 
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,6 +354,27 @@ class LabelStore:
             counts=torch.from_numpy(raw.counts),
             doc_starts=torch.from_numpy(raw.doc_starts),
         )
+
+    def tail_prior(self) -> np.ndarray | None:
+        """The teacher's mean next-token distribution (float32 [V]) if the store has one (FORMAT.md 5c), mixed
+        with the uniform distribution by the manifest's ``mix``: the shape in which a position's tail is spread."""
+        tp = self.manifest.get("tail_prior")
+        if tp is None:
+            return None
+        if getattr(self, "_prior", None) is None:
+            p = self.path / tp["path"]
+            if p.is_symlink() or not p.is_file():
+                raise StoreCorruptError(f"{p}: the tail prior named in the manifest is missing; re-copy the store")
+            blob = p.read_bytes()
+            if len(blob) != 4 * self.vocab_size or hashlib.sha256(blob).hexdigest() != tp["sha256"]:
+                raise StoreCorruptError(f"{p}: the tail prior is damaged (size or sha256 mismatch); re-copy the store")
+            prior = np.frombuffer(blob, dtype="<f4").astype(np.float64)
+            if not np.all(np.isfinite(prior)) or prior.min() < 0:
+                raise StoreCorruptError(f"{p}: the tail prior holds negative or non-finite values")
+            mix = float(tp["mix"])
+            m = mix * prior / max(prior.sum(), 1e-300) + (1 - mix) / self.vocab_size
+            self._prior = m.astype(np.float32)
+        return self._prior
 
     def sample_ids(self) -> np.ndarray:
         """Sample id of every row, in store order."""

@@ -68,6 +68,13 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
         problems.append(f"{MANIFEST}: shards are not in sample-id order (the shard list was edited)")
     if tot != {k: man["totals"].get(k) for k in tot} or man["totals"].get("shards") != len(shards):
         problems.append(f"{MANIFEST}: totals {man['totals']} disagree with the shard list {tot}")
+    if man.get("tail_prior"):
+        try:
+            from .reader import LabelStore as _LS
+
+            _LS(root).tail_prior()
+        except LabelStoreError as exc:
+            problems.append(str(exc))
     if decode_rows and not problems:
         try:
             store = LabelStore(root, verify_rows=True)

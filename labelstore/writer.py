@@ -9,6 +9,7 @@ last, atomically, by :func:`finalize_store` once every rank is done.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from .errors import ConfigMismatchError, StoreFormatError, StoreLockedError, Sto
 from .format import build_schema, encode_row, normalize_meta, rows_to_batch
 from .manifest import (
     CONFIG,
+    DEFAULT_PRIOR_MIX,
     MANIFEST,
+    TAIL_PRIOR,
+    atomic_write_bytes,
     atomic_write_json,
     build_manifest,
     commit_name,
@@ -27,6 +31,7 @@ from .manifest import (
     done_name,
     fsync_dir,
     list_commits,
+    prior_name,
     read_json,
     sha256_file,
     shard_name,
@@ -106,6 +111,8 @@ class StoreWriter:
         self._pending_bytes = 0
         self._shard = None  # (tmp path, file, ipc writer)
         self._shard_stats = None
+        self._prior_sum = np.zeros(self.meta["vocab_size"], dtype=np.float64)
+        self._prior_positions = 0
         try:
             for sub in ("shards", "commits", "locks"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -118,7 +125,14 @@ class StoreWriter:
             commits = list_commits(self.root, rank)
             self._seq = max((c["seq"] for c in commits), default=-1) + 1
             done = self.root / done_name(rank)
-            if done.exists():
+            if done.exists():  # resuming a finished rank: carry its pending teacher mass over, then reopen it
+                rec = read_json(done, "rank done marker")
+                blob_path = self.root / (done_name(rank) + ".prior")
+                if isinstance(rec, dict) and rec.get("prior_positions") and blob_path.exists():
+                    blob = blob_path.read_bytes()
+                    if len(blob) == 8 * self.meta["vocab_size"]:
+                        self._prior_sum += np.frombuffer(blob, dtype="<f8")
+                        self._prior_positions += int(rec["prior_positions"])
                 done.unlink()
         except BaseException:
             self._release_lock()
@@ -173,6 +187,9 @@ class StoreWriter:
                 p.unlink()
         for p in (self.root / "commits").glob(f".tmp-r{self.rank:05d}-*"):
             p.unlink()
+        for p in (self.root / "commits").glob(f"r{self.rank:05d}-*.prior"):
+            if not p.with_suffix(".json").exists():  # written before a commit record that never came
+                p.unlink()
 
     # ------------------------------------------------------------------------------------ queries
     def committed_sample_ids(self) -> np.ndarray:
@@ -264,6 +281,11 @@ class StoreWriter:
                 "last_sample_id": max(st["ids"]),
                 "sample_ranges": _runs(st["ids"]),
             }
+            if self._prior_positions:
+                blob = self._prior_sum.astype("<f8").tobytes()
+                atomic_write_bytes(self.root / prior_name(self.rank, self._seq), blob)
+                record["prior_positions"] = int(self._prior_positions)
+                record["prior_sha256"] = hashlib.sha256(blob).hexdigest()
             atomic_write_json(self.root / commit_name(self.rank, self._seq), record)
             manifest = self.root / MANIFEST
             if manifest.exists():  # the store grows: its old manifest no longer describes it
@@ -280,6 +302,20 @@ class StoreWriter:
             ) from None
         self._shard = None
         self._seq += 1
+        self._prior_sum[:] = 0
+        self._prior_positions = 0
+
+    def add_teacher_mass(self, prob_sums, positions: int) -> None:
+        """Accumulate the teacher's full distribution summed over ``positions`` positions (float [V]).
+
+        The store's tail prior (docs/FORMAT.md section 5c) is the mean of these over the committed shards: the
+        teacher's average next-token distribution, used to spread each position's tail mass.
+        """
+        v = np.asarray(prob_sums, dtype=np.float64).reshape(-1)
+        if v.size != self.meta["vocab_size"] or not np.all(np.isfinite(v)) or (v.size and v.min() < 0):
+            raise ValueError(f"teacher mass must be {self.meta['vocab_size']} finite non-negative sums")
+        self._prior_sum += v
+        self._prior_positions += int(positions)
 
     def close(self) -> None:
         """Commit what is pending, mark this rank done, and (single writer) write the manifest."""
@@ -287,8 +323,12 @@ class StoreWriter:
             return
         try:
             self.commit()
-            atomic_write_json(self.root / done_name(self.rank), {"rank": self.rank, "world_size": self.world_size,
-                                                                  "next_seq": self._seq})
+            done = {"rank": self.rank, "world_size": self.world_size, "next_seq": self._seq}
+            if self._prior_positions:  # teacher mass added after the last shard was committed
+                blob = self._prior_sum.astype("<f8").tobytes()
+                atomic_write_bytes(self.root / (done_name(self.rank) + ".prior"), blob)
+                done.update(prior_positions=int(self._prior_positions), prior_sha256=hashlib.sha256(blob).hexdigest())
+            atomic_write_json(self.root / done_name(self.rank), done)
             if self.world_size == 1:
                 finalize_store(self.root, 1)
         except OSError as exc:
@@ -344,8 +384,36 @@ def finalize_store(path, world_size: int) -> dict:
     # Order shards by first sample id, so a store reads in sample order whatever the rank layout.
     commits.sort(key=lambda c: (c["first_sample_id"], c["rank"], c["seq"]))
     manifest = build_manifest(cfg, commits)
+    total, positions = _sum_priors(root, cfg["vocab_size"], commits, world_size)
+    if positions:
+        blob = (total / positions).astype("<f4").tobytes()
+        atomic_write_bytes(root / TAIL_PRIOR, blob)
+        manifest["tail_prior"] = {"path": TAIL_PRIOR, "dtype": "float32", "positions": int(positions),
+                                  "sha256": hashlib.sha256(blob).hexdigest(), "mix": DEFAULT_PRIOR_MIX}
     atomic_write_json(root / MANIFEST, manifest)
     return manifest
+
+
+def _sum_priors(root: Path, vocab: int, commits: list[dict], world_size: int):
+    total = np.zeros(vocab, dtype=np.float64)
+    positions = 0
+    dones = []
+    for r in range(world_size):
+        d = root / done_name(r)
+        if d.exists():
+            rec = read_json(d, "rank done marker")
+            if isinstance(rec, dict) and rec.get("prior_positions"):
+                dones.append(dict(rec, path=d.name, _file=done_name(r) + ".prior"))
+    for c in list(commits) + dones:
+        if not c.get("prior_positions"):
+            continue
+        p = root / (c["_file"] if "_file" in c else prior_name(c["rank"], c["seq"]))
+        blob = p.read_bytes() if p.exists() else b""
+        if len(blob) != 8 * vocab or hashlib.sha256(blob).hexdigest() != c.get("prior_sha256"):
+            raise StoreFormatError(f"{root}: teacher-mass file of {c['path']} is missing or damaged; rerun the compile")
+        total += np.frombuffer(blob, dtype="<f8")
+        positions += int(c["prior_positions"])
+    return total, positions
 
 
 __all__ = ["StoreWriter", "finalize_store", "DEFAULT_SHARD_BYTES"]

@@ -32,3 +32,23 @@ def test_zstd_never_larger_on_repetitive_ids(tmp_path):
     assert rz["kl_mean"] == rp["kl_mean"]  # entropy coding is lossless
     assert rz["bytes_per_token"] < rp["bytes_per_token"]
     assert np.isfinite(rz["projected_5T_tokens_GB"])
+
+
+def test_fidelity_with_prior_tail_against_hand_computation():
+    from labelstore.fidelity import kl_to_reconstruction
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 50, generator=g, dtype=torch.float64) * 2
+    p = torch.softmax(logits, -1)
+    top, ids = p.topk(6, -1)
+    tail = 1 - top.sum(-1)
+    prior = torch.rand(50, generator=g, dtype=torch.float64)
+    ref = []
+    for i in range(5):
+        q = prior.clone()
+        q[ids[i]] = 0
+        q = tail[i] * q / q.sum()
+        q[ids[i]] = top[i]
+        ref.append(float((p[i] * (p[i].log() - q.log())).sum()))
+    got = kl_to_reconstruction(logits.float(), ids, top.float(), tail.float(), prior=prior.numpy())["kl"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4)

@@ -349,3 +349,26 @@ def test_invalid_selection_parameters_refused(tmp_path):
         meta["selection"] = sel
         with pytest.raises(StoreFormatError):
             StoreWriter(tmp_path / "x", meta)
+
+
+def test_tail_prior_is_the_mean_teacher_distribution(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = random_rows(12, vocab_size=300, k=4, seed=3)
+    masses = [rng.random(300) * 5 for _ in range(3)]
+    with StoreWriter(tmp_path / "s", make_meta(300, 4), shard_bytes=800) as w:
+        for j, r in enumerate(rows):
+            w.add(r["sample_id"], r["input_ids"], r["counts"], r["ids"], r["values"], r["tail"], r["doc_starts"])
+            if j % 4 == 3:
+                w.add_teacher_mass(masses[j // 4], 10)
+    s = LabelStore(tmp_path / "s")
+    mean = sum(masses) / 30
+    expected = 0.7 * mean / mean.sum() + 0.3 / 300
+    np.testing.assert_allclose(s.tail_prior(), expected, rtol=1e-5)
+    assert verify_store(tmp_path / "s")["ok"]
+    prior_file = tmp_path / "s" / "tail_prior.f32"
+    data = bytearray(prior_file.read_bytes())
+    data[5] ^= 1
+    prior_file.write_bytes(bytes(data))
+    with pytest.raises(StoreCorruptError, match="tail prior"):
+        LabelStore(tmp_path / "s").tail_prior()
+    assert not verify_store(tmp_path / "s")["ok"]

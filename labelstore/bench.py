@@ -70,9 +70,13 @@ def synthetic_source(vocab: int, positions: int, mean_entropy: float = 2.5, seed
 
 # ------------------------------------------------------------------------------------------------ measuring
 def default_settings() -> list[dict]:
-    s = [{"mode": "topk", "k": k, "codec": "log8", "encoding": enc} for enc in ("packed", "zstd")
-         for k in (1, 8, 16, 32, 64, 128)]
+    s = [{"mode": "topk", "k": k, "codec": "log8", "encoding": "packed"} for k in (1, 8, 16, 32, 64, 128)]
+    s += [{"mode": "topk", "k": k, "codec": "log8", "encoding": "zstd"} for k in (1, 8, 16, 20, 32, 64, 96, 128)]
     s += [{"mode": "topk", "k": 32, "codec": c, "encoding": "packed"} for c in ("e4m3", "e5m2", "fp16")]
+    s += [{"mode": "topp", "k": 128, "p": 0.8, "min_k": 4, "codec": "log8", "encoding": "zstd"},
+          {"mode": "topk+sample", "k_exact": 8, "samples": 8, "k": 16, "codec": "log8", "encoding": "zstd"},
+          {"mode": "sample", "samples": 12, "k": 12, "codec": "count8", "encoding": "zstd"},
+          {"mode": "sample", "samples": 32, "k": 32, "codec": "count8", "encoding": "zstd"}]
     s += [{"mode": "argmax", "k": 1, "codec": "none", "encoding": enc} for enc in ("packed", "zstd")]
     return s
 

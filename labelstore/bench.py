@@ -71,7 +71,8 @@ def synthetic_source(vocab: int, positions: int, mean_entropy: float = 2.5, seed
 # ------------------------------------------------------------------------------------------------ measuring
 def default_settings() -> list[dict]:
     s = [{"mode": "topk", "k": k, "codec": "log8", "encoding": "packed"} for k in (1, 8, 16, 32, 64, 128)]
-    s += [{"mode": "topk", "k": k, "codec": "log8", "encoding": "zstd"} for k in (1, 8, 16, 20, 32, 64, 96, 128)]
+    s += [{"mode": "topk", "k": k, "codec": "log8", "encoding": "zstd"}
+          for k in (1, 8, 12, 16, 20, 32, 50, 64, 72, 128)]
     s += [{"mode": "topk", "k": 32, "codec": c, "encoding": "packed"} for c in ("e4m3", "e5m2", "fp16")]
     s += [{"mode": "topp", "k": 128, "p": 0.8, "min_k": 4, "codec": "log8", "encoding": "zstd"},
           {"mode": "topk+sample", "k_exact": 8, "samples": 8, "k": 16, "codec": "log8", "encoding": "zstd"},

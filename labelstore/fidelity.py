@@ -17,7 +17,7 @@ import torch
 
 def kl_to_reconstruction(teacher_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
                          tail: torch.Tensor, counts: torch.Tensor | None = None, *, temperature: float = 1.0,
-                         chunk: int = 256, prior=None) -> dict[str, np.ndarray]:
+                         chunk: int = 256, prior=None, capped: bool = True) -> dict[str, np.ndarray]:
     """Per-row metrics of stored targets against the teacher.
 
     Args:
@@ -26,7 +26,8 @@ def kl_to_reconstruction(teacher_logits: torch.Tensor, ids: torch.Tensor, probs:
         tail: ``[N]`` stored tail mass. counts: ``[N]`` kept entries per row (default: all K).
 
     ``prior`` (float [V], e.g. ``LabelStore.tail_prior()``): spread the tail in proportion to it over the
-    non-kept tokens instead of uniformly (docs/FORMAT.md section 5c).
+    non-kept tokens instead of uniformly, no token above the smallest kept probability (``capped``; a top-k
+    store knows that much), docs/FORMAT.md section 5c.
 
     Returns a dict of float64 numpy arrays ``[N]``: ``kl`` (KL(teacher || reconstruction), nats),
     ``kept_mass`` (teacher mass on the kept ids), ``top1`` (1.0 where the reconstruction's argmax is the
@@ -52,7 +53,9 @@ def kl_to_reconstruction(teacher_logits: torch.Tensor, ids: torch.Tensor, probs:
         else:
             pr = torch.as_tensor(np.asarray(prior), dtype=torch.float64)[None, :].expand(n, V).clone()
             pr[rr, kid[rr, ss]] = 0.0
-            q = (tail[a:b].double()[:, None] * pr / pr.sum(-1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-300)
+            pk = torch.where(mask, probs[a:b].double(), torch.full_like(probs[a:b].double(), float("inf")))
+            cap = pk.min(-1).values if capped else torch.full((n,), float("inf"), dtype=torch.float64)
+            q = spread_tail(tail[a:b].double(), pr, cap).clamp_min(1e-300)
         q[rr, kid[rr, ss]] = probs[a:b].double()[rr, ss]  # only real kept entries (padding ids are ignored)
         logq = torch.log(q.clamp_min(1e-300))
         kl = torch.where(p > 0, p * (lp - logq), torch.zeros_like(p)).sum(-1)
@@ -61,6 +64,28 @@ def kl_to_reconstruction(teacher_logits: torch.Tensor, ids: torch.Tensor, probs:
         out["kept_mass"][a:b] = kept.numpy()
         out["top1"][a:b] = (q.argmax(-1) == lp.argmax(-1)).double().numpy()
     return out
+
+
+def spread_tail(tail: torch.Tensor, weights: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """Spread ``tail [n]`` over tokens in proportion to ``weights [n, V]`` (0 = excluded), no token above ``cap [n]``.
+
+    Water-filling: ``q_v = min(c * w_v, cap)`` with ``c`` such that ``sum q = tail``. With the weights sorted in
+    descending order the capped tokens are a prefix; for each prefix length j the scale is
+    ``c_j = (tail - j cap) / sum_{i >= j} w_(i)`` and the right j is the first whose next token stays under the
+    cap. Rows that cannot hold their tail under the cap (more tail than ``cap * support``) fall back to no cap.
+    """
+    n, V = weights.shape
+    w, order = weights.sort(dim=-1, descending=True)
+    suffix = w.flip(-1).cumsum(-1).flip(-1)  # suffix[j] = sum_{i >= j} w_(i)
+    j = torch.arange(V, dtype=torch.float64)[None, :]
+    c = (tail[:, None] - j * cap[:, None]) / suffix.clamp_min(1e-300)
+    ok = (c * w <= cap[:, None] * (1 + 1e-12)) & (c > 0) & (suffix > 0)
+    first = torch.where(ok.any(-1), ok.float().argmax(-1), torch.zeros(n, dtype=torch.long))
+    cj = c.gather(1, first[:, None])
+    q_sorted = torch.minimum(cj * w, cap[:, None].expand(n, V))
+    q_sorted = torch.where(ok.any(-1, keepdim=True), q_sorted,
+                           tail[:, None] * w / w.sum(-1, keepdim=True).clamp_min(1e-300))
+    return torch.empty_like(q_sorted).scatter_(1, order, q_sorted)
 
 
 def summarize(metrics: dict[str, np.ndarray]) -> dict[str, float]:

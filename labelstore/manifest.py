@@ -30,7 +30,7 @@ CONFIG = "config.json"
 SHARD_RE = re.compile(r"^shards/r(\d{5})-(\d{6})\.arrow$")
 MAX_MANIFEST_BYTES = 256 << 20
 TAIL_PRIOR = "tail_prior.f32"
-DEFAULT_PRIOR_MIX = 0.7  # measured: docs/FORMAT.md section 5c
+DEFAULT_PRIOR_MIX = 0.9  # measured: docs/FORMAT.md section 5c
 
 
 def shard_name(rank: int, seq: int) -> str:

@@ -52,3 +52,26 @@ def test_fidelity_with_prior_tail_against_hand_computation():
         ref.append(float((p[i] * (p[i].log() - q.log())).sum()))
     got = kl_to_reconstruction(logits.float(), ids, top.float(), tail.float(), prior=prior.numpy())["kl"]
     np.testing.assert_allclose(got, ref, rtol=1e-4)
+
+
+def test_spread_tail_water_filling_against_bisection():
+    from labelstore.fidelity import spread_tail
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(6, 40, generator=g, dtype=torch.float64) ** 4
+    w[:, :5] = 0  # the kept tokens
+    tail = torch.tensor([0.05, 0.3, 0.5, 0.01, 0.2, 0.34], dtype=torch.float64)
+    cap = torch.tensor([0.02, 0.02, 0.03, 1.0, 0.006, 0.01], dtype=torch.float64)
+    q = spread_tail(tail, w, cap)
+    for i in range(6):
+        lo, hi = 0.0, 1e6
+        for _ in range(200):  # independent reference: bisection on the scale
+            mid = (lo + hi) / 2
+            if torch.minimum(mid * w[i], cap[i]).sum() < tail[i]:
+                lo = mid
+            else:
+                hi = mid
+        ref = torch.minimum(lo * w[i], cap[i])
+        torch.testing.assert_close(q[i], ref, rtol=1e-6, atol=1e-12)
+        assert abs(q[i].sum().item() - tail[i].item()) < 1e-9 and (q[i] <= cap[i] * (1 + 1e-9)).all()
+        assert (q[i][:5] == 0).all()

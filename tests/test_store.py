@@ -362,7 +362,7 @@ def test_tail_prior_is_the_mean_teacher_distribution(tmp_path):
                 w.add_teacher_mass(masses[j // 4], 10)
     s = LabelStore(tmp_path / "s")
     mean = sum(masses) / 30
-    expected = 0.7 * mean / mean.sum() + 0.3 / 300
+    expected = 0.9 * mean / mean.sum() + 0.1 / 300
     np.testing.assert_allclose(s.tail_prior(), expected, rtol=1e-5)
     assert verify_store(tmp_path / "s")["ok"]
     prior_file = tmp_path / "s" / "tail_prior.f32"

@@ -12,7 +12,7 @@ Overhead = compile loop / forward - 1 (target <= 10 %), in wall time and in proc
 on a shared machine the wall times are at the mercy of the neighbours, the CPU times much less so (run with
 ``--threads 1`` there). Results go to ``benchmarks/results/compile.json``.
 
-    python benchmarks/bench_compile.py [--samples 96] [--max-length 512] [--repeats 3]
+    python benchmarks/bench_compile.py [--samples 192] [--max-length 256] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def breakdown(model, plan, batches, pad_id: int, k: int) -> dict[str, tuple[floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=96, help="held-out sequences (default 96)")
-    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=192, help="held-out sequences (default 192)")
+    ap.add_argument("--max-length", type=int, default=256, help="the demo teacher's training length")
     ap.add_argument("--tokens-per-batch", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--codec", default="log8")

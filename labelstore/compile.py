@@ -3,7 +3,8 @@
 Pipeline (one process per rank; ``torchrun`` starts several)::
 
     inputs -> plan (token sequences, sample id = index) -> batches (deterministic, <= tokens_per_batch)
-    main thread:    batch -> teacher forward (inference_mode) -> extract_topk on the real positions -> queue
+    main thread:    batch -> teacher forward (inference_mode) -> extract_topk on the real positions
+                    (+ per-sequence sums of the full distribution, for the store's tail prior) -> queue
     writer thread:  queue -> device-to-host copy -> per-sample rows -> StoreWriter.add -> shards on disk
 
 The queue is bounded, so memory holds a few batches whatever the corpus size, and the teacher never waits
@@ -23,6 +24,8 @@ import hashlib
 import json
 import os
 import queue
+import shlex
+import signal
 import sys
 import tempfile
 import threading
@@ -35,13 +38,16 @@ import numpy as np
 import torch
 
 from .codecs import CODEC_NAMES, DEFAULT_CODEC, get_codec
-from .errors import ConfigMismatchError, InvalidLogitsError, LabelStoreError
+from .errors import ConfigMismatchError, InputDataError, InvalidLogitsError, LabelStoreError, StoreWriteError
 from .inputs import InputConfig, Plan, build_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SORT_WINDOW = 64  # truncate mode: sequences are length-sorted within windows of this many batches' worth
 QUEUE_BATCHES = 2  # extracted batches waiting for the writer thread (bounds memory)
 SAMPLE_VALUES = 4096  # values per parameter tensor hashed into the teacher fingerprint
+SELECTIONS = ("topk", "topp", "sample", "topk+sample")  # docs/FORMAT.md 5b (argmax is --hard-labels)
+SAMPLED = ("sample", "topk+sample")
+MAX_SAMPLES = 255  # count8 holds 1..255 draws
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -52,10 +58,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, nargs="+", action="extend", metavar="PATH",
                         help="input files or directories: text, .jsonl, .parquet, .arrow (repeatable)")
     parser.add_argument("--out", required=True, help="store directory (created, or resumed if it exists)")
-    parser.add_argument("--k", type=int, default=32, help="kept entries per position (default 32)")
+    parser.add_argument("--k", type=int, default=32,
+                        help="kept entries per position (topk), the maximum per position (topp) (default 32)")
+    parser.add_argument("--selection", default="topk", choices=SELECTIONS,
+                        help="which entries a position keeps (docs/FORMAT.md 5b): the k most probable (topk, "
+                             "default), the smallest set with mass >= --top-p (topp), the distinct ids of "
+                             "--samples draws (sample, unbiased), or the --k-exact most probable plus draws "
+                             "from the rest (topk+sample)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="topp: mass to reach per position (default 0.9)")
+    parser.add_argument("--min-k", type=int, default=1, help="topp: minimum entries per position (default 1)")
+    parser.add_argument("--samples", type=int, default=16,
+                        help=f"sample, topk+sample: draws per position, 1..{MAX_SAMPLES} (default 16)")
+    parser.add_argument("--k-exact", type=int, default=8,
+                        help="topk+sample: exact most probable entries per position (default 8)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sample, topk+sample: random seed (recorded; a resume draws the same samples)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
-    parser.add_argument("--codec", default=DEFAULT_CODEC, choices=[c for c in CODEC_NAMES if c != "none"],
-                        help=f"value codec for the kept probabilities (default {DEFAULT_CODEC})")
+    parser.add_argument("--codec", default=None, choices=[c for c in CODEC_NAMES if c != "none"],
+                        help=f"value codec for the kept probabilities (default {DEFAULT_CODEC}; count8, the "
+                             "only choice, for --selection sample)")
     parser.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (default 2048)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--pack", dest="pack", action="store_true", default=True,
@@ -87,7 +108,18 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    result = compile_store(CompileOptions.from_args(args))
+    opts = CompileOptions.from_args(args)
+    try:
+        opts.validate()
+    except ValueError as exc:
+        print(f"labelstore compile: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = compile_store(opts)
+    except KeyboardInterrupt:
+        # compile_store has stopped the writer thread and discarded only the open shard (see _run_batches)
+        print(interrupted_message(opts.out), file=sys.stderr, flush=True)
+        return 130
     if result.rank == 0 and not args.quiet:
         from .info import format_summary, summary
 
@@ -107,7 +139,13 @@ class CompileOptions:
     tokenizer: str | None = None
     k: int = 32
     temperature: float = 1.0
-    codec: str = DEFAULT_CODEC
+    codec: str | None = None  # None: DEFAULT_CODEC, or count8 for selection "sample"
+    selection: str = "topk"
+    top_p: float = 0.9
+    min_k: int = 1
+    samples: int = 16
+    k_exact: int = 8
+    seed: int = 0
     max_length: int = 2048
     pack: bool = True
     text_field: str = "text"
@@ -127,9 +165,56 @@ class CompileOptions:
         names = {f for f in cls.__dataclass_fields__ if f != "progress"}
         return cls(**{n: getattr(args, n) for n in names}, progress=not args.quiet)
 
+    @property
+    def codec_name(self) -> str:
+        """The value codec this compile writes (``--codec`` resolved against the selection mode)."""
+        if self.hard_labels:
+            return "none"
+        if self.codec is None:
+            return "count8" if self.selection == "sample" else DEFAULT_CODEC
+        return self.codec
+
+    def selection_meta(self, vocab_size: int | None = None) -> dict:
+        """``meta["selection"]`` exactly as docs/FORMAT.md 5b spells it (k clipped to the vocabulary)."""
+        if self.hard_labels:
+            return {"mode": "argmax", "k": 1}
+        k = self.k if vocab_size is None else min(self.k, vocab_size)
+        if self.selection == "topk":
+            return {"mode": "topk", "k": k}
+        if self.selection == "topp":
+            return {"mode": "topp", "k": k, "p": float(self.top_p), "min_k": min(self.min_k, k)}
+        if self.selection == "sample":
+            return {"mode": "sample", "k": self.samples, "samples": self.samples}
+        return {"mode": "topk+sample", "k_exact": self.k_exact, "samples": self.samples,
+                "k": self.k_exact + self.samples}
+
     def validate(self) -> None:
         if self.k < 1:
             raise ValueError(f"--k must be >= 1, got {self.k}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.hard_labels and self.selection != "topk":
+            raise ValueError(f"--hard-labels stores the argmax only; it cannot be combined with --selection "
+                             f"{self.selection}")
+        if self.selection == "topp":
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            if not 1 <= self.min_k <= self.k:
+                raise ValueError(f"--min-k must be in [1, --k={self.k}], got {self.min_k}")
+        if self.selection in SAMPLED and not 1 <= self.samples <= MAX_SAMPLES:
+            raise ValueError(f"--samples must be in [1, {MAX_SAMPLES}] (count8 stores the draws), got {self.samples}")
+        if self.selection == "topk+sample" and self.k_exact < 0:
+            raise ValueError(f"--k-exact must be >= 0, got {self.k_exact}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not self.hard_labels:
+            name = self.codec_name
+            if self.selection == "sample" and name != "count8":
+                raise ValueError(f"--selection sample stores draw counts: its codec is count8, not --codec {name}")
+            if self.selection != "sample" and name == "count8":
+                raise ValueError(f"--codec count8 belongs to --selection sample only, not {self.selection}")
+            if self.selection == "topk+sample" and name not in ("log8", "e4m3", "e5m2"):
+                raise ValueError(f"--selection topk+sample needs a 1-byte codec (log8, e4m3, e5m2), not {name}")
         if not (self.temperature > 0 and np.isfinite(self.temperature)):
             raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
         if self.tokens_per_batch < 1:
@@ -316,7 +401,10 @@ class _WriterThread(threading.Thread):
 
     def __init__(self, writer, plan: Plan, hard: bool, bytes_per_value: int, bar):
         super().__init__(name="labelstore-writer", daemon=True)
+        from .format import has_tail_column
+
         self.writer, self.plan, self.hard, self.bpv, self.bar = writer, plan, hard, bytes_per_value, bar
+        self.has_tail = has_tail_column(writer.meta)  # False for hard labels and pure `sample` stores
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.samples = self.tokens = self.payload = 0
@@ -362,12 +450,12 @@ class _WriterThread(threading.Thread):
             if mass is not None:  # before add(): a shard committed by add() then owns this sequence's mass
                 self.writer.add_teacher_mass(mass[r], b - a)
             self.writer.add(int(sid), self.plan.sequence(int(sid)), c, s_ids, s_vals,
-                            np.zeros(0, np.float32) if self.hard else tail[a:b], ds)
+                            tail[a:b] if self.has_tail else np.zeros(0, np.float32), ds)
             T, n = b - a, int(c.sum())
             self.samples += 1
             self.tokens += T
             self.payload += (16 + packed_nbytes(T, self._bits) + T * self._count_bytes
-                             + packed_nbytes(n, self._bits) + n * self.bpv + (0 if self.hard else 4 * T)
+                             + packed_nbytes(n, self._bits) + n * self.bpv + (4 * T if self.has_tail else 0)
                              + 4 * ds.size)
         if self.bar is not None:
             dt = max(time.perf_counter() - self._t0, 1e-9)
@@ -397,11 +485,14 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
 
     from . import __version__
 
-    codec = get_codec("none" if opts.hard_labels else opts.codec)
+    codec = get_codec(opts.codec_name)
+    selection = opts.selection_meta(vocab_size)
+    sampled = selection["mode"] in SAMPLED
+    config = {"seed": int(opts.seed)} if sampled else {}  # only sampled labels depend on it (older stores resume)
     return {
         "vocab_size": vocab_size,
         "label_kind": "hard" if opts.hard_labels else "soft",
-        "selection": {"mode": "argmax", "k": 1} if opts.hard_labels else {"mode": "topk", "k": k},
+        "selection": selection,
         "value_codec": codec.to_json(),
         "temperature": float(opts.temperature),
         "teacher": {"name": display_name(opts.teacher), "hash": teacher_hash},
@@ -414,9 +505,10 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "token_field": opts.token_field,
             "max_samples": opts.max_samples,
             "dtype": str(dtype).removeprefix("torch."),
-            "tail_prior": bool(opts.tail_prior and not opts.hard_labels),
+            "tail_prior": uses_tail_prior(opts),
             "add_special_tokens": True,
             "eos_between_documents": True,
+            **config,
         },
         "runtime": {
             "data_files": plan.files[:1000],
@@ -430,9 +522,28 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
     }
 
 
+def uses_tail_prior(opts: CompileOptions) -> bool:
+    """The tail prior spreads a stored tail: hard labels and pure ``sample`` stores have none."""
+    return bool(opts.tail_prior and not opts.hard_labels and opts.selection != "sample")
+
+
+def interrupted_message(out) -> str:
+    """What a Ctrl-C'd compile prints: what is kept, and the exact command that resumes it."""
+    from .manifest import list_commits
+
+    try:
+        n = len(list_commits(Path(out)))
+    except (LabelStoreError, OSError):
+        n = "?"
+    argv = sys.argv[1:]
+    cmd = "labelstore " + shlex.join(argv[argv.index("compile"):]) if "compile" in argv else None
+    return (f"labelstore compile: interrupted: {n} shards committed in {out}; rerun the same command to resume"
+            + (f":\n  {cmd}" if cmd else ""))
+
+
 def compile_store(opts: CompileOptions) -> CompileResult:
     """Compile (or resume) the store ``opts.out``; see the module docstring. Returns this rank's figures."""
-    from labelstore_kernels import extract_topk
+    from labelstore_kernels import extract, extract_topk
 
     from .writer import StoreWriter, finalize_store
 
@@ -454,7 +565,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                 f"the tokenizer has {len(tokenizer):,} tokens but the teacher's output vocabulary is {V:,}: "
                 "they do not belong together; pass the teacher's own tokenizer (--tokenizer)"
             )
-        codec = get_codec("none" if opts.hard_labels else opts.codec)
+        codec = get_codec(opts.codec_name)
         k = 1 if opts.hard_labels else min(opts.k, V)
         in_cfg = InputConfig(max_length=opts.max_length, pack=opts.pack, text_field=opts.text_field,
                              token_field=opts.token_field, max_samples=opts.max_samples)
@@ -466,12 +577,27 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                                           f"its config says vocab_size {V:,}; fix the model's config.json")
             meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
                               tokenizer_fingerprint(tokenizer), world)
+            _check_inputs_still_there(opts.out, plan)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
             mine = batches[rank::world]
-            writer = StoreWriter(opts.out, meta, rank=rank, world_size=world,
-                                 shard_bytes=max(1, int(opts.shard_mb * (1 << 20))))
+            try:
+                writer = StoreWriter(opts.out, meta, rank=rank, world_size=world,
+                                     shard_bytes=max(1, int(opts.shard_mb * (1 << 20))))
+            except OSError as exc:  # e.g. the lock file of a read-only store (the writer wraps its other I/O)
+                raise StoreWriteError(
+                    f"cannot open {opts.out} for writing: {exc.strerror or exc}"
+                    f"{f' ({exc.filename})' if exc.filename else ''}. Nothing was changed; make --out writable "
+                    "(permissions, free space) or choose another directory, then rerun the same command."
+                ) from None
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            result = _run_batches(model, plan, mine, writer, extract_topk, V, k, codec, opts, device,
+            if meta["selection"]["mode"] in ("topk", "argmax"):
+                def extract_fn(flat, row_ids):
+                    return extract_topk(flat, k, temperature=opts.temperature, codec=codec)  # k=1 "none": argmax
+            else:
+                def extract_fn(flat, row_ids):
+                    return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
+                                   seed=opts.seed, row_ids=row_ids)
+            result = _run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
                                   pad_id, rank, world)
         _barrier(world)
         if world > 1 and rank == 0:
@@ -483,7 +609,39 @@ def compile_store(opts: CompileOptions) -> CompileResult:
             torch.distributed.destroy_process_group()
 
 
-def _run_batches(model, plan, mine, writer, extract_topk, V, k, codec, opts, device, pad_id, rank, world):
+def _check_inputs_still_there(out, plan: Plan) -> None:
+    """On resume: if the data changed because input files the store was compiled from vanished, name them.
+
+    (The config check would refuse the resume anyway, but only as a changed data fingerprint.) Input files are
+    read once, while planning: after that a compile runs from the plan's own copy of the tokens.
+    """
+    from .manifest import CONFIG
+
+    cfg_path = Path(out) / CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        old_sha, old_files = cfg["compile_config"]["data"]["sha256"], list(cfg["runtime"]["data_files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a new store, or a damaged config that the writer reports
+    if old_sha == plan.fingerprint:
+        return
+    now = set(plan.files)
+    gone = [f for f in old_files if f not in now and not Path(f).exists()]
+    if gone:
+        raise InputDataError(
+            f"{out} was compiled from input file(s) that no longer exist: {', '.join(gone[:5])}"
+            f"{f' and {len(gone) - 5} more' if len(gone) > 5 else ''}. Restore them and rerun the same command to "
+            "resume; committed shards are intact."
+        )
+
+
+def _row_ids(batch: np.ndarray, lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """Global row id ``sample_id * max_length + position`` of every real position of a batch (FORMAT.md 5b)."""
+    return np.concatenate([int(sid) * max_length + np.arange(int(n), dtype=np.int64)
+                           for sid, n in zip(batch, lengths)]).astype(np.int64)
+
+
+def _run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world):
     committed = writer.committed_sample_ids()
     todo_masks = [~np.isin(b, committed) for b in mine]
     total = int(sum(int(t.sum()) for t in todo_masks))
@@ -515,11 +673,10 @@ def _run_batches(model, plan, mine, writer, extract_topk, V, k, codec, opts, dev
                 if padded:  # padding positions are never extracted
                     flat = flat[m.reshape(-1).nonzero().flatten().to(device)]
                 try:
-                    ex = extract_topk(flat, k, temperature=opts.temperature, codec=codec)  # k=1, "none": argmax
+                    ex = extract_fn(flat, _row_ids(batch, lengths, opts.max_length))
                 except InvalidLogitsError as exc:
                     raise _locate_invalid(exc, batch, lengths) from None
-                mass = None if opts.hard_labels or not opts.tail_prior else \
-                    teacher_mass(flat, ex.lse, lengths, opts.temperature)
+                mass = teacher_mass(flat, ex.lse, lengths, opts.temperature) if uses_tail_prior(opts) else None
                 del logits, flat
                 thread.queue.put((batch, lengths, todo, ex, mass))
         thread.queue.put(None)
@@ -530,11 +687,21 @@ def _run_batches(model, plan, mine, writer, extract_topk, V, k, codec, opts, dev
         ok = True
     finally:
         if not ok:
-            if thread.is_alive():
-                thread.error = thread.error or RuntimeError("aborted")
-                thread.queue.put(None)
-                thread.join()
-            writer.abort()
+            # Error or Ctrl-C: let the writer thread finish the row it is adding (a shard it is committing
+            # completes), drop the queued batches, then discard only the open shard. A second Ctrl-C
+            # meanwhile is ignored so that the cleanup cannot be cut short; it takes at most one batch.
+            old = None
+            if threading.current_thread() is threading.main_thread():
+                old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                if thread.is_alive():
+                    thread.error = thread.error or RuntimeError("aborted")
+                    thread.queue.put(None)
+                    thread.join()
+                writer.abort()
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGINT, old)
         if bar is not None:
             bar.close()
     return CompileResult(out=str(opts.out), rank=rank, world_size=world, samples=thread.samples,

@@ -104,6 +104,36 @@ def create_exclusive_json(path: Path, obj) -> bool:
     return created
 
 
+def remove_stale_tmp(root: Path) -> int:
+    """Delete ``.tmp-NAME.PID`` files in the store root (config, manifest, tail prior) left by a writer that died
+    mid-write. Only called once every rank is done (finalize), so no other writer can own one; files of a live
+    local process other than this one are kept anyway. Returns how many were removed.
+    """
+    removed = 0
+    for d in (Path(root),):
+        if not d.is_dir():
+            continue
+        for p in d.glob(".tmp-*"):
+            pid = p.name.rsplit(".", 1)[-1]
+            if not pid.isdigit():
+                continue
+            if int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError, ValueError):
+                continue
+            try:
+                p.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def read_json(path: Path, what: str, max_bytes: int = MAX_MANIFEST_BYTES):
     path = Path(path)
     try:

@@ -33,6 +33,7 @@ from .manifest import (
     list_commits,
     prior_name,
     read_json,
+    remove_stale_tmp,
     sha256_file,
     shard_name,
 )
@@ -141,7 +142,12 @@ class StoreWriter:
     # ------------------------------------------------------------------------------------ setup
     def _acquire_lock(self) -> None:
         lock_path = self.root / "locks" / f"r{self.rank:05d}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreWriteError(
+                f"cannot create the lock file {lock_path}: {exc.strerror or exc}; make the output directory writable"
+            ) from None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -366,6 +372,7 @@ def finalize_store(path, world_size: int) -> dict:
     the same sample id. Returns the manifest.
     """
     root = Path(path)
+    remove_stale_tmp(root)
     cfg = read_json(root / CONFIG, "store config")
     missing = [r for r in range(world_size) if not (root / done_name(r)).exists()]
     if missing:

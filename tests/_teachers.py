@@ -106,3 +106,91 @@ def dense_logprobs(model, input_ids: torch.Tensor) -> torch.Tensor:
     """float64 log-softmax of the teacher on one unpadded sequence: the reference of every check."""
     logits = model(input_ids=input_ids[None].long()).logits[0]
     return torch.log_softmax(logits.double(), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------ store helpers
+def raw_store_rows(path) -> dict[int, dict]:
+    """Every stored sample by id, as the bytes on disk decode them *before* any reconstruction: input ids,
+    counts, kept ids, raw value bytes (codec codes, or draw counts), stored tail and document starts."""
+    import numpy as np
+
+    from labelstore import bitpack
+    from labelstore.format import PAYLOAD_COLUMNS
+    from labelstore.reader import LabelStore
+
+    s = LabelStore(path)
+    assert s.meta.get("encoding", {"name": "packed"})["name"] == "packed"
+    count_dt = "<u1" if s.meta["count_bytes"] == 1 else "<u2"
+    rows = {}
+    for i in range(len(s)):
+        si, b, r = s.locate(i)
+        v = s._shard(si).views(b)
+        part = {n: v[n][1][v[n][0][r]: v[n][0][r + 1]].copy() for n in PAYLOAD_COLUMNS}
+        sid, T = int(v["sample_id"][r]), int(v["num_tokens"][r])
+        counts = np.frombuffer(part["counts"].tobytes(), dtype=count_dt).astype(np.int64)
+        assert sid not in rows, f"sample {sid} stored twice"
+        rows[sid] = {
+            "input_ids": bitpack.unpack(part["input_ids"], s.id_bits, T),
+            "counts": counts,
+            "ids": bitpack.unpack(part["ids"], s.id_bits, int(counts.sum())),
+            "values": part["values"],
+            "tail": np.frombuffer(part["tail"].tobytes(), dtype="<f4"),
+            "doc_starts": np.frombuffer(part["doc_starts"].tobytes(), dtype="<i4"),
+        }
+    return rows
+
+
+def raw_rows_differences(a: dict, b: dict) -> list[str]:
+    """Why two :func:`raw_store_rows` results differ (empty: identical)."""
+    import numpy as np
+
+    out = []
+    if sorted(a) != sorted(b):
+        out.append(f"sample ids differ: {len(a)} vs {len(b)} samples, only in the first "
+                   f"{sorted(set(a) - set(b))[:5]}, only in the second {sorted(set(b) - set(a))[:5]}")
+    for sid in sorted(set(a) & set(b)):
+        for name in a[sid]:
+            if not np.array_equal(a[sid][name], b[sid][name]):
+                out.append(f"sample {sid}: {name} differ")
+    return out
+
+
+def snapshot(path) -> dict[str, str]:
+    """SHA-256 of every file under ``path`` (lock files excepted): byte identity of a store or a part of it."""
+    import hashlib
+
+    path = Path(path)
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def committed_files(path) -> dict[str, str]:
+    """SHA-256 of the committed shards and their commit records only (what must survive any failure)."""
+    import hashlib
+
+    from labelstore.manifest import commit_name, list_commits
+
+    path = Path(path)
+    out = {}
+    for c in list_commits(path):
+        for rel in (c["path"], commit_name(c["rank"], c["seq"])):
+            out[rel] = hashlib.sha256((path / rel).read_bytes()).hexdigest()
+    return out
+
+
+# A compile slowed down (a sleep before each batch) so that a test can interrupt it half-way.
+SLOW_COMPILE = """
+import sys, time
+import labelstore.compile as c
+slow = c.collate
+def collate(*a, **k):
+    time.sleep(DELAY)
+    return slow(*a, **k)
+c.collate = collate
+from labelstore.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def slow_compile_script(delay: float = 0.05) -> str:
+    return SLOW_COMPILE.replace("DELAY", repr(float(delay)))

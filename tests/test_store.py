@@ -372,3 +372,15 @@ def test_tail_prior_is_the_mean_teacher_distribution(tmp_path):
     with pytest.raises(StoreCorruptError, match="tail prior"):
         LabelStore(tmp_path / "s").tail_prior()
     assert not verify_store(tmp_path / "s")["ok"]
+
+
+def test_finalize_removes_temp_files_of_dead_writers(tmp_path):
+    rows = random_rows(3, seed=4)
+    w = StoreWriter(tmp_path / "s", make_meta())
+    write_rows(w, rows)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stray = tmp_path / "s" / f".tmp-manifest.json.{dead.stdout.strip()}"
+    stray.write_text("{half a manifest")
+    w.close()
+    assert not stray.exists()
+    assert len(LabelStore(tmp_path / "s")) == 3

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
 from _teachers import (
     committed_files,
     make_documents,
@@ -39,13 +38,7 @@ from labelstore.errors import ConfigMismatchError, InputDataError, InvalidLogits
 from labelstore.manifest import list_commits
 from labelstore.verify import verify_store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TIE = 1e-4  # log-prob gap under which two tokens count as tied between batched and unbatched forwards
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning threads crawl on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,7 @@ from labelstore_kernels import extract
 L = 32  # max_length; tokens_per_batch = L: one unpadded sequence per forward
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ TINY = DemoConfig(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, int
                   heldout_modulus=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="teacher weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MiB (default 256)")
+    parser.add_argument("--encoding", default="packed", choices=["packed", "zstd"],
+                        help="row encoding: packed (format v1, fastest reads) or zstd (format v2, entropy-coded "
+                             "ids and values, about a third smaller on real teachers; docs/FORMAT.md 6b)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the teacher's own modelling code (passed to from_pretrained only if given)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar nor summary")
@@ -157,6 +160,7 @@ class CompileOptions:
     dtype: str = "auto"
     device: str = "auto"
     shard_mb: float = 256.0
+    encoding: str = "packed"
     trust_remote_code: bool = False
     progress: bool = True
 
@@ -494,6 +498,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
         "label_kind": "hard" if opts.hard_labels else "soft",
         "selection": selection,
         "value_codec": codec.to_json(),
+        "encoding": {"name": opts.encoding},
         "temperature": float(opts.temperature),
         "teacher": {"name": display_name(opts.teacher), "hash": teacher_hash},
         "tokenizer": {"name": display_name(opts.tokenizer or opts.teacher), "hash": tokenizer_hash},

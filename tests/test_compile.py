@@ -27,6 +27,7 @@ from labelstore.compile import CompileOptions, compile_store
 from labelstore.errors import ConfigMismatchError, InputDataError, InvalidLogitsError
 from labelstore.fidelity import kl_to_reconstruction
 from labelstore.reader import LabelStore
+from labelstore.verify import verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 TIE = 1e-4  # log-prob gap under which two tokens count as tied between batched and unbatched forwards
@@ -297,3 +298,14 @@ def test_nan_logits_name_the_sample_and_keep_committed_shards(env, tmp_path):
     with pytest.raises(ConfigMismatchError):
         compile_store(opts(env, good, teacher=str(poison)))
     assert snapshot(good) == before
+
+
+def test_zstd_encoding_stores_the_same_labels_smaller(env, tmp_path):
+    packed = compile_store(opts(env, tmp_path / "p", k=8, max_length=64))
+    zstd = compile_store(opts(env, tmp_path / "z", k=8, max_length=64, encoding="zstd"))
+    assert packed.tokens == zstd.tokens
+    assert LabelStore(tmp_path / "z").meta["format_version"] == 2
+    assert_same_rows(store_rows(tmp_path / "p"), store_rows(tmp_path / "z"))
+    size = {name: sum(p.stat().st_size for p in (tmp_path / name / "shards").glob("*.arrow")) for name in "pz"}
+    assert size["z"] < size["p"]
+    assert verify_store(tmp_path / "z")["ok"]

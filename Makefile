@@ -28,8 +28,18 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Every benchmark prints a table and writes benchmarks/results/*.json (tens of minutes on 2 cores).
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_codecs.py --rows 256
 	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_extract.py
+	$(BIN)/python benchmarks/bench_losses.py
+	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_compile.py --threads 1
+	$(BIN)/labelstore bench --demo-positions 2048 --synthetic-positions 512 --out benchmarks/results
+	$(BIN)/python benchmarks/corrupt_store.py --trials 240
+	$(BIN)/python benchmarks/chaos_compile.py --trials 24
+	$(BIN)/python benchmarks/bench_students.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -429,7 +429,8 @@ def format_table(res: BenchResult) -> str:
                  f"{np.mean([e['heldout_kl'] for e in init]):.4f} | — |")
     lines.append(f"| (teacher) | — | — | {ref['teacher']['heldout_ce']:.4f} | 0 | — |")
     lines.append("")
-    lines.append(f"mean ± sample std over {n} seed(s) {res.config['seeds']}; per-seed values in the JSON.")
+    lines.append(f"mean ± sample std over {n} seed(s) {res.config['seeds']}; per-seed values in the JSON. "
+                 "s/run: wall seconds of training, on whatever else the machine was running.")
     return "\n".join(lines)
 
 
@@ -439,7 +440,7 @@ def format_markdown(res: BenchResult, command: str) -> str:
     codecs = sorted({st["value_codec"] for st in res.stores.values() if st["selection"]["mode"] != "argmax"})
     codec = "/".join(f"`{x}`" for x in codecs) or "—"
     g = ref["teacher"].get("kl_fp32_to_bf16_autocast")
-    gap = "" if g is None else f" (the online teacher's bf16 logits are {g:.4f} nats KL from its fp32 ones)"
+    gap = "" if g is None else f" (the online teacher's bf16 logits are {g:.1e} nats KL from its fp32 ones)"
     head = [
         "## Do stored labels train good students?",
         "",

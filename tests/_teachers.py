@@ -7,7 +7,12 @@ Everything is saved with ``save_pretrained`` into a directory and loaded back by
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -194,3 +199,19 @@ sys.exit(main(sys.argv[1:]))
 
 def slow_compile_script(delay: float = 0.05) -> str:
     return SLOW_COMPILE.replace("DELAY", repr(float(delay)))
+
+
+def interrupt_compile(args: list[str], out: Path, cwd: Path, after_commits: int) -> tuple[int, str]:
+    """Run a slowed `labelstore compile ARGS` in a subprocess, send it SIGINT once ``after_commits`` shards are
+    committed in ``out``, and return (exit status, stderr). Fails if the compile ends before it is interrupted."""
+    proc = subprocess.Popen([sys.executable, "-c", slow_compile_script(0.1), *args], cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (time.monotonic() < deadline and proc.poll() is None
+           and len(list((Path(out) / "commits").glob("r*.json"))) < after_commits):
+        time.sleep(0.01)
+    assert proc.poll() is None, f"compile ended before it could be interrupted: {proc.communicate()}"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err

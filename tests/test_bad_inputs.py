@@ -10,22 +10,19 @@ import errno
 import fcntl
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from _teachers import (
     committed_files,
+    interrupt_compile,
     make_documents,
     make_tokenizer,
     raw_rows_differences,
     raw_store_rows,
     save_teacher,
-    slow_compile_script,
     snapshot,
     write_corpus,
 )
@@ -329,16 +326,8 @@ def test_input_file_gone_after_planning_is_named_on_resume(env, tmp_path, monkey
 def test_ctrl_c_stops_cleanly_keeps_committed_shards_and_says_how_to_resume(env, tmp_path):
     out = tmp_path / "s"
     args = cli_args(env, out)
-    proc = subprocess.Popen([sys.executable, "-c", slow_compile_script(0.1), *args], cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list((out / "commits").glob("r*.json"))) < 3:
-        time.sleep(0.01)
-    assert proc.poll() is None, f"compile ended before Ctrl-C: {proc.communicate()}"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = interrupt_compile(args, out, tmp_path, after_commits=3)
+    assert returncode == 130, err
     commits = list_commits(out)
     assert f"interrupted: {len(commits)} shards committed in {out}; rerun the same command to resume:" in err, err
     assert "labelstore " + " ".join(args) in err  # the exact command (no quoting needed for these paths)

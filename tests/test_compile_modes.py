@@ -8,23 +8,17 @@ equal its output exactly: same ids, same value bytes (codec codes or draw counts
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
 from _teachers import (
+    interrupt_compile,
     load_model,
     make_documents,
     make_tokenizer,
     raw_rows_differences,
     raw_store_rows,
     save_teacher,
-    slow_compile_script,
     write_corpus,
 )
 
@@ -109,16 +103,8 @@ def test_sampled_compile_interrupted_and_resumed_equals_an_uninterrupted_one(env
     args = ["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", str(out),
             "--max-length", str(L), "--tokens-per-batch", str(L), "--device", "cpu", "--shard-mb", "0.002",
             "--quiet", *kw]
-    proc = subprocess.Popen([sys.executable, "-c", slow_compile_script(0.1), *args], cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list((out / "commits").glob("r*.json"))) < 2:
-        time.sleep(0.01)
-    assert proc.poll() is None, f"compile ended before it could be interrupted: {proc.communicate()}"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = interrupt_compile(args, out, tmp_path, after_commits=2)
+    assert returncode == 130, err
     assert "rerun the same command to resume" in err
     assert not (out / "manifest.json").exists()
     assert cli_main(args) == 0  # the same command resumes and finishes

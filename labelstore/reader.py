@@ -340,8 +340,6 @@ class LabelStore:
         tail = np.where(s_samp > 0, 0.0, t).astype(np.float32)
         return RawRow(raw.sample_id, raw.input_ids, counts, raw.ids, p.astype(np.float32), tail, raw.doc_starts)
 
-    _decode = decode_parts  # backwards-compatible alias
-
     def get(self, i: int) -> Sample:
         raw = self.get_raw(i)
         ids, probs = pad_row(raw, self.k, self.codec.name, self.normalize)

@@ -1,5 +1,5 @@
 """Value codecs measured, not guessed: KL(teacher || decoded) and relative error per codec, on SYNTHETIC
-Zipf-like teacher logits at several entropies (labelstore.synthetic), with the format's reconstruction rule.
+Zipf-like teacher logits at several entropies (labelstore.tools.synthetic), with the format's reconstruction rule.
 
     python benchmarks/bench_codecs.py [--rows 512] [--vocab 32000] [--k 32]
 
@@ -19,10 +19,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from labelstore import bitpack  # noqa: E402
 from labelstore.codecs import get_codec  # noqa: E402
-from labelstore.fidelity import kl_to_reconstruction  # noqa: E402
-from labelstore.synthetic import zipf_logits  # noqa: E402
+from labelstore.store import bitpack  # noqa: E402
+from labelstore.tools.fidelity import kl_to_reconstruction  # noqa: E402
+from labelstore.tools.synthetic import zipf_logits  # noqa: E402
 
 CODECS = [("exact-fp64", None), ("fp16", "fp16"), ("log8 step=1/16", "log8"), ("log8 step=1/12", ("log8", 1 / 12)),
           ("log8 step=1/24", ("log8", 1 / 24)), ("e4m3", "e4m3"), ("e5m2", "e5m2")]
@@ -81,7 +81,7 @@ def main():
                   f"{relerr:9.4f}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"synthetic": True, "generator": "labelstore.synthetic.zipf_logits", "vocab_size": a.vocab,
+        json.dump({"synthetic": True, "generator": "labelstore.tools.synthetic.zipf_logits", "vocab_size": a.vocab,
                    "k": a.k, "rows": a.rows, "machine": platform.machine(), "time": time.time(),
                    "results": rows}, f, indent=1)
     print("* max relative error of kept probabilities within 1e-4 of the position's top probability")

@@ -29,16 +29,14 @@ from pathlib import Path
 
 import torch
 
-from labelstore.compile import (
-    CompileOptions,
-    collate,
-    compile_store,
-    load_teacher,
-    load_tokenizer,
-    plan_batches,
-    teacher_mass,
-)
-from labelstore.demo_model import (
+from labelstore.store.info import summary
+from labelstore.teacher.batching import pad_batch as collate
+from labelstore.teacher.batching import plan_batches
+from labelstore.teacher.compile import CompileOptions, compile_store
+from labelstore.teacher.inputs import InputConfig, build_plan
+from labelstore.teacher.model import load_teacher, load_tokenizer
+from labelstore.teacher.prior import teacher_mass
+from labelstore.tools.demo_model import (
     corpus_files,
     demo_info,
     ensure_demo_teacher,
@@ -46,8 +44,6 @@ from labelstore.demo_model import (
     stdlib_root,
     utf8_files,
 )
-from labelstore.info import summary
-from labelstore.inputs import InputConfig, build_plan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compile.json"
 

@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from labelstore.codecs import get_codec  # noqa: E402
-from labelstore.dataset import StoreDataset  # noqa: E402
-from labelstore.loader import StoreLoader  # noqa: E402
-from labelstore.targets import to_dense  # noqa: E402
-from labelstore.writer import StoreWriter  # noqa: E402
+from labelstore.store.writer import StoreWriter  # noqa: E402
+from labelstore.student.dataset import StoreDataset  # noqa: E402
+from labelstore.student.loader import StoreLoader  # noqa: E402
+from labelstore.student.targets import to_dense  # noqa: E402
 
 V, K, T = 32000, 32, 2048
 

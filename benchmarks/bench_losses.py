@@ -6,7 +6,7 @@ Each vocabulary size runs in its own subprocess (a crash or an out-of-memory kil
 deterministic inputs: fp32 student logits [rows, V] and a teacher's top-k (ids, absolute probabilities, exact
 tail mass).
 
-- ``sparse``: ``labelstore.losses.sparse_kl(logits, ids, probs, tail, backend="torch")``, then ``backward()``.
+- ``sparse``: ``labelstore.student.losses.sparse_kl(logits, ids, probs, tail, backend="torch")``, then ``backward()``.
 - ``dense``: the dense alternative a trainer would write, ``F.kl_div(F.log_softmax(logits), P, "batchmean")``
   then ``backward()``, with ``P`` the [rows, V] teacher target (kept probabilities plus the tail spread evenly
   over the other tokens, the loader's dense mode). ``P`` is built before measuring and NOT counted, which
@@ -88,7 +88,7 @@ def worker(rows: int, vocab: int, k: int, reps: int) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from labelstore.losses import sparse_kl
+    from labelstore.student.losses import sparse_kl
 
     logits, ids, probs, tail, target = make_inputs(rows, vocab, k, dense=True)
 

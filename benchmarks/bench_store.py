@@ -2,7 +2,7 @@
 
     python benchmarks/bench_store.py [--tokens 131072] [--vocab 32000]
 
-Content: top-k of SYNTHETIC Zipf-like teacher logits (labelstore.synthetic, mean entropy 2.5 nats), sequences
+Content: top-k of SYNTHETIC Zipf-like teacher logits (labelstore.tools.synthetic, mean entropy 2.5 nats), sequences
 of 2048 positions whose probabilities are drawn from a pool of generated positions (jittered) and whose
 ids are uniform random (the worst case for id compression; real top-k ids favour frequent tokens).
 labelstore: log8 values, bit-packed ids. Baseline
@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from labelstore.codecs import get_codec  # noqa: E402
-from labelstore.reader import LabelStore  # noqa: E402
-from labelstore.synthetic import zipf_logits  # noqa: E402
-from labelstore.writer import StoreWriter  # noqa: E402
+from labelstore.store.reader import LabelStore  # noqa: E402
+from labelstore.store.writer import StoreWriter  # noqa: E402
+from labelstore.tools.synthetic import zipf_logits  # noqa: E402
 
 
 def make_pool(vocab, kmax, n=512, seed=0):

@@ -1,6 +1,6 @@
 """Do stored labels train good students? Students distilled from stores against CE-only and online distillation.
 
-The demo teacher (:mod:`labelstore.demo_model`) and a smaller student of the same tokenizer (a fresh
+The demo teacher (:mod:`labelstore.tools.demo_model`) and a smaller student of the same tokenizer (a fresh
 Llama-style model: half the teacher's width and depth, about 0.3x its parameters, initialised from the run's
 seed) train for the same budget of steps and tokens, on the same training sequences in the same order, with:
 
@@ -43,9 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelstore.compile import CompileOptions, compile_store, load_teacher, load_tokenizer
-from labelstore.dataset import StoreDataset
-from labelstore.losses import dense_kl, distillation_loss, label_ce
+from labelstore.student.dataset import StoreDataset
+from labelstore.student.losses import dense_kl, distillation_loss, label_ce
+from labelstore.teacher.compile import CompileOptions, compile_store
+from labelstore.teacher.model import load_teacher, load_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMAND = "python benchmarks/bench_students.py"
@@ -153,7 +154,7 @@ def n_params(model) -> int:
 # --------------------------------------------------------------------------------------------- data
 def heldout_windows(tokenizer, texts: Sequence[str], seq_len: int, n: int) -> torch.Tensor:
     """``n`` windows of ``seq_len`` tokens, evenly spaced over the held-out texts (tokenized, EOS-separated)."""
-    from labelstore.demo_model import tokenize_stream
+    from labelstore.tools.demo_model import tokenize_stream
 
     stream = tokenize_stream(tokenizer, list(texts))
     if len(stream) < seq_len:
@@ -195,8 +196,8 @@ def store_key(teacher: Path, train_files: Sequence, cfg: BenchConfig) -> str:
 def compile_stores(teacher: Path, train_files: Sequence, methods: Sequence[Method], cfg: BenchConfig,
                    store_root: Path, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Compile (or reuse) one store per distinct store setting; returns {method name: store info}."""
-    from labelstore.info import summary
-    from labelstore.reader import LabelStore
+    from labelstore.store.info import summary
+    from labelstore.store.reader import LabelStore
 
     store_root.mkdir(parents=True, exist_ok=True)
     stores: dict[str, dict] = {}
@@ -497,7 +498,7 @@ def main(argv=None) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from labelstore.demo_model import (
+    from labelstore.tools.demo_model import (
         DemoConfig,
         corpus_files,
         default_cache_root,

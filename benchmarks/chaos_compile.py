@@ -47,9 +47,9 @@ from _teachers import (  # noqa: E402
     write_corpus,
 )
 
-from labelstore.compile import CompileOptions, compile_store  # noqa: E402
-from labelstore.manifest import list_commits  # noqa: E402
-from labelstore.verify import verify_store  # noqa: E402
+from labelstore.store.manifest import list_commits  # noqa: E402
+from labelstore.store.verify import verify_store  # noqa: E402
+from labelstore.teacher.compile import CompileOptions, compile_store  # noqa: E402
 
 # The child: `labelstore compile` with an optional self-SIGKILL at an exact point (CHAOS_POINT).
 CHILD = r"""
@@ -59,12 +59,12 @@ delay = float(os.environ.get("CHAOS_DELAY", "0"))
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if delay:
-    import labelstore.compile as c
-    slow = c.collate
-    def collate(*a, **k):
+    import labelstore.teacher.pipeline as c
+    slow = c.pad_batch
+    def pad_batch(*a, **k):
         time.sleep(delay)
         return slow(*a, **k)
-    c.collate = collate
+    c.pad_batch = pad_batch
 if point:
     kind, _, n = point.partition(":")
     n = int(n or 0)
@@ -83,7 +83,7 @@ if point:
             return out
         os.replace = replace
     elif kind == "mid-shard":
-        import labelstore.writer as w
+        import labelstore.store.writer as w
         real_batch = w.rows_to_batch
         def rows_to_batch(*a, **k):  # called with the temp shard open, before the batch is written to it
             hits[0] += 1
@@ -101,7 +101,7 @@ KINDS = ["random", "poll-shard-tmp", "poll-commit", "before-replace", "after-rep
 
 def build_inputs(base: Path, demo: bool) -> dict:
     if demo:
-        from labelstore.demo_model import corpus_files, default_cache_root, split_files, utf8_files
+        from labelstore.tools.demo_model import corpus_files, default_cache_root, split_files, utf8_files
 
         teacher = default_cache_root() / "demo-teacher-v1"
         if not (teacher / "config.json").exists():

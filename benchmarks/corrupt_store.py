@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from store_factory import make_meta, random_rows, write_rows  # noqa: E402
 
 from labelstore.errors import LabelStoreError  # noqa: E402
-from labelstore.reader import LabelStore  # noqa: E402
-from labelstore.verify import verify_store  # noqa: E402
-from labelstore.writer import StoreWriter  # noqa: E402
+from labelstore.store.reader import LabelStore  # noqa: E402
+from labelstore.store.verify import verify_store  # noqa: E402
+from labelstore.store.writer import StoreWriter  # noqa: E402
 
 KINDS = ["shard_bytes", "shard_truncate", "shard_delete", "manifest_bytes", "manifest_edit", "config_edit"]
 

@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labelstore.losses import CoDistillation, label_ce
+from labelstore.student.losses import CoDistillation, label_ce
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -7,7 +7,7 @@ The demo store's "teacher" is an exact one: text is drawn from a random first-or
 stored distribution at each position is the chain's true next-token distribution given the current token,
 kept as its top-k (log8 codec) plus the exact tail mass, i.e. what `labelstore compile` stores for a real
 teacher. A student that learns from the store should approach the chain: the script prints the training loss
-(sparse forward KL with tail, `labelstore.losses.distillation_loss`) and, for the demo store, the student's
+(sparse forward KL with tail, `labelstore.student.losses.distillation_loss`) and, for the demo store, the student's
 full KL to the true chain on fresh text, before and after training.
 
 The loop is resumable mid-epoch: the checkpoint holds the loader's `state_dict()` next to the model's.
@@ -25,10 +25,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labelstore.codecs import get_codec
-from labelstore.dataset import StoreDataset
-from labelstore.loader import StoreLoader
-from labelstore.losses import distillation_loss
-from labelstore.writer import StoreWriter
+from labelstore.store.writer import StoreWriter
+from labelstore.student.dataset import StoreDataset
+from labelstore.student.loader import StoreLoader
+from labelstore.student.losses import distillation_loss
 
 
 def markov_chain(vocab: int, seed: int, sharpness: float = 4.0) -> torch.Tensor:

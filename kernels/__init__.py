@@ -22,6 +22,8 @@ import os
 import torch
 
 from labelstore.codecs import ValueCodec
+from labelstore.constants import TRITON_MAX_K
+from labelstore.selection import top_width
 from labelstore_kernels.contract import Extracted
 from labelstore_kernels.extract_torch import extract_topk_torch
 
@@ -69,9 +71,6 @@ def extract_topk_triton(
     from labelstore_kernels.extract_triton import extract_topk_triton as impl
 
     return impl(logits, k, temperature=temperature, codec=codec, **tuning)
-
-
-TRITON_MAX_K = 256  # the kernel's limit; larger k runs on the twin
 
 
 def _resolve_backend(logits: torch.Tensor, k: int, backend: str | None) -> str:
@@ -155,7 +154,7 @@ def extract(
     :class:`labelstore.errors.InvalidLogitsError` for rows with NaN, +inf or no finite entry.
     """
     sel, _ = parse_selection(selection, codec)
-    k_top = {"sample": 1, "topk+sample": max(1, sel.get("k_exact", 1))}.get(sel["mode"], sel["k"])
+    k_top = top_width(sel)
     kwargs = dict(temperature=temperature, codec=codec, seed=seed, row_ids=row_ids)
     if _resolve_backend(logits, k_top, backend) == "triton":
         return extract_select_triton(logits, selection, **kwargs)

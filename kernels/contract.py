@@ -29,7 +29,6 @@ from labelstore.codecs import ValueCodec, get_codec
 from labelstore.errors import InvalidLogitsError
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOG2E = 1.4426950408889634
 
 
 class Extracted(NamedTuple):

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from labelstore.codecs import ValueCodec
+from labelstore.constants import LOG2E
 from labelstore_kernels.contract import (
-    LOG2E,
     Extracted,
     empty_outputs,
     prepare,

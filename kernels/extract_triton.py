@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from labelstore.codecs import ValueCodec
+from labelstore.constants import LOG2E, TRITON_MAX_K
 from labelstore_kernels.contract import (
-    LOG2E,
     Extracted,
     empty_outputs,
     next_power_of_2,
@@ -59,7 +59,6 @@ from labelstore_kernels.contract import (
 )
 from labelstore_kernels.extract_torch import f32
 
-MAX_K = 256
 CODEC_IDS = {"log8": 0, "e4m3": 1, "e5m2": 2, "fp16": 3, "none": 4}
 SCRATCH_BYTES = 64 << 20  # per launch; more rows are processed in several launches
 
@@ -286,8 +285,8 @@ def extract_topk_triton(
     sync), for benchmarks only: rows with NaN / +inf / no finite entry then come back as garbage.
     """
     x, k, temperature, cdc = prepare(logits, k, temperature, codec)
-    if k > MAX_K:
-        raise ValueError(f"the Triton extraction kernel supports k <= {MAX_K}, got {k}; use the torch twin")
+    if k > TRITON_MAX_K:
+        raise ValueError(f"the Triton extraction kernel supports k <= {TRITON_MAX_K}, got {k}; use the torch twin")
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_rows, V = x.shape

@@ -52,11 +52,9 @@ import numpy as np
 import torch
 
 from labelstore.codecs import ValueCodec, get_codec
+from labelstore.selection import check_selection
 from labelstore_kernels.contract import Extracted, prepare, raise_invalid_rows
 from labelstore_kernels.extract_torch import extract_topk_torch
-
-MODES = ("topk", "argmax", "topp", "sample", "topk+sample")
-MAX_SAMPLES = 255  # count8 holds 1..255 draws
 
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1 = 0xBF58476D1CE4E5B9
@@ -68,55 +66,10 @@ MAX_CHUNK_ELEMS_CUDA = 1 << 26
 
 # ------------------------------------------------------------------------------------------ arguments
 def parse_selection(selection: Mapping, codec: str | dict | ValueCodec) -> tuple[dict, ValueCodec]:
-    """Check a ``meta["selection"]`` dict against docs/FORMAT.md 5b and the codec; returns (plain dict, codec)."""
-    if not isinstance(selection, Mapping):
-        raise TypeError(f"selection must be a dict like {{'mode': 'topk', 'k': 64}}, got {type(selection).__name__}")
-    mode = selection.get("mode")
-    if mode not in MODES:
-        raise ValueError(f"unknown selection mode {mode!r}; choose one of {', '.join(MODES)}")
+    """Check a ``meta["selection"]`` dict for extraction (:func:`labelstore.selection.check_selection`); returns
+    (plain dict, codec)."""
     cdc = get_codec(codec)
-
-    def need_int(key, lo, hi=None):
-        v = selection.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-            raise ValueError(f"selection {mode} needs an int {key} {rng}, got {v!r}")
-        return v
-
-    sel = {"mode": mode, "k": need_int("k", 1)}
-    if mode == "sample":
-        sel["samples"] = need_int("samples", 1, MAX_SAMPLES)
-        if sel["k"] != sel["samples"]:
-            raise ValueError(
-                f"selection sample needs k == samples (got k={sel['k']}, samples={sel['samples']}): S draws can "
-                "yield up to S distinct ids, and dropping some would bias the stored estimate"
-            )
-        if cdc.name != "count8":
-            raise ValueError(f"selection sample stores draw counts: the codec must be count8, got {cdc.name!r}")
-        return sel, cdc
-    if cdc.name == "count8":
-        raise ValueError(f"codec count8 belongs to the sampled modes only, not to {mode}")
-    if mode == "argmax" and (sel["k"] != 1 or cdc.name != "none"):
-        raise ValueError(f"selection argmax needs k = 1 and codec 'none', got k={sel['k']}, codec {cdc.name!r}")
-    if mode == "topp":
-        p = selection.get("p")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ValueError(f"selection topp needs p in (0, 1], got {p!r}")
-        sel["p"] = float(p)
-        sel["min_k"] = need_int("min_k", 1, sel["k"])
-        if cdc.name == "none":
-            raise ValueError("selection topp stores probabilities: codec 'none' is for argmax only")
-    elif mode == "topk+sample":
-        sel["k_exact"] = need_int("k_exact", 0)
-        sel["samples"] = need_int("samples", 1, MAX_SAMPLES)
-        if sel["k"] != sel["k_exact"] + sel["samples"]:
-            raise ValueError(
-                f"selection topk+sample needs k = k_exact + samples ({sel['k_exact']} + {sel['samples']}), "
-                f"got k={sel['k']}"
-            )
-        if cdc.name not in ("log8", "e4m3", "e5m2"):
-            raise ValueError(f"selection topk+sample needs a 1-byte value codec (log8, e4m3, e5m2), got {cdc.name!r}")
-    return sel, cdc
+    return check_selection(selection, cdc.name, extraction=True), cdc
 
 
 def as_row_ids(row_ids, n: int) -> np.ndarray:

@@ -10,14 +10,14 @@ import argparse
 import importlib
 import sys
 
-from .errors import LabelStoreError
+from labelstore.errors import LabelStoreError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "compile": ("labelstore.compile", "run a teacher over a corpus and write a label store"),
-    "demo": ("labelstore.demo", "build the embedded demo teacher (cached) and compile a store with it"),
-    "info": ("labelstore.info", "summarise a store: samples, tokens, bytes per token, compression ratios"),
-    "verify": ("labelstore.verify", "check every checksum, the schema and that every row decodes"),
-    "bench": ("labelstore.bench", "measure bytes per token against fidelity for every setting"),
+    "compile": ("labelstore.teacher.compile", "run a teacher over a corpus and write a label store"),
+    "demo": ("labelstore.tools.demo", "build the embedded demo teacher (cached) and compile a store with it"),
+    "info": ("labelstore.store.info", "summarise a store: samples, tokens, bytes per token, compression ratios"),
+    "verify": ("labelstore.store.verify", "check every checksum, the schema and that every row decodes"),
+    "bench": ("labelstore.tools.bench", "measure bytes per token against fidelity for every setting"),
 }
 
 
@@ -26,7 +26,7 @@ def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | No
         prog="labelstore",
         description="Compile teacher soft labels into a compact, crash-safe Arrow store, and read them back.",
     )
-    from . import __version__
+    from labelstore import __version__
 
     parser.add_argument("--version", action="version", version=f"labelstore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

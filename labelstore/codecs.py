@@ -5,7 +5,7 @@ the input is ``r = log p - log p_max`` (so ``r <= 0``; ``-inf`` for a zero-proba
 and decoding yields an unnormalised weight ``w = exp(r)`` approximately. No per-position scale is stored:
 the reader recovers absolute probabilities from the exact stored tail mass ``t``::
 
-    p_i = (1 - t) * w_i / sum_j w_j          (the reconstruction rule, docs/FORMAT.md)
+    p_i = (1 - t) * w_i / sum_j w_j          (the reconstruction rule: labelstore.reconstruction, docs/FORMAT.md)
 
 which also cancels any common bias of the code. Codecs:
 
@@ -149,16 +149,3 @@ def get_codec(name: str | dict | ValueCodec, **params) -> ValueCodec:
     if params:
         raise ValueError(f"codec {name!r} takes no parameters, got {sorted(params)}")
     return ValueCodec(name)
-
-
-def reconstruct(weights: np.ndarray, tail: np.ndarray, counts_mask: np.ndarray | None = None) -> np.ndarray:
-    """Absolute probabilities ``[T, K]`` from decoded weights ``[T, K]`` and the exact tail ``[T]``.
-
-    ``p = (1 - t) * w / sum(w)``; rows whose weights sum to 0 get 0.
-    """
-    w = weights if counts_mask is None else np.where(counts_mask, weights, 0)
-    s = w.sum(axis=-1, keepdims=True)
-    kept = (1.0 - tail)[..., None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(s > 0, w * (kept / np.where(s > 0, s, 1)), 0)
-    return out.astype(np.float32, copy=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from labelstore.demo_model import train_tokenizer
+from labelstore.tools.demo_model import train_tokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her which or def return class import "
          "self value data model token label store teacher student shard write read batch loss mass tail").split()
@@ -119,9 +119,9 @@ def raw_store_rows(path) -> dict[int, dict]:
     counts, kept ids, raw value bytes (codec codes, or draw counts), stored tail and document starts."""
     import numpy as np
 
-    from labelstore import bitpack
-    from labelstore.format import PAYLOAD_COLUMNS
-    from labelstore.reader import LabelStore
+    from labelstore.store import bitpack
+    from labelstore.store.format import PAYLOAD_COLUMNS
+    from labelstore.store.reader import LabelStore
 
     s = LabelStore(path)
     assert s.meta.get("encoding", {"name": "packed"})["name"] == "packed"
@@ -173,7 +173,7 @@ def committed_files(path) -> dict[str, str]:
     """SHA-256 of the committed shards and their commit records only (what must survive any failure)."""
     import hashlib
 
-    from labelstore.manifest import commit_name, list_commits
+    from labelstore.store.manifest import commit_name, list_commits
 
     path = Path(path)
     out = {}
@@ -186,12 +186,12 @@ def committed_files(path) -> dict[str, str]:
 # A compile slowed down (a sleep before each batch) so that a test can interrupt it half-way.
 SLOW_COMPILE = """
 import sys, time
-import labelstore.compile as c
-slow = c.collate
+import labelstore.teacher.pipeline as c
+slow = c.pad_batch
 def collate(*a, **k):
     time.sleep(DELAY)
     return slow(*a, **k)
-c.collate = collate
+c.pad_batch = collate
 from labelstore.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -2,9 +2,12 @@ import os
 import sys
 
 # Tests run from the repository root without needing an install for labelstore itself.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# Test helpers (_teachers, store_factory) live in tests/, beside the per-stage test folders.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for path in (ROOT, TESTS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

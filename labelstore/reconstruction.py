@@ -1,0 +1,129 @@
+"""The reconstruction rules: how stored entries and the exact tail become a teacher distribution again.
+
+Stated once, here; the reader, the student's dense targets, the fidelity metrics and the benchmarks call these.
+docs/FORMAT.md section 5 is the normative text.
+
+Kept entries (every mode but the sampled part of the sampled modes)::
+
+    p_i = (1 - t) * w_i / sum_j w_j          w: decoded codec weights, t: the position's exact tail
+
+Sampled modes (5b): ``sample`` gives ``p_j = c_j / sum(c)`` (draw counts) and no tail; ``topk+sample`` gives
+its first ``k_exact`` entries ``(1 - t) * w / sum(w)`` and its drawn ones ``t * c / sum(c)``; the tail is 0
+wherever a draw exists (the draws stand for it).
+
+Tail rules (where the mass ``t`` outside the ``n`` kept ids goes, over the ``V - n`` other tokens):
+
+``uniform``  ``t / (V - n)`` each (the maximum-entropy completion).
+``prior``    in proportion to the store's tail prior, no token above the smallest kept probability
+             (water-filling, :func:`spread_tail`, FORMAT.md 5c).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from labelstore.selection import SAMPLED_MODES
+
+TAIL_RULES = ("uniform", "bucket")  # re-tempering's two views of the tail (labelstore.student.targets)
+
+
+# ----------------------------------------------------------------------------------------------- kept entries
+def kept_scale(weight_sums: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """Per-position factor ``(1 - t) / sum(w)`` turning decoded weights into absolute probabilities (0 if no weight)."""
+    s = np.asarray(weight_sums)
+    return (1.0 - tail) / np.where(s > 0, s, 1)
+
+
+def reconstruct(weights: np.ndarray, tail: np.ndarray, counts_mask: np.ndarray | None = None) -> np.ndarray:
+    """Absolute probabilities ``[T, K]`` from decoded weights ``[T, K]`` and the exact tail ``[T]``.
+
+    ``p = (1 - t) * w / sum(w)``; rows whose weights sum to 0 get 0; entries outside ``counts_mask`` are ignored.
+    """
+    w = weights if counts_mask is None else np.where(counts_mask, weights, 0)
+    s = w.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(s > 0, w * kept_scale(s, np.asarray(tail)[..., None]), 0)
+    return out.astype(np.float32, copy=False)
+
+
+def pad_row(input_ids: np.ndarray, counts: np.ndarray, ids: np.ndarray, weights: np.ndarray | None,
+            tail: np.ndarray, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One flat row -> ``(ids [T, K] int64, probs [T, K] float32)``, 0 past each position's count.
+
+    ``weights`` None (hard labels): every kept id has probability 1. ``normalize``: apply the kept-entry rule;
+    otherwise the decoded weights are returned as they are.
+    """
+    T = input_ids.size
+    n = ids.size
+    w = np.ones(n, dtype=np.float32) if weights is None else weights
+    scale_it = normalize and weights is not None
+    if T and n == T * k:  # every position full: a reshape, no scatter
+        wk = w.reshape(T, k)
+        probs = wk * kept_scale(wk.sum(axis=1, keepdims=True, dtype=np.float32), tail[:, None]) if scale_it else wk
+        return ids.reshape(T, k), probs.astype(np.float32, copy=False)
+    pos = np.repeat(np.arange(T), counts)
+    slot = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    out_ids = np.zeros((T, k), dtype=np.int64)
+    out_ids[pos, slot] = ids
+    probs = np.zeros((T, k), dtype=np.float32)
+    if scale_it:
+        probs[pos, slot] = w * kept_scale(np.bincount(pos, weights=w, minlength=T), tail)[pos]
+    else:
+        probs[pos, slot] = w
+    return out_ids, probs
+
+
+def sampled_probs(mode: str, k_exact: int, counts: np.ndarray, weights: np.ndarray,
+                  tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled modes: decoded weights (codes, then draw counts) -> ``(absolute probabilities, tail)``, flat.
+
+    See the module docstring. Renormalising the result again with its tail is the identity.
+    """
+    if mode not in SAMPLED_MODES:
+        raise ValueError(f"sampled_probs is for the sampled modes {SAMPLED_MODES}, not {mode!r}")
+    T, w = counts.size, weights.astype(np.float64)
+    pos = np.repeat(np.arange(T), counts)
+    slot = np.arange(w.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    t = tail.astype(np.float64)
+    exact = np.zeros(w.size, dtype=bool) if mode == "sample" else slot < k_exact
+    s_exact = np.bincount(pos[exact], weights=w[exact], minlength=T)
+    s_samp = np.bincount(pos[~exact], weights=w[~exact], minlength=T)
+    p = np.where(exact, w * (1 - t[pos]) / np.where(s_exact > 0, s_exact, 1)[pos],
+                 w * np.where(mode == "sample", 1.0, t[pos]) / np.where(s_samp > 0, s_samp, 1)[pos])
+    return p.astype(np.float32), np.where(s_samp > 0, 0.0, t).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- tail rules
+def uniform_fill(tail: torch.Tensor, kept: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The uniform tail rule: each of the ``V - n`` non-kept tokens gets ``t / (V - n)`` (0 when all are kept)."""
+    rest = vocab_size - kept
+    return torch.where(rest > 0, tail / rest.clamp_min(1), torch.zeros_like(tail))
+
+
+def spread_tail(tail: torch.Tensor, weights: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """Spread ``tail [n]`` over tokens in proportion to ``weights [n, V]`` (0 = excluded), no token above ``cap [n]``.
+
+    Water-filling: ``q_v = min(c * w_v, cap)`` with ``c`` such that ``sum q = tail``. With the weights sorted in
+    descending order the capped tokens are a prefix; for each prefix length j the scale is
+    ``c_j = (tail - j cap) / sum_{i >= j} w_(i)`` and the right j is the first whose next token stays under the
+    cap. Rows that cannot hold their tail under the cap (more tail than ``cap * support``) fall back to no cap.
+    """
+    n, V = weights.shape
+    w, order = weights.sort(dim=-1, descending=True)
+    suffix = w.flip(-1).cumsum(-1).flip(-1)  # suffix[j] = sum_{i >= j} w_(i)
+    j = torch.arange(V, dtype=torch.float64)[None, :]
+    c = (tail[:, None] - j * cap[:, None]) / suffix.clamp_min(1e-300)
+    ok = (c * w <= cap[:, None] * (1 + 1e-12)) & (c > 0) & (suffix > 0)
+    first = torch.where(ok.any(-1), ok.float().argmax(-1), torch.zeros(n, dtype=torch.long))
+    cj = c.gather(1, first[:, None])
+    q_sorted = torch.minimum(cj * w, cap[:, None].expand(n, V))
+    q_sorted = torch.where(ok.any(-1, keepdim=True), q_sorted,
+                           tail[:, None] * w / w.sum(-1, keepdim=True).clamp_min(1e-300))
+    return torch.empty_like(q_sorted).scatter_(1, order, q_sorted)
+
+
+def mixed_prior(prior: np.ndarray, mix: float) -> np.ndarray:
+    """The shape a store's tail is spread in: ``mix * prior / sum(prior) + (1 - mix) / V`` (FORMAT.md 5c)."""
+    prior = np.asarray(prior, dtype=np.float64)
+    return (mix * prior / max(prior.sum(), 1e-300) + (1 - mix) / prior.size).astype(np.float32)

@@ -1,0 +1,263 @@
+"""The on-disk format, version 1: the Arrow schema, the metadata and the per-row encoding.
+
+This module is the executable half of docs/FORMAT.md; the two must agree. Writer, reader and
+`verify` all encode and decode rows through the functions here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from labelstore.codecs import CODEC_NAMES, get_codec
+from labelstore.constants import count_bytes, count_dtype
+from labelstore.errors import StoreCorruptError, StoreFormatError
+from labelstore.selection import MODES, check_selection, has_tail
+from labelstore.store import bitpack
+
+FORMAT_NAME = "labelstore"
+FORMAT_VERSION = 1  # stores with encoding "packed"; encoding "zstd" writes version 2
+SUPPORTED_VERSIONS = (1, 2)
+ENCODINGS = ("packed", "zstd")
+DEFAULT_ENCODING = "packed"
+META_KEY = b"labelstore"
+
+# Sanity limits: anything beyond these in a manifest or a schema is refused before any allocation.
+MAX_VOCAB = 1 << 26
+MAX_K = 4096
+MAX_SEQ_LEN = 1 << 24
+MAX_SHARDS = 1 << 20
+MAX_ROWS_PER_SHARD = 1 << 31
+
+SCHEMA_FIELDS = [
+    pa.field("sample_id", pa.int64(), nullable=False),
+    pa.field("num_tokens", pa.int32(), nullable=False),
+    pa.field("input_ids", pa.binary(), nullable=False),  # bit-packed, id_bits each, num_tokens values
+    pa.field("counts", pa.binary(), nullable=False),  # per position kept count, count_bytes each (LE)
+    pa.field("ids", pa.binary(), nullable=False),  # bit-packed kept ids, sum(counts) values
+    pa.field("values", pa.binary(), nullable=False),  # codec bytes, sum(counts) * bytes_per_value
+    pa.field("tail", pa.binary(), nullable=False),  # float32 LE per position (empty for hard labels)
+    pa.field("doc_starts", pa.binary(), nullable=False),  # int32 LE document start offsets (may be empty)
+    pa.field("crc32", pa.uint32(), nullable=False),  # zlib.crc32 over the six payload columns, in order
+]
+PAYLOAD_COLUMNS = ("input_ids", "counts", "ids", "values", "tail", "doc_starts")
+REQUIRED_META = ("vocab_size", "label_kind", "selection", "value_codec", "temperature", "teacher", "tokenizer")
+
+
+def build_schema(meta: dict) -> pa.Schema:
+    return pa.schema(SCHEMA_FIELDS, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def normalize_meta(meta: dict) -> dict:
+    """Validate user-supplied store metadata and add the derived fields (format version, id bits...)."""
+    if not isinstance(meta, dict):
+        raise StoreFormatError(f"store metadata must be a dict, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise StoreFormatError(f"store metadata lacks {', '.join(missing)}")
+    out = json.loads(json.dumps(meta))  # deep copy, and proves it is JSON
+    out["format"] = FORMAT_NAME
+    enc = out.get("encoding") or {"name": DEFAULT_ENCODING}
+    if isinstance(enc, str):
+        enc = {"name": enc}
+    if isinstance(enc, dict) and enc.get("name") == "zstd":
+        enc = {"name": "zstd", "level": int(enc.get("level", 3))}
+    out["encoding"] = enc
+    out["format_version"] = 2 if isinstance(enc, dict) and enc.get("name") == "zstd" else FORMAT_VERSION
+    v = out["vocab_size"]
+    out["id_bits"] = bitpack.bits_for(v) if isinstance(v, int) and v > 0 else None
+    sel = out.get("selection") or {}
+    k = sel.get("k")
+    out["count_bytes"] = count_bytes(k) if isinstance(k, int) else 2
+    out.setdefault("compile_config", {})
+    out.setdefault("runtime", {})
+    validate_meta(out)
+    return out
+
+
+def validate_meta(meta: dict, where: str = "store metadata") -> None:
+    """Refuse unknown versions and absurd sizes before anything is allocated from them."""
+    if not isinstance(meta, dict):
+        raise StoreFormatError(f"{where}: not a JSON object")
+    ver = meta.get("format_version")
+    if ver not in SUPPORTED_VERSIONS:
+        raise StoreFormatError(
+            f"{where}: format version {ver!r} is not supported by this labelstore (reads {SUPPORTED_VERSIONS}); "
+            "upgrade labelstore to read it"
+        )
+    enc = meta.get("encoding", {"name": "packed"})  # version-1 stores written before encodings existed
+    if not isinstance(enc, dict) or enc.get("name") not in ENCODINGS:
+        raise StoreFormatError(f"{where}: encoding {enc!r} is unknown ({', '.join(ENCODINGS)})")
+    if (ver == 2) != (enc["name"] == "zstd"):
+        raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver}")
+    if enc["name"] == "zstd" and (not isinstance(enc.get("level"), int) or not -7 <= enc["level"] <= 22):
+        raise StoreFormatError(f"{where}: zstd level {enc.get('level')!r} is not an integer in [-7, 22]")
+    v = meta.get("vocab_size")
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_VOCAB:
+        raise StoreFormatError(f"{where}: vocab_size {v!r} is not an integer in [1, {MAX_VOCAB}]")
+    if meta.get("id_bits") != bitpack.bits_for(v):
+        raise StoreFormatError(f"{where}: id_bits {meta.get('id_bits')!r} disagrees with vocab_size {v}")
+    if meta.get("label_kind") not in ("soft", "hard"):
+        raise StoreFormatError(f"{where}: label_kind must be 'soft' or 'hard', got {meta.get('label_kind')!r}")
+    sel = meta.get("selection")
+    if not isinstance(sel, dict) or sel.get("mode") not in MODES:
+        raise StoreFormatError(f"{where}: selection {sel!r} has no known mode ({', '.join(MODES)})")
+    vc = meta.get("value_codec")
+    try:
+        check_selection(sel, vc.get("name") if isinstance(vc, dict) else None, max_k=MAX_K)
+    except ValueError as exc:
+        raise StoreFormatError(f"{where}: {exc}") from None
+    k = sel["k"]
+    if meta.get("count_bytes") not in (1, 2) or meta["count_bytes"] < count_bytes(k):
+        raise StoreFormatError(f"{where}: count_bytes {meta.get('count_bytes')!r} cannot hold k={k}")
+    if not isinstance(vc, dict) or vc.get("name") not in CODEC_NAMES:
+        raise StoreFormatError(f"{where}: value_codec {vc!r} is unknown ({', '.join(CODEC_NAMES)})")
+    try:
+        get_codec(vc)
+    except (ValueError, TypeError) as exc:
+        raise StoreFormatError(f"{where}: value_codec {vc!r}: {exc}") from None
+    t = meta.get("temperature")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t > 0):
+        raise StoreFormatError(f"{where}: temperature {t!r} is not a positive number")
+
+
+def has_tail_column(meta: dict) -> bool:
+    """Whether rows of a store with this metadata carry the ``tail`` column (:func:`labelstore.selection.has_tail`)."""
+    return has_tail(meta["label_kind"], meta["selection"]["mode"])
+
+
+def meta_from_schema(schema: pa.Schema, where: str) -> dict:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise StoreFormatError(f"{where}: Arrow schema has no 'labelstore' metadata; not a labelstore shard")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise StoreFormatError(f"{where}: schema metadata is not valid JSON") from None
+    validate_meta(meta, where)
+    names = [f.name for f in schema]
+    expected = [f.name for f in SCHEMA_FIELDS]
+    if names != expected:
+        raise StoreFormatError(f"{where}: columns {names} differ from the format's {expected}")
+    for f, e in zip(schema, SCHEMA_FIELDS):
+        if f.type != e.type:
+            raise StoreFormatError(f"{where}: column {f.name} has type {f.type}, expected {e.type}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- rows
+@dataclass
+class EncodedRow:
+    """One sequence in its on-disk byte form (the payload of one Arrow row)."""
+
+    sample_id: int
+    num_tokens: int
+    input_ids: bytes
+    counts: bytes
+    ids: bytes
+    values: bytes
+    tail: bytes
+    doc_starts: bytes
+    num_entries: int = 0
+
+    @property
+    def crc32(self) -> int:
+        return row_crc32(self.input_ids, self.counts, self.ids, self.values, self.tail, self.doc_starts)
+
+    @property
+    def nbytes(self) -> int:
+        return 16 + sum(len(b) for b in (self.input_ids, self.counts, self.ids, self.values, self.tail,
+                                         self.doc_starts))
+
+
+def row_crc32(*parts) -> int:
+    c = 0
+    for p in parts:
+        c = zlib.crc32(p, c)
+    return c & 0xFFFFFFFF
+
+
+def check_row_crc(parts: dict, crc: int, where: str) -> None:
+    """Refuse a row whose six payload columns (``parts``: name -> bytes-like) do not match its stored CRC32."""
+    if row_crc32(*(parts[n] for n in PAYLOAD_COLUMNS)) != int(crc):
+        raise StoreCorruptError(
+            f"{where}: CRC32 mismatch, the row's bytes changed after writing; run `labelstore verify` and "
+            "re-copy or recompile the damaged shard"
+        )
+
+
+def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_starts=None,
+               compressor=None) -> EncodedRow:
+    """Validate one sequence's arrays against ``meta`` and pack them into bytes.
+
+    ``compressor`` (a :class:`labelstore.store.entropy.RowCompressor`) is required for encoding "zstd"."""
+    v = meta["vocab_size"]
+    bits = meta["id_bits"]
+    k = meta["selection"]["k"]
+    bpv = get_codec(meta["value_codec"]).bytes_per_value
+    input_ids = np.asarray(input_ids).reshape(-1)
+    counts = np.asarray(counts).reshape(-1)
+    ids = np.asarray(ids).reshape(-1)
+    values = np.asarray(values, dtype=np.uint8).reshape(-1)
+    T = input_ids.size
+    if counts.size != T:
+        raise ValueError(f"sample {sample_id}: {counts.size} counts for {T} tokens")
+    if T and (counts.min() < 0 or counts.max() > k):
+        raise ValueError(f"sample {sample_id}: counts must lie in [0, k={k}]")
+    n = int(counts.sum())
+    if ids.size != n:
+        raise ValueError(f"sample {sample_id}: {ids.size} kept ids but counts sum to {n}")
+    if values.size != n * bpv:
+        raise ValueError(f"sample {sample_id}: {values.size} value bytes, expected {n * bpv}")
+    for name, arr in (("input_ids", input_ids), ("ids", ids)):
+        if arr.size and (arr.min() < 0 or arr.max() >= v):
+            raise ValueError(
+                f"sample {sample_id}: {name} outside [0, vocab_size={v}) (max {arr.max()}); "
+                "does the tokenizer match the teacher?"
+            )
+    if has_tail_column(meta):
+        tail_arr = np.asarray(tail, dtype="<f4").reshape(-1)
+        if tail_arr.size != T:
+            raise ValueError(f"sample {sample_id}: {tail_arr.size} tail values for {T} tokens")
+        if T and not (np.all(np.isfinite(tail_arr)) and tail_arr.min() >= 0 and tail_arr.max() <= 1):
+            raise ValueError(f"sample {sample_id}: tail mass must be finite and in [0, 1]")
+        tail_b = tail_arr.tobytes()
+    else:
+        tail_b = b""
+    ds = np.asarray([] if doc_starts is None else doc_starts, dtype="<i4").reshape(-1)
+    count_dt = count_dtype(meta["count_bytes"])
+    if meta.get("encoding", {}).get("name") == "zstd":
+        if compressor is None:
+            from labelstore.store.entropy import RowCompressor
+
+            compressor = RowCompressor(meta["encoding"]["level"])
+        streams = compressor.encode(bits, bpv, input_ids, counts.astype(count_dt).tobytes(), counts, ids,
+                                    values, tail_b)
+        return EncodedRow(sample_id=int(sample_id), num_tokens=T, doc_starts=ds.tobytes(), num_entries=n,
+                          **streams)
+    return EncodedRow(
+        sample_id=int(sample_id),
+        num_tokens=T,
+        input_ids=bitpack.pack(input_ids, bits),
+        counts=counts.astype(count_dt).tobytes(),
+        ids=bitpack.pack(ids, bits),
+        values=values.tobytes(),
+        tail=tail_b,
+        doc_starts=ds.tobytes(),
+        num_entries=n,
+    )
+
+
+def rows_to_batch(rows: list[EncodedRow], schema: pa.Schema) -> pa.RecordBatch:
+    cols = [
+        pa.array([r.sample_id for r in rows], pa.int64()),
+        pa.array([r.num_tokens for r in rows], pa.int32()),
+        *(pa.array([getattr(r, c) for r in rows], pa.binary()) for c in PAYLOAD_COLUMNS),
+        pa.array([r.crc32 for r in rows], pa.uint32()),
+    ]
+    return pa.RecordBatch.from_arrays(cols, schema=schema)

@@ -1,0 +1,344 @@
+"""LabelStore: random access to a label store's sequences, decoded to torch tensors.
+
+Shards are memory-mapped Arrow IPC files; a row's byte columns are read in place (no copy) and decoded
+with numpy. Every error is a :class:`~labelstore.errors.LabelStoreError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from labelstore.codecs import get_codec
+from labelstore.constants import count_dtype
+from labelstore.errors import StoreCorruptError, StoreFormatError
+from labelstore.reconstruction import mixed_prior, pad_row, sampled_probs
+from labelstore.selection import is_sampled
+from labelstore.store import bitpack
+from labelstore.store.format import MAX_SEQ_LEN, PAYLOAD_COLUMNS, check_row_crc, has_tail_column, meta_from_schema
+from labelstore.store.manifest import load_manifest, safe_shard_path
+
+
+@dataclass
+class RawRow:
+    """One sequence decoded to flat numpy arrays (no padding to K)."""
+
+    sample_id: int
+    input_ids: np.ndarray  # int64 [T]
+    counts: np.ndarray  # int64 [T]
+    ids: np.ndarray  # int64 [sum(counts)]
+    weights: np.ndarray | None  # float32 [sum(counts)] decoded codec weights (None for hard labels)
+    tail: np.ndarray  # float32 [T] (zeros for hard labels)
+    doc_starts: np.ndarray  # int64 [D]
+
+
+@dataclass
+class Sample:
+    """One sequence with its teacher targets, padded to the store's K."""
+
+    sample_id: int
+    input_ids: torch.Tensor  # int64 [T]
+    ids: torch.Tensor  # int64 [T, K], 0 past counts
+    probs: torch.Tensor  # float32 [T, K], absolute probabilities, 0 past counts
+    tail: torch.Tensor  # float32 [T], exact teacher mass outside the kept ids
+    counts: torch.Tensor  # int64 [T]
+    doc_starts: torch.Tensor  # int64 [D]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool [T, K]: True for real kept entries."""
+        return torch.arange(self.ids.shape[1]) < self.counts[:, None]
+
+
+class _Shard:
+    """A memory-mapped shard and the numpy views of its record batches."""
+
+    def __init__(self, root: Path, rec: dict, meta: dict):
+        self.path = safe_shard_path(root, rec["path"], str(root / "manifest.json"))
+        self.rec = rec
+        where = str(self.path)
+        if not self.path.exists():
+            raise StoreCorruptError(
+                f"shard {where} listed in the manifest is missing; the store is incomplete: re-copy it from its "
+                "source, or rerun the compile to rebuild it"
+            )
+        size = self.path.stat().st_size
+        if size != rec["bytes"]:
+            raise StoreCorruptError(
+                f"shard {where} is {size} bytes but the manifest says {rec['bytes']}: it was truncated or modified; "
+                "re-copy it, or rerun `labelstore verify` for a full report"
+            )
+        try:
+            self.mmap = pa.memory_map(str(self.path))
+            self.reader = pa.ipc.open_file(self.mmap)
+            file_meta = meta_from_schema(self.reader.schema, where)
+            rows = [self.reader.get_batch(i).num_rows for i in range(self.reader.num_record_batches)]
+        except StoreFormatError as exc:
+            raise StoreCorruptError(str(exc)) from None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StoreCorruptError(
+                f"shard {where} cannot be read as an Arrow IPC file ({exc}); it is damaged"
+            ) from None
+        if file_meta != meta:
+            raise StoreCorruptError(f"shard {where} was written with different metadata than the manifest records")
+        if sum(rows) != rec["rows"]:
+            raise StoreCorruptError(f"shard {where} holds {sum(rows)} rows but the manifest says {rec['rows']}")
+        self.batch_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self._views: dict[int, dict] = {}
+        if rec["rows"]:
+            sids = np.concatenate([self.views(b)["sample_id"] for b in range(len(rows))])
+            if sids.min() != rec["first_sample_id"] or sids.max() != rec["last_sample_id"]:
+                raise StoreCorruptError(f"shard {where} holds sample ids {sids.min()}..{sids.max()}, the manifest says "
+                                        f"{rec['first_sample_id']}..{rec['last_sample_id']}")
+
+    def views(self, b: int) -> dict:
+        v = self._views.get(b)
+        if v is None:
+            try:
+                batch = self.reader.get_batch(b)
+                v = {
+                    "sample_id": batch.column(0).to_numpy(),
+                    "num_tokens": batch.column(1).to_numpy(),
+                    "crc32": batch.column(8).to_numpy(),
+                }
+                for j, name in enumerate(PAYLOAD_COLUMNS, start=2):
+                    col = batch.column(j)
+                    bufs = col.buffers()
+                    offs = np.frombuffer(bufs[1], dtype=np.int32)[col.offset: col.offset + len(col) + 1]
+                    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+                    if len(offs) != len(col) + 1 or np.any(np.diff(offs) < 0) or (len(offs) and offs[-1] > data.size):
+                        raise StoreCorruptError(f"shard {self.path} batch {b}: column {name} has invalid offsets")
+                    v[name] = (offs, data)
+            except pa.ArrowException as exc:
+                raise StoreCorruptError(f"shard {self.path} batch {b} cannot be read ({exc}); it is damaged") from None
+            self._views[b] = v
+        return v
+
+
+class LabelStore:
+    """Read a finalized label store.
+
+    Args:
+        path: the store directory.
+        verify_rows: check each row's CRC32 as it is decoded (cheap; catches silent corruption).
+        normalize: rescale decoded weights so kept + tail sum to 1 (the format's reconstruction rule).
+        max_open_shards: memory maps kept open at once.
+    """
+
+    def __init__(self, path, *, verify_rows: bool = True, normalize: bool = True, max_open_shards: int = 64):
+        self.path = Path(path)
+        self.verify_rows = verify_rows
+        self.normalize = normalize
+        self.max_open_shards = max_open_shards
+        self.manifest = load_manifest(self.path)
+        self.meta: dict = self.manifest["meta"]
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.k: int = self.meta["selection"]["k"]
+        self.label_kind: str = self.meta["label_kind"]
+        self.codec = get_codec(self.meta["value_codec"])
+        self.id_bits: int = self.meta["id_bits"]
+        self._count_dtype = count_dtype(self.meta["count_bytes"])
+        shards = self.manifest["shards"]
+        #: global index of each shard's first row (and the total row count last)
+        self.shard_starts = np.concatenate([[0], np.cumsum([s["rows"] for s in shards])]).astype(np.int64)
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._lut = self.codec.decode_lut() if self.codec.bytes_per_value == 1 else None
+        self._zstd = self.meta.get("encoding", {}).get("name") == "zstd"
+        self._mode = self.meta["selection"]["mode"]
+        self._sampled_mode = is_sampled(self._mode)
+        self._has_tail = has_tail_column(self.meta)
+        self._dec = None
+
+    # ------------------------------------------------------------------------------ container protocol
+    def __len__(self) -> int:
+        return int(self.shard_starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["totals"]["tokens"])
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.get(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.get(i)
+
+    def __getstate__(self):  # picklable for DataLoader workers: each reopens its own memory maps
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    def __repr__(self) -> str:
+        return f"LabelStore({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens}, k={self.k})"
+
+    # ------------------------------------------------------------------------------ access
+    def _shard(self, s: int) -> _Shard:
+        sh = self._open.get(s)
+        if sh is None:
+            sh = _Shard(self.path, self.manifest["shards"][s], self.meta)
+            self._open[s] = sh
+            while len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(s)
+        return sh
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, batch, row) of global index ``i`` (binary search over cumulative counts)."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for a store of {n} samples")
+        i = int(i) % n if n else i
+        s = int(np.searchsorted(self.shard_starts, i, side="right")) - 1
+        sh = self._shard(s)
+        local = i - int(self.shard_starts[s])
+        b = int(np.searchsorted(sh.batch_starts, local, side="right")) - 1
+        return s, b, local - int(sh.batch_starts[b])
+
+    def get_raw(self, i: int) -> RawRow:
+        s, b, r = self.locate(i)
+        sh = self._shard(s)
+        v = sh.views(b)
+        where = f"shard {sh.path} row {int(sh.batch_starts[b]) + r}"
+        parts = {}
+        for name in PAYLOAD_COLUMNS:
+            offs, data = v[name]
+            parts[name] = data[offs[r]: offs[r + 1]]
+        return self.decode_row(int(v["sample_id"][r]), int(v["num_tokens"][r]), parts, int(v["crc32"][r]), where)
+
+    def decode_row(self, sample_id: int, T: int, parts: dict, crc32: int, where: str = "row") -> RawRow:
+        """Check (if ``verify_rows``) and decode one row given as its stored columns, wherever they were read
+        from (a memory-mapped shard, a ``datasets`` table): ``parts`` maps the six payload column names to bytes."""
+        if self.verify_rows:
+            check_row_crc(parts, crc32, where)
+        return self.decode_parts(sample_id, T, parts, where)
+
+    def decode_parts(self, sample_id: int, T: int, parts: dict, where: str = "row") -> RawRow:
+        """Decode one row from its six payload byte columns (``parts``: name -> bytes-like), unchecked."""
+        parts = {k: (v if isinstance(v, np.ndarray) else np.frombuffer(v, dtype=np.uint8)) for k, v in parts.items()}
+        bits = self.id_bits
+        if not 0 <= T <= MAX_SEQ_LEN:
+            raise StoreCorruptError(f"{where}: num_tokens {T} is out of range")
+        if self._zstd:
+            return self._decode_zstd(sample_id, T, parts, where)
+        cb = self.meta["count_bytes"]
+        if parts["input_ids"].size != bitpack.packed_nbytes(T, bits) or parts["counts"].size != T * cb:
+            raise StoreCorruptError(f"{where}: input_ids or counts size disagrees with num_tokens={T}")
+        input_ids = bitpack.unpack(parts["input_ids"], bits, T)
+        counts = np.frombuffer(parts["counts"], dtype=self._count_dtype).astype(np.int64)
+        n = int(counts.sum())
+        if T and counts.max() > self.k:
+            raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
+        if parts["ids"].size != bitpack.packed_nbytes(n, bits):
+            raise StoreCorruptError(f"{where}: ids column holds {parts['ids'].size} bytes, expected "
+                                    f"{bitpack.packed_nbytes(n, bits)} for {n} entries")
+        ids = bitpack.unpack(parts["ids"], bits, n)
+        if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
+            raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
+        bpv = self.codec.bytes_per_value
+        weights, tail = None, np.zeros(T, dtype=np.float32)
+        if self.label_kind == "soft":
+            if parts["values"].size != n * bpv:
+                raise StoreCorruptError(f"{where}: values size disagrees with counts")
+            weights = self._weights(parts["values"], counts)
+        if self._has_tail:
+            if parts["tail"].size != 4 * T:
+                raise StoreCorruptError(f"{where}: tail size disagrees with num_tokens={T}")
+            tail = np.frombuffer(parts["tail"], dtype="<f4")
+        if parts["doc_starts"].size % 4:
+            raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
+        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
+        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
+
+    def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
+        if self._dec is None:
+            from labelstore.store.entropy import RowDecompressor
+
+            self._dec = RowDecompressor()
+        d, bits, cb = self._dec, self.id_bits, self.meta["count_bytes"]
+        counts = np.frombuffer(d.frame(parts["counts"], T * cb, where, "counts"), dtype=self._count_dtype)
+        counts = counts.astype(np.int64)
+        n = int(counts.sum())
+        if T and counts.max() > self.k:
+            raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
+        input_ids = d.ids(parts["input_ids"], bits, T, where, "input_ids")
+        ids = d.ids(parts["ids"], bits, n, where, "ids")
+        if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
+            raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
+        bpv = self.codec.bytes_per_value
+        weights, tail = None, np.zeros(T, dtype=np.float32)
+        if self.label_kind == "soft":
+            weights = self._weights(d.values(parts["values"], bpv, counts, n, where), counts)
+        if self._has_tail:
+            tail = d.tail(parts["tail"], T, where)
+        if parts["doc_starts"].size % 4:
+            raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
+        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
+        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
+
+    def _weights(self, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Codec weights of a row's value bytes; in topk+sample the sampled entries' bytes are counts (count8)."""
+        if self._mode == "topk+sample":
+            slot = np.arange(codes.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            return np.where(slot < self.meta["selection"]["k_exact"], self._lut[codes], codes.astype(np.float32))
+        return self._lut[codes] if self._lut is not None else self.codec.decode_numpy(codes)
+
+    def _sampled(self, raw: RawRow) -> RawRow:
+        """Sampled modes: counts become absolute probabilities (:func:`labelstore.reconstruction.sampled_probs`)."""
+        if not self._sampled_mode or raw.weights is None:
+            return raw
+        p, tail = sampled_probs(self._mode, self.meta["selection"].get("k_exact", 0), raw.counts, raw.weights,
+                                raw.tail)
+        return RawRow(raw.sample_id, raw.input_ids, raw.counts, raw.ids, p, tail, raw.doc_starts)
+
+    def get(self, i: int) -> Sample:
+        raw = self.get_raw(i)
+        ids, probs = pad_row(raw.input_ids, raw.counts, raw.ids, raw.weights, raw.tail, self.k, self.normalize)
+        return Sample(
+            sample_id=raw.sample_id,
+            input_ids=torch.from_numpy(raw.input_ids),
+            ids=torch.from_numpy(ids),
+            probs=torch.from_numpy(np.ascontiguousarray(probs)),
+            tail=torch.from_numpy(np.array(raw.tail, dtype=np.float32)),
+            counts=torch.from_numpy(raw.counts),
+            doc_starts=torch.from_numpy(raw.doc_starts),
+        )
+
+    def tail_prior(self) -> np.ndarray | None:
+        """The teacher's mean next-token distribution (float32 [V]) if the store has one (FORMAT.md 5c), mixed
+        with the uniform distribution by the manifest's ``mix``: the shape in which a position's tail is spread."""
+        tp = self.manifest.get("tail_prior")
+        if tp is None:
+            return None
+        if getattr(self, "_prior", None) is None:
+            p = self.path / tp["path"]
+            if p.is_symlink() or not p.is_file():
+                raise StoreCorruptError(f"{p}: the tail prior named in the manifest is missing; re-copy the store")
+            blob = p.read_bytes()
+            if len(blob) != 4 * self.vocab_size or hashlib.sha256(blob).hexdigest() != tp["sha256"]:
+                raise StoreCorruptError(f"{p}: the tail prior is damaged (size or sha256 mismatch); re-copy the store")
+            prior = np.frombuffer(blob, dtype="<f4").astype(np.float64)
+            if not np.all(np.isfinite(prior)) or prior.min() < 0:
+                raise StoreCorruptError(f"{p}: the tail prior holds negative or non-finite values")
+            self._prior = mixed_prior(prior, float(tp["mix"]))
+        return self._prior
+
+    def sample_ids(self) -> np.ndarray:
+        """Sample id of every row, in store order."""
+        out = []
+        for s in range(len(self.manifest["shards"])):
+            sh = self._shard(s)
+            for b in range(len(sh.batch_starts) - 1):
+                out.append(np.asarray(sh.views(b)["sample_id"], dtype=np.int64))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def open_store(path, **kwargs) -> LabelStore:
+    return LabelStore(path, **kwargs)

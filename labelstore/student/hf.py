@@ -1,0 +1,205 @@
+"""Hugging Face integration: a store as a ``datasets.Dataset`` (zero-copy) and a ``transformers.Trainer``.
+
+``datasets``
+------------
+A store's shards are Arrow IPC *file* format (random access, a footer). ``datasets.Dataset.from_file`` reads the
+IPC *stream* format (it calls ``pyarrow.ipc.open_stream``), so it cannot open them. :func:`to_hf_dataset`
+memory-maps every shard with ``pyarrow.ipc.open_file``, concatenates the tables (no copy: the columns become
+chunked arrays over the maps) and wraps the result in ``datasets.Dataset``; the shards' bytes are never copied
+into memory or through Python objects. A ``set_transform`` decodes rows on access into the items of
+:mod:`labelstore.student.dataset` (each binary cell passes through one Python ``bytes`` object, as ``datasets``'
+formatter hands it over). Caveats: the table is held as an in-memory table over the maps, so pickling the
+dataset (``spawn`` workers, ``save_to_disk``) serialises the bytes; ``map``/``filter`` would write new cache files
+in the stream format, which is fine but is a copy.
+
+``transformers``
+----------------
+``Trainer`` drops dataset columns (and, for torch datasets, item keys) that its model's ``forward`` does not
+accept when ``remove_unused_columns=True`` (the default), which would silently strip the teacher targets.
+:class:`DistillationTrainer` turns that option off, collates with the store's
+:class:`~labelstore.student.collate.Collator`,
+runs the model on ``input_ids``/``attention_mask`` only, and computes the loss with
+:func:`labelstore.student.losses.distillation_loss` (or ``loss_fn``); a batch without teacher targets is refused, never
+trained on silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+from transformers import Trainer, TrainingArguments
+
+from labelstore.errors import ConfigMismatchError, StoreCorruptError
+from labelstore.store.format import PAYLOAD_COLUMNS, build_schema, meta_from_schema
+from labelstore.store.manifest import safe_shard_path
+from labelstore.student.collate import TEACHER_KEYS, Collator
+from labelstore.student.dataset import TargetDecoder, as_store
+
+logger = logging.getLogger(__name__)
+
+_DECODE_COLUMNS = ("sample_id", "num_tokens", *PAYLOAD_COLUMNS, "crc32")
+
+
+def store_table(store) -> pa.Table:
+    """All shards of a store as one memory-mapped ``pyarrow.Table`` (zero-copy), in store order."""
+    s = as_store(store, True)
+    tables = []
+    for rec in s.manifest["shards"]:
+        path = safe_shard_path(s.path, rec["path"], str(s.path / "manifest.json"))
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            t = reader.read_all()
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreCorruptError(f"shard {path} cannot be read as an Arrow IPC file ({exc})") from None
+        if meta_from_schema(reader.schema, str(path)) != s.meta or t.num_rows != rec["rows"]:
+            raise StoreCorruptError(f"shard {path} disagrees with the manifest (metadata or row count)")
+        tables.append(t)
+    # datasets' features are nullable: declare the fields so up front, or it would cast (copy) every column
+    schema = pa.schema([f.with_nullable(True) for f in build_schema(s.meta)])
+    cols = [pa.chunked_array([c for t in tables for c in t.column(j).chunks], type=f.type)
+            for j, f in enumerate(schema)]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+class HFDecoder:
+    """``set_transform`` callable: a batch of raw store columns -> a batch of items (lists of numpy arrays)."""
+
+    def __init__(self, targets):
+        self.targets = targets
+
+    def collator(self, **kwargs) -> Collator:
+        return self.targets.collator(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.targets.vocab_size
+
+    def __call__(self, batch: dict) -> dict:
+        missing = [c for c in _DECODE_COLUMNS if c not in batch]
+        if missing:
+            raise ConfigMismatchError(
+                f"store rows lack columns {missing}: something removed them (transformers.Trainer does so with "
+                "remove_unused_columns=True). Keep all columns: use labelstore.student.hf.DistillationTrainer or pass "
+                "remove_unused_columns=False"
+            )
+        t = self.targets
+        s = t.store
+        out: dict[str, list] = {}
+        for r in range(len(batch["sample_id"])):
+            parts = {c: np.frombuffer(batch[c][r], dtype=np.uint8) for c in PAYLOAD_COLUMNS}
+            sid = int(batch["sample_id"][r])
+            where = f"store {s.path} sample {sid}"
+            raw = s.decode_row(sid, int(batch["num_tokens"][r]), parts, int(batch["crc32"][r]), where)
+            for key, val in t.finish_raw(raw).items():
+                out.setdefault(key, []).append(val)
+        return out
+
+
+def to_hf_dataset(store, *, decode: bool = True, **options):
+    """Open a store as a ``datasets.Dataset`` over its memory-mapped shards (no copy).
+
+    Rows hold the stored columns (``sample_id``, ``num_tokens``, the byte columns, ``crc32``). With ``decode``
+    (default) a transform turns them into :mod:`labelstore.student.dataset` items on access; ``options`` are
+    :class:`~labelstore.student.dataset.StoreDataset`'s (student vocabulary check, id map, temperature...). The
+    store's metadata is in ``ds.info.description`` (JSON). Use :func:`store_collator` (or
+    ``DistillationTrainer``) to batch.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("to_hf_dataset needs the `datasets` package: pip install 'labelstore[hf]'") from None
+    targets = TargetDecoder(store, **options)
+    table = store_table(targets.store)
+    digest = hashlib.sha256(json.dumps(targets.store.manifest, sort_keys=True).encode()).hexdigest()[:16]
+    info = datasets.DatasetInfo(description=json.dumps(targets.store.meta, sort_keys=True))
+    ds = datasets.Dataset(table, info=info, fingerprint=f"labelstore-{digest}")
+    if decode:
+        ds.set_transform(HFDecoder(targets))
+    return ds
+
+
+def store_collator(dataset, **kwargs) -> Collator:
+    """The :class:`Collator` for a :class:`~labelstore.student.dataset.StoreDataset` or a :func:`to_hf_dataset`
+    dataset."""
+    if hasattr(dataset, "collator"):
+        return dataset.collator(**kwargs)
+    fmt = getattr(dataset, "format", None) or {}
+    transform = (fmt.get("format_kwargs") or {}).get("transform")
+    if isinstance(transform, HFDecoder):
+        return transform.collator(**kwargs)
+    raise TypeError(f"{type(dataset).__name__} is not a labelstore dataset; pass data_collator explicitly")
+
+
+def _student_vocab(dataset) -> int | None:
+    if hasattr(dataset, "vocab_size"):
+        return int(dataset.vocab_size)
+    fmt = getattr(dataset, "format", None) or {}
+    transform = (fmt.get("format_kwargs") or {}).get("transform")
+    return transform.vocab_size if isinstance(transform, HFDecoder) else None
+
+
+class DistillationTrainer(Trainer):
+    """``transformers.Trainer`` that trains a student on a label store's teacher targets.
+
+    Args (besides Trainer's):
+        loss_fn: ``loss_fn(student_logits, batch, **loss_kwargs) -> scalar``; default
+            :func:`labelstore.student.losses.distillation_loss` (forward sparse KL with the tail).
+        loss_kwargs: e.g. ``{"alpha": 0.9, "temperature": 2.0, "method": "forward_kl"}``.
+
+    ``remove_unused_columns`` is turned off on a copy of ``args`` (a warning says so), the default collator is the
+    store's, and the model's output vocabulary must equal the dataset's student vocabulary (ConfigMismatchError
+    otherwise).
+    """
+
+    # compute_loss returns a per-batch mean: Trainer divides it by the gradient accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args=None, *, loss_fn=None, loss_kwargs=None, **kwargs):
+        if args is None:
+            args = TrainingArguments(output_dir="tmp_trainer", remove_unused_columns=False)
+        elif args.remove_unused_columns:
+            logger.warning("DistillationTrainer: using remove_unused_columns=False so the teacher targets reach "
+                           "compute_loss (Trainer would drop them: the model's forward does not take them)")
+            args = copy.copy(args)  # the caller's arguments stay as they were
+            args.remove_unused_columns = False
+        train = kwargs.get("train_dataset")
+        if kwargs.get("data_collator") is None and train is not None:
+            kwargs["data_collator"] = store_collator(train)
+        want = _student_vocab(train) if train is not None else None
+        have = _model_vocab(model)
+        if want is not None and have is not None and have != want:
+            raise ConfigMismatchError(
+                f"the student model outputs {have} logits per position but the dataset's targets are over {want} "
+                "tokens; build the dataset with the student's vocabulary (student_vocab_size, or an id_map)"
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # older transformers: divide our per-batch mean by the GA steps
+        if loss_fn is None:
+            from labelstore.student.losses import distillation_loss as loss_fn
+        self.loss_fn = loss_fn
+        self.loss_kwargs = dict(loss_kwargs or {})
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        missing = [k for k in TEACHER_KEYS if k not in inputs]
+        if missing:
+            raise ConfigMismatchError(
+                f"batch lacks teacher targets {missing} (keys: {sorted(inputs)}); collate with the store's Collator "
+                "and keep remove_unused_columns=False"
+            )
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = self.loss_fn(logits, inputs, **self.loss_kwargs)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _model_vocab(model) -> int | None:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and hasattr(emb, "weight"):
+        return int(emb.weight.shape[0])
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return None if v is None else int(v)

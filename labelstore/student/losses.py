@@ -1,0 +1,561 @@
+"""Distillation losses for soft labels, hard labels and co-distillation, on student logits [B, T, V].
+
+Notation: ``q = softmax(z / T)`` is the student at temperature ``T``; the teacher, as stored, keeps a set
+``S`` of ids with absolute probabilities ``p_i`` and the exact mass ``t`` outside it (``sum_S p + t = 1``);
+the student's mass outside ``S`` is ``Q = sum_{v not in S} q_v``, computed as a logsumexp over the non-kept
+logits.
+
+Soft labels compare the (|S| + 1)-bucket projections of both distributions (the kept ids plus one "everything
+else" bucket). For a full teacher distribution (S = vocabulary, t = 0) these are the usual divergences; for a
+truncated one they are the exact divergences between the coarsened distributions (never larger than the full
+ones), using only what the store knows:
+
+- forward KL   ``sum_S p_i log(p_i / q_i) + t log(t / Q)``                       (``sparse_kl``)
+- reverse KL   ``sum_S q_i log(q_i / max(p_i, eps)) + Q log(Q / max(t, eps))``    (``reverse_kl``)
+- generalised JSD (TRL's GKD convention) with ``M = beta P + (1 - beta) Q_s`` on the buckets::
+
+      JSD_beta = beta KL(P || M) + (1 - beta) KL(Q_s || M);  beta = 0 -> forward KL, beta = 1 -> reverse KL
+                                                                                     (``generalized_jsd``)
+
+``tail=False`` selects plain renormalised top-k instead: the teacher becomes ``p_i / sum_S p`` with no tail
+(``t = 0``), i.e. the student is asked to put all its mass on S.
+
+Temperature divides the student's logits and every divergence is multiplied by ``T^2`` (Hinton et al.), so
+gradient magnitudes do not shrink with T. The teacher is used as stored: re-temper it when reading the store
+(the loader can) or extract it at the temperature you distill at. Hard labels and ground-truth labels are
+cross-entropies at T = 1.
+
+Masks and reductions: positions where ``position_mask`` is False (and labels equal to ``ignore_index``)
+contribute nothing. ``reduction="mean"`` (default) averages each term over its own valid positions (0 when
+there are none), ``"sum"`` sums them, ``"none"`` returns per-position values with the leading shape of the
+logits (0 at invalid positions).
+
+The forward KL, the hard-label CE and the label CE all run on one fused op (``labelstore_kernels``): the
+Triton kernel on CUDA, its pure-torch twin elsewhere; ``LABELSTORE_LOSS_BACKEND=torch|triton`` (or
+``backend=``) overrides the choice. Both compute the gradient during the forward pass into one logits-sized
+buffer shared by all terms, so a mixed loss ``alpha * KL + (1 - alpha) * CE`` costs one gradient buffer, not
+several [B*T, V] fp32 intermediates. Reverse KL and JSD use a chunked torch op for the bucket
+log-probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labelstore.constants import IGNORE_INDEX
+from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch, student_bucket_logprobs_torch
+
+__all__ = [
+    "CoDistillation",
+    "CodistillationLosses",
+    "DistillationLoss",
+    "codistillation_losses",
+    "dense_kl",
+    "distillation_loss",
+    "generalized_jsd",
+    "hard_label_ce",
+    "label_ce",
+    "resolve_backend",
+    "reverse_kl",
+    "sparse_kl",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_METHODS = ("forward_kl", "reverse_kl", "jsd", "hard")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def resolve_backend(logits: torch.Tensor, backend: str | None = None) -> str:
+    """'triton' or 'torch' for these logits: ``backend`` if given, else $LABELSTORE_LOSS_BACKEND, else Triton
+    exactly when the logits live on CUDA and Triton imports."""
+    choice = (backend or os.environ.get("LABELSTORE_LOSS_BACKEND") or "auto").lower()
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"loss backend must be 'auto', 'torch' or 'triton', got {choice!r}")
+    if choice == "auto":
+        if not logits.is_cuda:
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    if choice == "triton" and not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "the triton loss backend needs CUDA logits (or TRITON_INTERPRET=1 for CPU tensors); "
+            "use backend='torch' on CPU"
+        )
+    return choice
+
+
+def _run_sparse(logits2d, terms, reduction, backend, inplace=False):
+    """Dispatch the fused op. ``reduction`` here is 'sum' or 'none' (weights already hold the normaliser)."""
+    if resolve_backend(logits2d, backend) == "triton":
+        from labelstore_kernels.sparse_kl_triton import sparse_kl_triton
+
+        return sparse_kl_triton(logits2d, terms, reduction=reduction, inplace=inplace)
+    return sparse_kl_torch(logits2d, terms, reduction=reduction, inplace=inplace)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _as_rows(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if logits.dim() < 2:
+        raise ValueError(f"student logits must be [..., V], got shape {tuple(logits.shape)}")
+    lead = tuple(logits.shape[:-1])
+    return logits.reshape(-1, logits.shape[-1]), lead
+
+
+def _row_mask(mask: torch.Tensor | None, lead: tuple[int, ...], device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(lead, dtype=torch.bool, device=device).reshape(-1)
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the logits' leading shape {lead}")
+    return mask.to(device).bool().reshape(-1)
+
+
+def _cdt(logits: torch.Tensor) -> torch.dtype:
+    """Compute dtype: float64 for float64 logits (tests, gradcheck), float32 otherwise."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _row_weights(valid: torch.Tensor, reduction: str, scale: float = 1.0, dtype=torch.float32):
+    """Per-row weights implementing the reduction: ``valid / n_valid`` for a mean, ``valid`` otherwise."""
+    w = valid.to(dtype) * scale
+    if reduction == "mean":
+        w = w / valid.sum().clamp(min=1).to(dtype)
+    return w
+
+
+def _finish(out: torch.Tensor, reduction: str, lead: tuple[int, ...]) -> torch.Tensor:
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def _teacher_rows(logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teacher_mask, tail):
+    """Flattened teacher tensors [N, K], [N, K], [N], [N, K]; applies the ``tail=False`` renormalisation."""
+    dev = logits2d.device
+    k = teacher_ids.shape[-1]
+    if tuple(teacher_ids.shape) != lead + (k,) or teacher_probs.shape != teacher_ids.shape:
+        raise ValueError(
+            f"teacher ids/probs must be {lead + (k,)} to match the logits, got "
+            f"{tuple(teacher_ids.shape)} / {tuple(teacher_probs.shape)}"
+        )
+    ids = teacher_ids.reshape(-1, k).to(dev, torch.long)
+    mask = None if teacher_mask is None else teacher_mask.reshape(-1, k).to(dev, torch.bool)
+    probs = teacher_probs.reshape(-1, k).to(dev, _cdt(logits2d))
+    if mask is not None:
+        probs = torch.where(mask, probs, 0.0)
+    if not tail:
+        total = probs.sum(1, keepdim=True)
+        return ids, torch.where(total > 0, probs / total.clamp(min=1e-30), 0.0), None, mask
+    if teacher_tail is None:
+        # Only when the caller has no stored tail; the store records the exact one.
+        t = (1.0 - probs.sum(1)).clamp(min=0.0)
+    else:
+        t = teacher_tail.reshape(-1).to(dev, probs.dtype)
+    return ids, probs, t, mask
+
+
+def _label_term(labels: torch.Tensor, lead, device, reduction, scale, ignore_index, dtype) -> SparseKLTerm:
+    """Cross-entropy on one label per row as a sparse term (S = {y}, p_y = 1, t = 0)."""
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the logits' leading dims {lead}")
+    y = labels.reshape(-1).to(device, torch.long)
+    valid = y != ignore_index
+    ids = torch.where(valid, y, 0)[:, None]
+    ones = torch.ones(ids.shape, device=device, dtype=dtype)
+    return SparseKLTerm(ids, ones, None, valid[:, None], _row_weights(valid, reduction, scale, dtype), 1.0)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ------------------------------------------------------------------------------------------- soft labels
+def sparse_kl(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    teacher_tail: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    position_mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    tail: bool = True,
+    reduction: str = "mean",
+    backend: str | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Forward KL(teacher || student) from sparse teacher targets, with the tail bucket (module docstring).
+
+    Args:
+        student_logits: [..., V] (e.g. [B, T, V]); any float dtype.
+        teacher_ids: [..., K] kept ids (unique per position; padding entries masked by ``teacher_mask``).
+        teacher_probs: [..., K] absolute teacher probabilities.
+        teacher_tail: [...] exact teacher mass outside the kept set (None: ``max(0, 1 - sum kept)``).
+        teacher_mask: [..., K] bool, True on real kept entries (None: all).
+        position_mask: [...] bool, True where a teacher distribution exists (None: all).
+        temperature: divides the student logits; the loss is scaled by T^2.
+        tail: False for plain renormalised top-k (teacher renormalised over S, no tail bucket).
+        reduction: "mean" over valid positions, "sum", or "none" ([...] per position).
+        backend: "torch", "triton" or None (auto / $LABELSTORE_LOSS_BACKEND).
+        inplace: overwrite ``student_logits`` with the gradient (saves one logits-sized buffer; the logits
+            are unusable afterwards, and autograd refuses if another op saved them).
+    """
+    _check_reduction(reduction)
+    _check_temperature(temperature)
+    logits2d, lead = _as_rows(student_logits)
+    ids, probs, t, mask = _teacher_rows(
+        logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teacher_mask, tail
+    )
+    valid = _row_mask(position_mask, lead, logits2d.device)
+    weights = _row_weights(valid, reduction, 1.0, probs.dtype)
+    term = SparseKLTerm(ids, probs, t, mask, weights, float(temperature))
+    loss, _ = _run_sparse(logits2d, [term], "none" if reduction == "none" else "sum", backend, inplace)
+    return _finish(loss, reduction, lead)
+
+
+def _bucket_rows(student_logits, teacher_ids, teacher_probs, teacher_tail, teacher_mask, temperature, tail):
+    """Student bucket log-probs L [N, K+1], teacher bucket probs P [N, K+1], bucket validity [N, K+1]."""
+    logits2d, lead = _as_rows(student_logits)
+    ids, probs, t, mask = _teacher_rows(
+        logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teacher_mask, tail
+    )
+    if t is None:
+        t = torch.zeros(ids.shape[0], device=logits2d.device, dtype=probs.dtype)
+    if mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    log_q = student_bucket_logprobs_torch(logits2d, ids, mask, temperature)
+    p = torch.cat([probs, t[:, None]], dim=1).to(log_q.dtype)
+    valid = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    finite = valid & torch.isfinite(log_q)
+    log_q = torch.where(finite, log_q, 0.0)  # finite everywhere, so masked branches give no NaN gradients
+    q = torch.where(finite, torch.exp(log_q), 0.0)
+    return logits2d, lead, log_q, q, p, valid
+
+
+def _reduce_rows(per_row, position_mask, lead, device, reduction, temperature):
+    valid = _row_mask(position_mask, lead, device)
+    w = _row_weights(valid, reduction, 1.0, per_row.dtype) * (temperature * temperature)
+    rows = torch.where(valid, per_row * w, 0.0)
+    return _finish(rows if reduction == "none" else rows.sum(), reduction, lead)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    teacher_tail: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    position_mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    tail: bool = True,
+    reduction: str = "mean",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Reverse KL(student || teacher) on the buckets: ``sum_S q log(q / p) + Q log(Q / t)``.
+
+    Teacher bucket probabilities are floored at ``eps`` inside the log (a zero-probability teacher bucket with
+    student mass would be infinite). Arguments as in ``sparse_kl``.
+    """
+    _check_reduction(reduction)
+    _check_temperature(temperature)
+    logits2d, lead, log_q, q, p, valid = _bucket_rows(
+        student_logits, teacher_ids, teacher_probs, teacher_tail, teacher_mask, temperature, tail
+    )
+    terms = torch.where(valid & (q > 0), q * (log_q - torch.log(p.clamp(min=eps))), 0.0)
+    return _reduce_rows(terms.sum(1), position_mask, lead, logits2d.device, reduction, temperature)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    teacher_tail: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    position_mask: torch.Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: bool = True,
+    reduction: str = "mean",
+    backend: str | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Generalised JSD on the buckets: ``beta KL(P||M) + (1 - beta) KL(Q||M)``, ``M = beta P + (1 - beta) Q``.
+
+    ``P`` is the teacher, ``Q`` the student (TRL GKD's convention); ``beta = 0`` is the forward KL
+    (``sparse_kl``), ``beta = 1`` the reverse KL (``reverse_kl``), as in TRL. Arguments as in ``sparse_kl``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    args = (student_logits, teacher_ids, teacher_probs, teacher_tail, teacher_mask, position_mask)
+    if beta == 0.0:
+        return sparse_kl(*args, temperature=temperature, tail=tail, reduction=reduction, backend=backend)
+    if beta == 1.0:
+        return reverse_kl(*args, temperature=temperature, tail=tail, reduction=reduction, eps=eps)
+    _check_reduction(reduction)
+    _check_temperature(temperature)
+    logits2d, lead, log_q, q, p, valid = _bucket_rows(*args[:5], temperature, tail)
+    m = beta * p + (1.0 - beta) * q
+    log_m = torch.log(torch.where(m > 0, m, 1.0))
+    kl_p = torch.where(valid & (p > 0), p * (torch.log(torch.where(p > 0, p, 1.0)) - log_m), 0.0)
+    kl_q = torch.where(valid & (q > 0), q * (log_q - log_m), 0.0)
+    per_row = beta * kl_p.sum(1) + (1.0 - beta) * kl_q.sum(1)
+    return _reduce_rows(per_row, position_mask, lead, logits2d.device, reduction, temperature)
+
+
+# ------------------------------------------------------------------------------------------- hard labels
+def hard_label_ce(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    position_mask: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Cross-entropy on the teacher's top id ``teacher_ids[..., 0]`` (a hard-label store's only id).
+
+    Positions without a teacher (``position_mask``) or whose first kept entry is padding (``teacher_mask``)
+    are skipped. ``teacher_ids`` may be [..., K] or [...].
+    """
+    _check_reduction(reduction)
+    logits2d, lead = _as_rows(student_logits)
+    labels = _hard_labels(teacher_ids, position_mask, teacher_mask, lead, logits2d.device)
+    return label_ce(student_logits, labels, reduction=reduction, backend=backend)
+
+
+def _hard_labels(teacher_ids, position_mask, teacher_mask, lead, device) -> torch.Tensor:
+    """Labels ``[*lead]`` for the hard-label term: the teacher's first kept id, IGNORE_INDEX where the position
+    has no teacher or its first kept entry is padding. ``teacher_ids``/``teacher_mask`` may be [..., K] or [...]."""
+    top = teacher_ids if tuple(teacher_ids.shape) == lead else teacher_ids[..., 0]
+    valid = _row_mask(position_mask, lead, device)
+    if teacher_mask is not None:
+        first = teacher_mask if tuple(teacher_mask.shape) == lead else teacher_mask[..., 0]
+        valid = valid & _row_mask(first, lead, device)
+    return torch.where(valid.reshape(lead), top.to(device, torch.long), IGNORE_INDEX)
+
+
+def label_ce(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Cross-entropy on true next-token labels [...] (``ignore_index`` skipped), on the fused op."""
+    _check_reduction(reduction)
+    logits2d, lead = _as_rows(student_logits)
+    term = _label_term(labels, lead, logits2d.device, reduction, 1.0, ignore_index, _cdt(logits2d))
+    loss, _ = _run_sparse(logits2d, [term], "none" if reduction == "none" else "sum", backend)
+    return _finish(loss, reduction, lead)
+
+
+# ------------------------------------------------------------------------------------- mixing with labels
+class DistillationLoss(NamedTuple):
+    """``loss = alpha * distill + (1 - alpha) * ce``; ``distill`` and ``ce`` are detached (None if unused)."""
+
+    loss: torch.Tensor
+    distill: torch.Tensor | None
+    ce: torch.Tensor | None
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    method: str = "forward_kl",
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    tail: bool = True,
+    beta: float = 0.5,
+    eps: float = 1e-8,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    backend: str | None = None,
+    return_components: bool = False,
+) -> torch.Tensor | DistillationLoss:
+    """``alpha * distillation + (1 - alpha) * CE(student, labels)`` on a loader batch.
+
+    Args:
+        student_logits: [B, T, V], aligned with the batch (position t predicts ``labels[:, t]``).
+        batch: mapping with ``teacher_ids`` [B, T, K] and, as available, ``teacher_probs``, ``teacher_tail``,
+            ``teacher_mask``, ``position_mask`` and ``labels`` (needed when ``alpha < 1``).
+        method: "forward_kl" (``sparse_kl``), "reverse_kl", "jsd" (``generalized_jsd`` with ``beta``) or
+            "hard" (``hard_label_ce`` on ``teacher_ids[..., 0]``; temperature unused).
+        alpha: weight of the distillation term, in [0, 1].
+        reduction: each term is reduced over its own valid positions ("mean": teacher positions for the
+            distillation term, labels != ignore_index for the CE), then mixed.
+        return_components: return a ``DistillationLoss`` (loss, detached unweighted terms) instead.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_reduction(reduction)
+    _check_temperature(temperature)
+    logits2d, lead = _as_rows(student_logits)
+    dev = logits2d.device
+    fused_reduction = "none" if reduction == "none" else "sum"
+    labels = batch.get("labels")
+    if alpha < 1.0 and labels is None:
+        raise ValueError("alpha < 1 mixes in CE on true labels, but the batch has no 'labels'")
+    position_mask = batch.get("position_mask")
+    teacher_mask = batch.get("teacher_mask")
+    if alpha > 0.0 and method != "hard" and batch.get("teacher_probs") is None:
+        raise ValueError(
+            f"method {method!r} needs 'teacher_probs'; a hard-label store (ids only) needs method='hard'"
+        )
+
+    terms: list[SparseKLTerm] = []
+    names: list[str] = []
+    distill_unfused = None
+    if alpha > 0.0:
+        if method == "forward_kl" or (method == "jsd" and beta == 0.0):
+            ids, probs, t, mask = _teacher_rows(
+                logits2d, lead, batch["teacher_ids"], batch["teacher_probs"], batch.get("teacher_tail"),
+                teacher_mask, tail,
+            )
+            valid = _row_mask(position_mask, lead, dev)
+            weights = _row_weights(valid, reduction, alpha, probs.dtype)
+            terms.append(SparseKLTerm(ids, probs, t, mask, weights, temperature))
+            names.append("distill")
+        elif method == "hard":
+            hard = _hard_labels(batch["teacher_ids"], position_mask, teacher_mask, lead, dev)
+            terms.append(_label_term(hard, lead, dev, reduction, alpha, IGNORE_INDEX, _cdt(logits2d)))
+            names.append("distill")
+        else:
+            fn_kwargs = dict(temperature=temperature, tail=tail, reduction=reduction, eps=eps)
+            if method == "jsd":
+                fn_kwargs.update(beta=beta, backend=backend)
+            fn = reverse_kl if method == "reverse_kl" else generalized_jsd
+            distill_unfused = fn(
+                student_logits, batch["teacher_ids"], batch["teacher_probs"], batch.get("teacher_tail"),
+                teacher_mask, position_mask, **fn_kwargs,
+            )
+    if alpha < 1.0:
+        terms.append(_label_term(labels, lead, dev, reduction, 1.0 - alpha, ignore_index, _cdt(logits2d)))
+        names.append("ce")
+
+    total = None
+    parts: dict[str, torch.Tensor] = {}
+    if terms:
+        fused, fused_parts = _run_sparse(logits2d, terms, fused_reduction, backend)
+        total = _finish(fused, reduction, lead)
+        weight_of = {"distill": alpha, "ce": 1.0 - alpha}
+        for name, part in zip(names, fused_parts):
+            parts[name] = _finish(part / weight_of[name], reduction, lead)
+    if distill_unfused is not None:
+        parts["distill"] = distill_unfused.detach()
+        weighted = alpha * distill_unfused
+        total = weighted if total is None else total + weighted.to(total.dtype)
+    if total is None:  # alpha = 0 with no labels is rejected above; alpha = 1 always has a distill term
+        raise AssertionError("unreachable: no loss term")
+    if return_components:
+        return DistillationLoss(total, parts.get("distill"), parts.get("ce"))
+    return total
+
+
+# ----------------------------------------------------------------------------------------- dense / online
+def dense_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Forward KL(softmax(teacher / T) || softmax(student / T)) * T^2 from dense logits [..., V].
+
+    Gradients flow into whichever logits require them; detach the teacher yourself when it must not learn.
+    """
+    _check_reduction(reduction)
+    _check_temperature(temperature)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher and student logits must have the same shape, got {tuple(teacher_logits.shape)} "
+            f"and {tuple(student_logits.shape)}"
+        )
+    s2d, lead = _as_rows(student_logits)
+    t2d = teacher_logits.reshape(s2d.shape)
+    log_p = F.log_softmax(t2d.to(_cdt(s2d)) / temperature, dim=-1)
+    log_q = F.log_softmax(s2d.to(_cdt(s2d)) / temperature, dim=-1)
+    per_row = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    return _reduce_rows(per_row, mask, lead, s2d.device, reduction, temperature)
+
+
+class CodistillationLosses(NamedTuple):
+    """Losses of one co-distillation step. ``total = teacher + student`` is safe to backpropagate through
+    in one call: the student's part sees a detached teacher."""
+
+    total: torch.Tensor
+    teacher: torch.Tensor
+    student: torch.Tensor
+    student_kl: torch.Tensor
+    student_ce: torch.Tensor
+
+
+def codistillation_losses(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> CodistillationLosses:
+    """Online co-distillation: teacher and student train together, no store.
+
+    - teacher: ``CE(teacher, labels)``;
+    - student: ``alpha * T^2 KL(softmax(teacher.detach() / T) || softmax(student / T))
+      + (1 - alpha) CE(student, labels)``; the KL sees a detached teacher, so the student's loss never
+      sends gradient to the teacher.
+
+    Both are means over positions whose label is not ``ignore_index``. ``student_kl``/``student_ce`` are
+    detached, for logging.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    valid = labels != ignore_index
+    teacher = label_ce(teacher_logits, labels, ignore_index=ignore_index)
+    kl = dense_kl(student_logits, teacher_logits.detach(), valid, temperature=temperature)
+    ce = label_ce(student_logits, labels, ignore_index=ignore_index)
+    student = alpha * kl + (1.0 - alpha) * ce
+    return CodistillationLosses(teacher + student, teacher, student, kl.detach(), ce.detach())
+
+
+def _logits_of(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+class CoDistillation(nn.Module):
+    """Teacher and student trained together: ``forward`` runs both and returns ``CodistillationLosses``.
+
+    ``losses.total.backward()`` then one optimizer over both models' parameters trains the teacher on the
+    labels and the student on labels plus the teacher's (detached) predictions. Models may return logits or
+    an object with ``.logits`` (Hugging Face).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, alpha: float = 0.5, temperature: float = 1.0):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+        self.alpha, self.temperature = alpha, temperature
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **model_kwargs) -> CodistillationLosses:
+        teacher_logits = _logits_of(self.teacher(input_ids, **model_kwargs))
+        student_logits = _logits_of(self.student(input_ids, **model_kwargs))
+        return codistillation_losses(
+            teacher_logits, student_logits, labels, alpha=self.alpha, temperature=self.temperature
+        )

@@ -1,0 +1,196 @@
+"""Teacher targets on the student side: the vocabulary check, id mapping, re-tempering and dense targets.
+
+All functions here act on one sequence's padded targets (numpy, ``[T, K]``) or on a batch (torch, ``[B, T, K]``)
+and keep the format's invariant: on every position that carries a teacher distribution, the kept probabilities
+plus the tail sum to 1.
+
+Dense reconstruction rule
+-------------------------
+The store keeps ``n`` entries per position and the exact mass ``t`` of everything else; which tokens hold ``t``,
+and how, is not stored. The dense target spreads ``t`` *uniformly* over the ``V - n`` tokens that are not kept::
+
+    dense[v] = p_v                  v kept
+             = t / (V - n)          otherwise
+
+This is the maximum-entropy completion (it assumes nothing about the tail) and the rule the fidelity figures in
+the field notes use. If every token is kept (``n = V``) the kept probabilities are rescaled to sum to 1.
+
+Re-tempering
+------------
+A store holds ``p = softmax(z / T0)`` (``T0`` = the store's ``temperature``). The target at temperature ``T`` is
+``softmax(z / T) ∝ p ** a`` with ``a = T0 / T``. On the kept set this is exact up to the value codec's error
+(a relative ratio ``p_i / p_j`` becomes ``(p_i / p_j) ** a``; the codec's log-domain error is multiplied by ``a``,
+so sharpening, ``T < T0``, magnifies it). The tail cannot be re-tempered exactly: its mass ``t`` is known, its
+shape is not, and ``sum_tail q ** a`` depends on the shape. Two rules are offered:
+
+``"uniform"`` (default)
+    the tail as ``V - n`` equal tokens: tempered tail mass ``(V - n) * (t / (V - n)) ** a``. Consistent with the
+    dense rule: densify-then-temper equals temper-then-densify.
+``"bucket"``
+    the tail as one token (a "ghost token"): tempered tail mass ``t ** a``.
+
+For ``a < 1`` (flattening, ``T > T0``) the true tempered tail mass lies between the bucket value (a lower bound,
+all tail mass on one token) and the uniform value (an upper bound, by concavity of ``x ** a``); for ``a > 1`` the
+bounds swap. The further ``a`` is from 1 and the larger ``t``, the wider the gap: flattening a heavily truncated
+distribution mostly manufactures tail mass the store cannot place. Tokens never kept stay indistinguishable.
+Re-tempering is refused for sampled stores (``sample``, ``topk+sample``), whose values are estimator weights,
+not teacher probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from labelstore.errors import ConfigMismatchError
+from labelstore.reconstruction import TAIL_RULES, uniform_fill
+from labelstore.selection import is_sampled
+
+DEFAULT_DENSE_BUDGET_BYTES = 2 << 30
+
+
+# ----------------------------------------------------------------------------------------------- vocabulary
+def check_student(meta: dict, vocab_size: int | None = None, tokenizer_hash: str | None = None,
+                  id_map=None) -> tuple[int, np.ndarray | None]:
+    """Check that a student can learn from a store's teacher; return (student vocab size, id map or None).
+
+    Without ``id_map`` the student must use the teacher's tokenizer: a ``vocab_size`` or ``tokenizer_hash`` that
+    differs from the store's refuses with :class:`ConfigMismatchError` (``None`` skips that comparison). With
+    ``id_map`` (integer array ``[teacher_vocab]``, ``id_map[teacher_id] = student_id`` or ``-1`` for "no
+    counterpart"; injective on its non-negative entries), any tokenizer is accepted: the caller vouches for the
+    mapping.
+    """
+    tv = int(meta["vocab_size"])
+    th = (meta.get("tokenizer") or {}).get("hash")
+    if id_map is None:
+        if vocab_size is not None and int(vocab_size) != tv:
+            raise ConfigMismatchError(
+                f"student vocabulary size {vocab_size} differs from the store's teacher ({tv}, tokenizer "
+                f"{(meta.get('tokenizer') or {}).get('name')!r}): the stored token ids would index the wrong "
+                "tokens. Use the teacher's tokenizer, or pass id_map (teacher id -> student id, -1 for none); if the "
+                f"student only pads its embedding beyond {tv}, id_map=numpy.arange({tv}) states that"
+            )
+        if tokenizer_hash is not None and th is not None and str(tokenizer_hash) != str(th):
+            raise ConfigMismatchError(
+                f"student tokenizer hash {tokenizer_hash!r} differs from the store's teacher tokenizer hash {th!r}: "
+                "the same ids may mean different tokens. Use the teacher's tokenizer, or pass an explicit id_map"
+            )
+        return tv, None
+    m = torch.as_tensor(id_map).numpy() if isinstance(id_map, torch.Tensor) else np.asarray(id_map)
+    if m.ndim != 1 or m.shape[0] != tv or not np.issubdtype(m.dtype, np.integer):
+        raise ConfigMismatchError(
+            f"id_map must be a 1-D integer array of length {tv} (the teacher's vocabulary), got shape "
+            f"{tuple(m.shape)} dtype {m.dtype}"
+        )
+    m = m.astype(np.int64)
+    sv = int(vocab_size) if vocab_size is not None else int(m.max()) + 1
+    if m.size and (m.min() < -1 or m.max() >= sv):
+        raise ConfigMismatchError(f"id_map values must lie in [-1, {sv}) (student vocabulary size {sv})")
+    valid = m[m >= 0]
+    if np.unique(valid).size != valid.size:
+        raise ConfigMismatchError("id_map maps two teacher ids to the same student id; it must be injective")
+    return sv, m
+
+
+def map_ids(id_map: np.ndarray, input_ids, ids, probs, tail, mask):
+    """Teacher ids -> student ids for one sequence. Kept entries without a student id join the tail."""
+    x = id_map[input_ids]
+    if x.size and x.min() < 0:
+        bad = int(input_ids[np.argmax(x < 0)])
+        raise ConfigMismatchError(f"input token {bad} has no student id in id_map; the student cannot read the text")
+    sid = id_map[ids]
+    drop = mask & (sid < 0)
+    if drop.any():
+        tail = tail + np.where(drop, probs, 0).sum(axis=1, dtype=np.float32)
+        probs = np.where(drop, 0, probs).astype(np.float32, copy=False)
+        mask = mask & ~drop
+    sid = np.where(mask, sid, 0)
+    return x, sid, probs, tail, mask
+
+
+# ----------------------------------------------------------------------------------------------- temperature
+def retemper(probs: np.ndarray, tail: np.ndarray, mask: np.ndarray, exponent: float, vocab_size: int,
+             tail_rule: str = "uniform") -> tuple[np.ndarray, np.ndarray]:
+    """``p ** exponent`` over the kept set plus the tail, renormalised (see the module docstring).
+
+    Args: probs float32 [T, K], tail float32 [T], mask bool [T, K] (real entries), the teacher's vocab size.
+    Positions that carry no mass stay zero. Returns new (probs, tail).
+    """
+    if tail_rule not in TAIL_RULES:
+        raise ValueError(f"tail_rule must be one of {TAIL_RULES}, got {tail_rule!r}")
+    a = float(exponent)
+    with np.errstate(divide="ignore"):
+        lk = np.where(mask, a * np.log(probs, dtype=np.float64), -np.inf)
+        lt = np.log(tail, dtype=np.float64)
+        if tail_rule == "uniform":
+            m = (vocab_size - mask.sum(axis=1)).astype(np.float64)
+            lm = np.log(np.maximum(m, 1.0))
+            lt = np.where((m > 0) & (tail > 0), lm + a * (lt - lm), -np.inf)
+        else:
+            lt = a * lt
+    mx = np.maximum(lk.max(axis=1, initial=-np.inf), lt)
+    ok = np.isfinite(mx)
+    mx = np.where(ok, mx, 0.0)
+    ek = np.exp(lk - mx[:, None])
+    et = np.exp(lt - mx)
+    z = ek.sum(axis=1) + et
+    z = np.where(ok, z, 1.0)
+    return (ek / z[:, None]).astype(np.float32), np.where(ok, et / z, 0.0).astype(np.float32)
+
+
+def temper_exponent(meta: dict, temperature: float | None) -> float | None:
+    """Exponent ``a = T0 / T`` turning the stored distribution into the one at ``temperature``; None if none."""
+    if temperature is None:
+        return None
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    mode = (meta.get("selection") or {}).get("mode")
+    if is_sampled(mode):
+        raise ConfigMismatchError(
+            f"cannot re-temper a store with selection mode {mode!r}: its values are sampling estimator weights, "
+            "not teacher probabilities; recompile at the wanted temperature instead"
+        )
+    a = float(meta["temperature"]) / t
+    return None if a == 1.0 else a
+
+
+# ----------------------------------------------------------------------------------------------- dense
+def dense_nbytes(batch: int, seq_len: int, vocab_size: int) -> int:
+    return int(batch) * int(seq_len) * int(vocab_size) * 4
+
+
+def check_dense_budget(batch: int, seq_len: int, vocab_size: int, budget_bytes: int) -> None:
+    """Refuse (ConfigMismatchError) a dense [B, T, V] float32 target larger than ``budget_bytes``."""
+    need = dense_nbytes(batch, seq_len, vocab_size)
+    if need > budget_bytes:
+        raise ConfigMismatchError(
+            f"dense targets for a batch of {batch} x {seq_len} positions x {vocab_size} tokens need "
+            f"{need / 2**30:.2f} GiB of float32, over the dense budget of {budget_bytes / 2**30:.2f} GiB. "
+            "Use sparse targets (the default; labelstore.student.losses consumes them directly), shrink the batch or "
+            "the "
+            "sequence length, or raise dense_budget_bytes if the memory really is there"
+        )
+
+
+def to_dense(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor,
+             vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense float32 [..., V] targets from sparse ones, by the module's uniform-tail rule.
+
+    ``ids`` must be unique among a position's real entries (as stores write them). Positions with no mass
+    (padding) come out all zero. ``out``: a float32 [..., V] tensor to write into (e.g. in shared memory).
+    """
+    n = mask.sum(dim=-1)
+    rest = vocab_size - n
+    fill = uniform_fill(tail, n, vocab_size)
+    # every token kept: no tail tokens to carry t, so the kept mass is rescaled to 1
+    scale = torch.where(rest > 0, torch.ones_like(tail), 1.0 / (1.0 - tail).clamp_min(1e-30))
+    shape = (*fill.shape, vocab_size)
+    dense = torch.empty(shape, dtype=torch.float32, device=probs.device) if out is None else out
+    dense.copy_(fill.unsqueeze(-1).expand(shape))
+    # kept ids receive p - fill on top of the fill; padding entries (id 0) add exactly 0
+    src = torch.where(mask, probs * scale.unsqueeze(-1) - fill.unsqueeze(-1), torch.zeros_like(probs))
+    dense.scatter_add_(-1, ids, src)
+    return dense

@@ -1,0 +1,175 @@
+"""CompileOptions: every setting of a compile, declared once; the `labelstore compile` flags are generated from it.
+
+Each field's ``metadata`` holds its command-line help (and, where it differs from ``--field-name``, its flags),
+so a new option is one new field. :meth:`CompileOptions.validate` is the only place the settings are checked;
+selection settings are checked by the one selection schema, :func:`labelstore.selection.check_selection`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from labelstore.codecs import CODEC_NAMES, DEFAULT_CODEC
+from labelstore.constants import MAX_SAMPLES
+from labelstore.selection import COMPILE_MODES, SelectionError, check_selection, default_codec
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ENCODING_NAMES = ("packed", "zstd")
+
+
+FLAGS = {"k": "--k", "p": "--top-p", "min_k": "--min-k", "samples": "--samples", "k_exact": "--k-exact"}
+
+
+def _opt(default, help: str, **cli):
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _req(help: str, **cli):
+    return field(metadata={"help": help, "required": True, **cli})
+
+
+def cli_message(exc: SelectionError) -> str:
+    """A selection error in the terms of the `labelstore compile` flags."""
+    if exc.key == "codec":
+        if exc.mode == "sample":
+            return f"--selection sample stores draw counts: its codec is count8, not --codec {exc.got}"
+        if exc.got == "count8":
+            return f"--codec count8 belongs to --selection sample only, not {exc.mode}"
+        if exc.mode == "topk+sample":
+            return f"--selection topk+sample needs a 1-byte codec (log8, e4m3, e5m2), not {exc.got}"
+    if exc.key in FLAGS and exc.requirement:
+        return f"{FLAGS[exc.key]} must be {exc.requirement}, got {exc.got}"
+    return f"--selection {exc.mode}: {exc}"
+
+
+@dataclass
+class CompileOptions:
+    """The settings of one compile (see ``labelstore compile --help`` for each)."""
+
+    teacher: str = _req("teacher model: a local directory (or hub name) for AutoModelForCausalLM")
+    data: list[str] = _req("input files or directories: text, .jsonl, .parquet, .arrow (repeatable)",
+                           nargs="+", action="extend", metavar="PATH")
+    out: str = _req("store directory (created, or resumed if it exists)")
+    tokenizer: str | None = _opt(None, "tokenizer directory or name (default: --teacher)")
+    k: int = _opt(32, "kept entries per position (topk), the maximum per position (topp)")
+    selection: str = _opt("topk", "which entries a position keeps (docs/FORMAT.md 5b): the k most probable (topk), "
+                                  "the smallest set with mass >= --top-p (topp), the distinct ids of --samples draws "
+                                  "(sample, unbiased), or the --k-exact most probable plus draws from the rest "
+                                  "(topk+sample)", choices=COMPILE_MODES)
+    top_p: float = _opt(0.9, "topp: mass to reach per position")
+    min_k: int = _opt(1, "topp: minimum entries per position")
+    samples: int = _opt(16, f"sample, topk+sample: draws per position, 1..{MAX_SAMPLES}")
+    k_exact: int = _opt(8, "topk+sample: exact most probable entries per position")
+    seed: int = _opt(0, "sample, topk+sample: random seed (recorded; a resume draws the same samples)")
+    temperature: float = _opt(1.0, "softmax temperature")
+    codec: str | None = _opt(None, f"value codec for the kept probabilities (default {DEFAULT_CODEC}; count8, the "
+                                   "only choice, for --selection sample)",
+                             choices=[c for c in CODEC_NAMES if c != "none"])
+    max_length: int = _opt(2048, "tokens per sequence")
+    pack: bool = _opt(True, "concatenate documents with EOS separators, cut into max-length sequences (default)",
+                      negative=("--truncate",), negative_help="one sequence per document, cut to max-length")
+    text_field: str = _opt("text", "JSONL field / table column holding the text")
+    token_field: str = _opt("input_ids", "table column of pre-tokenized ids, used when the text column is absent")
+    max_samples: int | None = _opt(None, "compile only the first N sequences", type=int)
+    hard_labels: bool = _opt(False, "store only the teacher's argmax token per position (no values, no tail)")
+    tail_prior: bool = _opt(True, "skip the teacher's mean distribution (the store's tail prior, one extra pass over "
+                                  "the logits)", negative=("--no-tail-prior",))
+    tokens_per_batch: int = _opt(16384, "padded tokens per teacher forward")
+    dtype: str = _opt("auto", "teacher weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
+                      choices=("auto", *DTYPE_NAMES))
+    device: str = _opt("auto", "cpu, cuda, cuda:N (default: cuda if available)")
+    shard_mb: float = _opt(256.0, "shard size in MiB")
+    encoding: str = _opt("packed", "row encoding: packed (format v1, fastest reads) or zstd (format v2, entropy-coded "
+                                   "ids and values, about a third smaller on real teachers; docs/FORMAT.md 6b)",
+                         choices=ENCODING_NAMES)
+    trust_remote_code: bool = _opt(False, "allow the teacher's own modelling code (passed to from_pretrained only "
+                                          "if given)")
+    progress: bool = _opt(True, "no progress bar nor summary", negative=("--quiet",))
+
+    # ------------------------------------------------------------------------------------------ CLI
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field: ``--field-name`` (``store_true`` for a False bool), or the field's own flags."""
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            flag = f"--{f.name.replace('_', '-')}"
+            negative, negative_help = meta.pop("negative", None), meta.pop("negative_help", None)
+            if isinstance(f.default, bool):
+                if negative and negative_help:  # a pair of switches: --pack | --truncate
+                    group = parser.add_mutually_exclusive_group()
+                    group.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=help_text)
+                    group.add_argument(*negative, dest=f.name, action="store_false", help=negative_help)
+                elif negative:  # only the switch that turns a default-on setting off: --no-tail-prior, --quiet
+                    parser.add_argument(*negative, dest=f.name, action="store_false", default=f.default,
+                                        help=help_text)
+                else:
+                    parser.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=help_text)
+                continue
+            if f.default is dataclasses.MISSING:
+                parser.add_argument(flag, dest=f.name, help=help_text, **meta)
+                continue
+            if "type" not in meta and f.default is not None:
+                meta["type"] = type(f.default)
+            if f.default is not None:
+                help_text += f" (default {f.default})"
+            parser.add_argument(flag, dest=f.name, default=f.default, help=help_text, **meta)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CompileOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def codec_name(self) -> str:
+        """The value codec this compile writes (``--codec`` resolved against the selection mode)."""
+        if self.hard_labels:
+            return "none"
+        return default_codec(self.selection) if self.codec is None else self.codec
+
+    def selection_meta(self, vocab_size: int | None = None) -> dict:
+        """``meta["selection"]`` exactly as docs/FORMAT.md 5b spells it (k clipped to the vocabulary)."""
+        if self.hard_labels:
+            return {"mode": "argmax", "k": 1}
+        k = self.k if vocab_size is None else min(self.k, vocab_size)
+        if self.selection == "topk":
+            return {"mode": "topk", "k": k}
+        if self.selection == "topp":  # min_k follows k when the vocabulary clips it
+            return {"mode": "topp", "k": k, "p": float(self.top_p),
+                    "min_k": self.min_k if vocab_size is None else min(self.min_k, k)}
+        if self.selection == "sample":
+            return {"mode": "sample", "k": self.samples, "samples": self.samples}
+        return {"mode": "topk+sample", "k_exact": self.k_exact, "samples": self.samples,
+                "k": self.k_exact + self.samples}
+
+    @property
+    def uses_tail_prior(self) -> bool:
+        """The tail prior spreads a stored tail: hard labels and pure ``sample`` stores have none."""
+        return bool(self.tail_prior and not self.hard_labels and self.selection != "sample")
+
+    # ------------------------------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag at fault (the CLI exits 2 with it)."""
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1, got {self.k}")
+        if self.selection not in COMPILE_MODES:
+            raise ValueError(f"--selection must be one of {', '.join(COMPILE_MODES)}, got {self.selection!r}")
+        if self.hard_labels and self.selection != "topk":
+            raise ValueError(f"--hard-labels stores the argmax only; it cannot be combined with --selection "
+                             f"{self.selection}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not self.hard_labels:
+            try:  # the one selection schema: every mode parameter, and the codec against the mode
+                check_selection(self.selection_meta(), self.codec_name, extraction=True)
+            except SelectionError as exc:
+                raise ValueError(cli_message(exc)) from None
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.tokens_per_batch < 1:
+            raise ValueError(f"--tokens-per-batch must be >= 1, got {self.tokens_per_batch}")
+        if not self.shard_mb > 0:
+            raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")

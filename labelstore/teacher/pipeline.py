@@ -1,0 +1,188 @@
+"""The batch loop of a compile: teacher forward and extraction on the main thread, writes on a background thread.
+
+    main thread:    batch -> teacher forward (inference_mode) -> extraction on the real positions
+                    (+ per-sequence sums of the full distribution, for the store's tail prior) -> queue
+    writer thread:  queue -> device-to-host copy -> per-sample rows -> StoreWriter.add -> shards on disk
+
+The queue is bounded, so memory holds a few batches whatever the corpus size, and the teacher never waits
+for the disk. Padding positions are never extracted nor stored. A batch whose samples are all committed is
+skipped; one that is partly committed (the shard rolled over inside it) is recomputed and only its missing
+samples are added.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from labelstore.errors import ConfigMismatchError, InvalidLogitsError
+from labelstore.store.bitpack import packed_nbytes
+from labelstore.store.format import has_tail_column
+from labelstore.teacher.batching import pad_batch, row_ids
+from labelstore.teacher.inputs import Plan
+from labelstore.teacher.prior import teacher_mass
+
+QUEUE_BATCHES = 2  # extracted batches waiting for the writer thread (bounds memory)
+
+
+@dataclass
+class CompileResult:
+    out: str
+    rank: int
+    world_size: int
+    samples: int  # sequences this rank added
+    tokens: int  # tokens this rank added
+    skipped: int  # sequences of this rank's batches already committed before this run
+    seconds: float  # wall time of the batch loop (forward, extraction, writes)
+    cpu_seconds: float = 0.0  # process CPU time of the same loop, all threads
+
+
+class WriterThread(threading.Thread):
+    """Takes extracted batches off a bounded queue, copies them to the host and adds them to the store."""
+
+    def __init__(self, writer, plan: Plan, hard: bool, bytes_per_value: int, bar):
+        super().__init__(name="labelstore-writer", daemon=True)
+        self.writer, self.plan, self.hard, self.bpv, self.bar = writer, plan, hard, bytes_per_value, bar
+        self.has_tail = has_tail_column(writer.meta)  # False for hard labels and pure `sample` stores
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.error: BaseException | None = None
+        self.samples = self.tokens = self.payload = 0
+        meta = writer.meta
+        self._bits, self._count_bytes = meta["id_bits"], meta["count_bytes"]
+        self._t0 = time.perf_counter()
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain so the producer never blocks
+            try:
+                self._write(*item)
+            except BaseException as exc:  # handed to the main thread
+                self.error = exc
+
+    def _write(self, batch: np.ndarray, lengths: np.ndarray, todo: np.ndarray, ex, mass) -> None:
+        mass = mass.cpu().numpy() if mass is not None else None
+        ids = ex.ids.cpu().numpy()
+        counts = ex.counts.cpu().numpy()
+        values = ex.values.cpu().numpy()
+        tail = ex.tail.cpu().numpy()
+        k = ids.shape[1]
+        ends = np.cumsum(lengths)
+        for r, sid in enumerate(batch):
+            if not todo[r]:
+                continue
+            a, b = int(ends[r] - lengths[r]), int(ends[r])
+            c = counts[a:b]
+            if self.hard or bool((c == k).all()):
+                s_ids = ids[a:b].reshape(-1)
+                s_vals = values[a:b].reshape(-1)
+            else:
+                keep = np.arange(k)[None, :] < c[:, None]
+                s_ids = ids[a:b][keep]
+                s_vals = values[a:b].reshape(b - a, k, self.bpv)[keep].reshape(-1)
+            ds = self.plan.doc_starts(int(sid))
+            if mass is not None:  # before add(): a shard committed by add() then owns this sequence's mass
+                self.writer.add_teacher_mass(mass[r], b - a)
+            self.writer.add(int(sid), self.plan.sequence(int(sid)), c, s_ids, s_vals,
+                            tail[a:b] if self.has_tail else np.zeros(0, np.float32), ds)
+            T, n = b - a, int(c.sum())
+            self.samples += 1
+            self.tokens += T
+            self.payload += (16 + packed_nbytes(T, self._bits) + T * self._count_bytes
+                             + packed_nbytes(n, self._bits) + n * self.bpv + (4 * T if self.has_tail else 0)
+                             + 4 * ds.size)
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self._t0, 1e-9)
+            self.bar.update(int(todo.sum()))
+            self.bar.set_postfix_str(f"{self.tokens / dt:,.0f} tok/s, {self.payload / max(self.tokens, 1):.1f} B/tok",
+                                     refresh=False)
+
+
+def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world):
+    committed = writer.committed_sample_ids()
+    todo_masks = [~np.isin(b, committed) for b in mine]
+    total = int(sum(int(t.sum()) for t in todo_masks))
+    skipped = int(sum(len(b) for b in mine)) - total
+    bar = None
+    if opts.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="seq", desc=f"compile{'' if world == 1 else f' rank 0/{world}'}",
+                   file=sys.stderr, dynamic_ncols=True, disable=None)
+    thread = WriterThread(writer, plan, opts.hard_labels, codec.bytes_per_value, bar)
+    thread.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    ok = False
+    try:
+        with torch.inference_mode():
+            for batch, todo in zip(mine, todo_masks):
+                if not todo.any():
+                    continue
+                if thread.error is not None:
+                    break
+                x, m, lengths = pad_batch(plan, batch, pad_id)
+                padded = bool((m == 0).any())
+                logits = model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False).logits
+                if logits.shape[-1] != V:
+                    raise ConfigMismatchError(f"the teacher returned {logits.shape[-1]} logits per position, "
+                                              f"expected its output vocabulary of {V}")
+                flat = logits.reshape(-1, V)
+                if padded:  # padding positions are never extracted
+                    flat = flat[m.reshape(-1).nonzero().flatten().to(device)]
+                try:
+                    ex = extract_fn(flat, row_ids(batch, lengths, opts.max_length))
+                except InvalidLogitsError as exc:
+                    raise locate_invalid(exc, batch, lengths) from None
+                mass = teacher_mass(flat, ex.lse, lengths, opts.temperature) if opts.uses_tail_prior else None
+                del logits, flat
+                thread.queue.put((batch, lengths, todo, ex, mass))
+        thread.queue.put(None)
+        thread.join()
+        if thread.error is not None:
+            raise thread.error
+        writer.close()
+        ok = True
+    finally:
+        if not ok:
+            # Error or Ctrl-C: let the writer thread finish the row it is adding (a shard it is committing
+            # completes), drop the queued batches, then discard only the open shard. A second Ctrl-C
+            # meanwhile is ignored so that the cleanup cannot be cut short; it takes at most one batch.
+            old = None
+            if threading.current_thread() is threading.main_thread():
+                old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                if thread.is_alive():
+                    thread.error = thread.error or RuntimeError("aborted")
+                    thread.queue.put(None)
+                    thread.join()
+                writer.abort()
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGINT, old)
+        if bar is not None:
+            bar.close()
+    return CompileResult(out=str(opts.out), rank=rank, world_size=world, samples=thread.samples,
+                         tokens=thread.tokens, skipped=skipped, seconds=time.perf_counter() - t0,
+                         cpu_seconds=time.process_time() - c0)
+
+
+def locate_invalid(exc: InvalidLogitsError, batch: np.ndarray, lengths: np.ndarray) -> InvalidLogitsError:
+    """Rename the kernel's row numbers as (sample id, position) pairs."""
+    ends = np.cumsum(lengths)
+    where = []
+    for row in exc.rows[:4]:
+        r = int(np.searchsorted(ends, row, side="right"))
+        where.append(f"sample {int(batch[r])} position {int(row - (ends[r] - lengths[r]))}")
+    msg = (f"the teacher produced invalid logits at {', '.join(where)}: {exc}. Nothing of this batch was "
+           "stored; committed shards are intact.")
+    return InvalidLogitsError(msg, rows=exc.rows)

@@ -1,0 +1,115 @@
+"""Damaged and hostile stores: verify catches every corruption, the reader never returns wrong numbers,
+and fuzzed manifests/shards only ever produce labelstore errors."""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from store_factory import make_meta, random_rows, write_rows
+
+from labelstore.errors import LabelStoreError
+from labelstore.store.reader import LabelStore
+from labelstore.store.verify import verify_store
+from labelstore.store.writer import StoreWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import corrupt_store  # noqa: E402
+
+
+def test_random_corruptions_detected(tmp_path):
+    rep = corrupt_store.run_trials(36, seed=1, workdir=tmp_path / "work")
+    failures = [r for r in rep["results"] if not r["verify_detected"] or r["reader"].startswith(("CRASH", "WRONG"))]
+    assert not failures, failures
+    assert rep["verify_detected"] == 36
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    p = tmp_path_factory.mktemp("fuzz") / "s"
+    with StoreWriter(p, make_meta(1000, 4), shard_bytes=3000) as w:
+        write_rows(w, random_rows(10, vocab_size=1000, k=4, seed=2))
+    return p
+
+
+def _read_everything(path):
+    s = LabelStore(path)
+    for x in s:
+        x.probs.sum()
+    return verify_store(path)
+
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                      st.text(max_size=20))
+json_value = st.recursive(json_leaf, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                          st.dictionaries(st.text(max_size=10), c, max_size=4)),
+                          max_leaves=20)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_manifest_only_raises_labelstore_errors(pristine, tmp_path_factory, data):
+    good = json.loads((pristine / "manifest.json").read_text())
+    mode = data.draw(st.sampled_from(["replace_leaf", "random_json", "raw_bytes"]))
+    if mode == "random_json":
+        body = json.dumps(data.draw(json_value)).encode()
+    elif mode == "raw_bytes":
+        body = data.draw(st.binary(max_size=300))
+    else:
+        man = json.loads(json.dumps(good))
+        keys = data.draw(st.lists(st.sampled_from(["meta", "shards", "totals", "format_version", "format"]),
+                                  min_size=1, max_size=2))
+        for key in keys:
+            if key == "shards" and man["shards"]:
+                i = data.draw(st.integers(0, len(man["shards"]) - 1))
+                field = data.draw(st.sampled_from(sorted(man["shards"][i])))
+                man["shards"][i][field] = data.draw(json_value)
+            elif key == "meta":
+                field = data.draw(st.sampled_from(sorted(man["meta"])))
+                man["meta"][field] = data.draw(json_value)
+            else:
+                man[key] = data.draw(json_value)
+        body = json.dumps(man).encode()
+    d = tmp_path_factory.mktemp("m")
+    shutil.copytree(pristine / "shards", d / "shards")
+    (d / "manifest.json").write_bytes(body)
+    try:
+        _read_everything(d)
+    except LabelStoreError:
+        pass
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(min_size=0, max_size=4000), keep=st.integers(0, 3000))
+def test_fuzzed_shard_bytes_only_raise_labelstore_errors(pristine, tmp_path_factory, blob, keep):
+    """A shard whose bytes are garbage (or a real prefix + garbage) but whose manifest entry matches its size and
+    checksum, as a malicious store would: opening and reading raise labelstore errors only."""
+    good = json.loads((pristine / "manifest.json").read_text())
+    rec = good["shards"][0]
+    data = (pristine / rec["path"]).read_bytes()[:keep] + blob
+    d = tmp_path_factory.mktemp("b")
+    (d / "shards").mkdir()
+    (d / rec["path"]).write_bytes(data)
+    rec = dict(rec, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    man = dict(good, shards=[rec])
+    man["totals"] = dict(good["totals"], shards=1, samples=rec["rows"], tokens=rec["tokens"],
+                         entries=rec["entries"], bytes=len(data))
+    (d / "manifest.json").write_text(json.dumps(man))
+    try:
+        _read_everything(d)
+    except LabelStoreError:
+        pass
+
+
+def test_symlinked_shards_refused(pristine, tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "manifest.json").write_bytes((pristine / "manifest.json").read_bytes())
+    os.symlink(pristine / "shards", d / "shards")
+    with pytest.raises(LabelStoreError, match="symbolic link"):
+        LabelStore(d)

@@ -1,0 +1,95 @@
+"""The demo's code path with tiny settings: teacher build, atomic cache, from_pretrained round trip, figures.
+
+The real demo teacher (minutes of CPU training) is never trained here: a 1-layer model learns for a few steps
+on a handful of real standard-library files, through exactly the functions `labelstore demo` uses.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from labelstore.tools import demo_model
+from labelstore.tools.demo import run_demo
+from labelstore.tools.demo_model import INFO_FILE, DemoConfig, corpus_files, ensure_demo_teacher, stdlib_root
+
+TINY = DemoConfig(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seq_len=64,
+                  batch_size=4, steps=4, warmup_steps=2, tokenizer_chars=100_000, train_chars=100_000,
+                  heldout_modulus=4)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few real standard-library sources, at their relative paths."""
+    root = tmp_path_factory.mktemp("stdlib")
+    src = stdlib_root()
+    picked = [f for f in corpus_files(src) if 2_000 < f.stat().st_size < 15_000][:40]
+    for f in picked:
+        dst = root / f.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst)
+    return root
+
+
+def test_demo_builds_caches_and_reports(tmp_path, corpus):
+    lines: list[str] = []
+    cache = tmp_path / "cache"
+    first = run_demo(cache_dir=cache, config=TINY, corpus_root=corpus, samples=6, max_length=64,
+                     fidelity_samples=2, log=lines.append)
+    teacher = cache / TINY.cache_name()
+    assert first["built"] and first["teacher"] == str(teacher)
+    assert sorted(p.name for p in cache.iterdir()) == [teacher.name]  # no temporary folder left behind
+    for name in ("config.json", "model.safetensors", "tokenizer.json", INFO_FILE):
+        assert (teacher / name).is_file()
+
+    # the saved teacher loads back through the same path as a user's model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    assert len(tok) == TINY.vocab_size == model.config.vocab_size
+    text = "def f(x):\n    return x + 1\n"
+    assert tok.decode(tok(text)["input_ids"]) == text
+
+    s, fid = first["summary"], first["fidelity"]
+    assert s["samples"] == 6 and s["vocab_size"] == TINY.vocab_size
+    assert 0 < fid["entropy"] <= math.log(TINY.vocab_size) + 1e-9
+    assert fid["kl_mean"] >= 0 and 0 < fid["kept_mass"] <= 1 and fid["positions"] == 2 * 64
+    out = "\n".join(lines)
+    assert "bytes per token" in out and "log V" in out and "KL(teacher || store)" in out
+
+    again = run_demo(cache_dir=cache, config=TINY, corpus_root=corpus, samples=6, max_length=64,
+                     fidelity_samples=2, log=lines.append)
+    assert not again["built"] and again["teacher"] == first["teacher"]
+    assert again["fidelity"] == first["fidelity"]  # same teacher, same store
+
+
+def test_demo_teacher_is_deterministic(tmp_path, corpus):
+    a = ensure_demo_teacher(tmp_path / "a", TINY, log=lambda _: None, root=corpus)
+    b = ensure_demo_teacher(tmp_path / "b", TINY, log=lambda _: None, root=corpus)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_failed_build_leaves_no_cache_entry(tmp_path, corpus, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(demo_model, "train_model", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        ensure_demo_teacher(tmp_path / "c", TINY, log=lambda _: None, root=corpus)
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_cache_names_separate_configurations():
+    assert DemoConfig().cache_name() == "demo-teacher-v1"
+    assert TINY.cache_name().startswith("demo-teacher-v1-") and TINY.cache_name() != DemoConfig().cache_name()

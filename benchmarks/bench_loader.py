@@ -6,9 +6,12 @@ Content (synthetic, clearly so): ``--samples`` sequences of T = 2048 tokens, V =
 position with a Zipf-like decay and a random tail, stored twice from the same arrays:
 
 - labelstore: the store format (ids bit-packed at 15 bits, log8 values, float32 tail);
-- baseline: Parquet with ``input_ids`` list<int64>, ``ids`` list<list<int64>> [T][k], ``probs``
-  list<list<float32>> (absolute probabilities) and ``tail`` list<float32>, read with pyarrow and decoded the
-  way a quick script does it (``to_pylist()`` then ``torch.tensor``), in a map-style Dataset.
+- baselines: Parquet with ``input_ids`` list<int64>, ``ids`` list<list<int64>> [T][k], ``probs``
+  list<list<float32>> (absolute probabilities) and ``tail`` list<float32>, memory-mapped with pyarrow, in a
+  map-style Dataset, decoded two ways: **numpy** (the best reasonable script: each row's flattened Arrow buffers
+  viewed as numpy arrays, no Python objects; timed exactly like labelstore: same batches, same repeats) and
+  **naive** (``to_pylist()`` then ``torch.tensor``, what a quick script often does; fewer batches and one run,
+  as it is two orders of magnitude slower; kept for reference, labelled as such).
 
 Both produce the same batch (input ids, labels, masks, teacher ids/probs/tail; dense adds [B, T, V] targets)
 through a torch DataLoader with 0 and 2 workers, from a warm page cache (every file is read once first).
@@ -47,6 +50,8 @@ from labelstore.student.loader import StoreLoader  # noqa: E402
 from labelstore.student.targets import to_dense  # noqa: E402
 
 V, K, T = 32000, 32, 2048
+NUMPY = "parquet + numpy"  # the fair baseline: same batches, same repeats
+NAIVE = "parquet to_pylist"  # the naive quick script, for reference
 
 
 # ------------------------------------------------------------------------------------------------ content
@@ -126,6 +131,31 @@ class QuickParquetDataset(torch.utils.data.Dataset):
         }
 
 
+class NumpyParquetDataset(QuickParquetDataset):
+    """The best reasonable script: per row, the flattened Arrow buffers as numpy arrays (zero-copy views)."""
+
+    def __getitem__(self, i):
+        if self.table is None:
+            self.table = pq.read_table(self.path, memory_map=True).combine_chunks()
+        row = self.table.slice(int(i), 1)
+
+        def values(name, depth):
+            col = row.column(name).chunk(0)
+            for _ in range(depth):
+                col = col.flatten()
+            return col.to_numpy()
+
+        x = values("input_ids", 1)
+        n = x.shape[0]
+        return {
+            "sample_id": int(row.column("sample_id")[0].as_py()),
+            "input_ids": torch.from_numpy(x),
+            "teacher_ids": torch.from_numpy(values("ids", 2).reshape(n, -1)),
+            "teacher_probs": torch.from_numpy(values("probs", 2).reshape(n, -1)),
+            "teacher_tail": torch.from_numpy(values("tail", 1)),
+        }
+
+
 class QuickCollate:
     def __init__(self, dense=False):
         self.dense = dense
@@ -185,6 +215,7 @@ def main(argv=None):
 
     ds = StoreDataset(root / "store")
     quick = QuickParquetDataset(root / "baseline.parquet")
+    fast = NumpyParquetDataset(root / "baseline.parquet")
     rows = []
     for mode, B in (("sparse", 8), ("dense", 2)):
         dense = mode == "dense"
@@ -196,16 +227,21 @@ def main(argv=None):
                 return iter(StoreLoader(ds, batch_size=B, seed=0, num_workers=workers, dense=dense,
                                         collate_kwargs={"dense_budget_bytes": 4 << 30}))
 
-            def base(workers=workers, dense=dense, B=B):
-                sampler = torch.utils.data.RandomSampler(quick, generator=torch.Generator().manual_seed(0))
-                return iter(torch.utils.data.DataLoader(quick, batch_size=B, sampler=sampler, num_workers=workers,
+            def base(workers=workers, dense=dense, B=B, data=quick):
+                sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(0))
+                return iter(torch.utils.data.DataLoader(data, batch_size=B, sampler=sampler, num_workers=workers,
                                                         collate_fn=QuickCollate(dense)))
 
-            for name, make in (("labelstore", ours), ("parquet quick script", base)):
-                nbatches = nb if name == "labelstore" else min(nb, 3 if not dense else 2)
-                med, per_cpu, all_rates = tokens_per_s(make, args.repeats if name == "labelstore" else 1, nbatches)
+            def numpy_base(workers=workers, dense=dense, B=B):
+                return base(workers, dense, B, data=fast)
+
+            for name, make in (("labelstore", ours), (NUMPY, numpy_base), (NAIVE, base)):
+                naive = name == NAIVE
+                nbatches = min(nb, 3 if not dense else 2) if naive else nb
+                med, per_cpu, all_rates = tokens_per_s(make, 1 if naive else args.repeats, nbatches)
                 rows.append({"mode": mode, "batch": B, "seq_len": T, "workers": workers, "loader": name,
                              "tokens_per_s": med, "runs": all_rates, "batches_timed": nbatches,
+                             "repeats": 1 if naive else args.repeats,
                              # with 0 workers all the work is this process's: tokens per second of one busy core
                              "tokens_per_cpu_s": per_cpu if workers == 0 else None})
                 extra = f"  ({per_cpu:,.0f} per CPU-second)" if workers == 0 else ""
@@ -217,8 +253,9 @@ def main(argv=None):
 
     one_core = rate("sparse", 0, "labelstore", "tokens_per_cpu_s")
 
-    ratios = {f"{m}_w{w}": rate(m, w, "labelstore") / rate(m, w, "parquet quick script")
-              for m in ("sparse", "dense") for w in (0, 2)}
+    ratios = {f"{m}_w{w}": rate(m, w, "labelstore") / rate(m, w, NUMPY) for m in ("sparse", "dense") for w in (0, 2)}
+    naive_ratios = {f"{m}_w{w}": rate(m, w, "labelstore") / rate(m, w, NAIVE)
+                    for m in ("sparse", "dense") for w in (0, 2)}
     result = {
         "benchmark": "loader",
         "content": "synthetic (Zipf-like top-k, random tail)",
@@ -231,20 +268,24 @@ def main(argv=None):
                     "torch": torch.__version__, "pyarrow": pa.__version__, "loadavg_1m": os.getloadavg()[0]},
         "rows": rows,
         "speedup_vs_baseline": ratios,
+        "baseline": NUMPY + " (same batches and repeats as labelstore)",
+        "speedup_vs_naive_baseline": naive_ratios,
         "targets": {"sparse_one_core_tokens_per_s": 1e6, "sparse_speedup": 10.0},
         "sparse_one_core_tokens_per_cpu_s": one_core,
+        # issue 5's 10x target was set against the quick script (the naive baseline)
         "targets_met": {"sparse_one_core": one_core >= 1e6,
-                        "sparse_speedup": ratios["sparse_w0"] >= 10.0},
+                        "sparse_speedup_vs_naive": naive_ratios["sparse_w0"] >= 10.0},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     print()
-    print(f"{'mode':6s} {'workers':>7s} {'labelstore tok/s':>17s} {'baseline tok/s':>15s} {'speedup':>8s}")
+    print(f"{'mode':6s} {'workers':>7s} {'labelstore tok/s':>17s} {'numpy tok/s':>12s} {'ratio':>6s} "
+          f"{'naive tok/s':>12s} {'ratio':>6s}")
     for m in ("sparse", "dense"):
         for w in (0, 2):
-            print(f"{m:6s} {w:7d} {rate(m, w, 'labelstore'):17,.0f} {rate(m, w, 'parquet quick script'):15,.0f} "
-                  f"{ratios[f'{m}_w{w}']:7.1f}x")
+            print(f"{m:6s} {w:7d} {rate(m, w, 'labelstore'):17,.0f} {rate(m, w, NUMPY):12,.0f} "
+                  f"{ratios[f'{m}_w{w}']:5.2f}x {rate(m, w, NAIVE):12,.0f} {naive_ratios[f'{m}_w{w}']:5.1f}x")
     print(f"sparse, one core (tokens per CPU-second, 0 workers): {one_core:,.0f} (target 1,000,000)")
     print(f"bytes per token: store {result['bytes']['store_per_token']:.1f}, "
           f"parquet {result['bytes']['parquet_per_token']:.1f}; load average {os.getloadavg()[0]:.1f} on "

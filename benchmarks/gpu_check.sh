@@ -6,7 +6,7 @@
 #
 # 1. Parity at realistic shapes (8192 bf16 rows, V in {32000, 131072, 262144}, k in {32, 64, 128}): Triton
 #    kernel vs the torch twin on the same GPU (ids and counts exact, tail / lse / value codes within the
-#    tolerances of tests/test_extract.py), and both vs a float64 dense reference on 16 rows; other codecs at
+#    tolerances of tests/gpu_kernels/test_extract.py), and both vs a float64 dense reference on 16 rows; other codecs at
 #    one shape; a NaN row must raise naming the row.
 # 2. Timing (CUDA events via triton.testing.do_bench, median): the kernel alone, the public call (plus its
 #    bad-row check), the twin, and the naive log_softmax -> topk -> encode; GB/s of logits read against
@@ -90,7 +90,7 @@ def bench_ms(fn, rep_ms=60):
 
 
 def make_logits(n, V, seed):
-    """Teacher-like bf16 logits, plus the hard rows of tests/test_extract.py in rows 0..5."""
+    """Teacher-like bf16 logits, plus the hard rows of tests/gpu_kernels/test_extract.py in rows 0..5."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     x = torch.empty(n, V, dtype=torch.bfloat16, device=DEV)
     for s in range(0, n, 1024):

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from labelstore.constants import MAX_SAMPLES
+
 LOG8_DEFAULT_STEP = 1.0 / 16.0
 ZERO_CODE = 255  # log8's code for a zero weight
 
@@ -83,9 +85,9 @@ class ValueCodec:
 
     @staticmethod
     def encode_counts(counts: torch.Tensor) -> torch.Tensor:
-        """count8 bytes of per-entry sample counts (0..255)."""
-        if counts.numel() and (counts.min() < 0 or counts.max() > 255):
-            raise ValueError("sample counts must lie in [0, 255]")
+        """count8 bytes of per-entry sample counts (0..MAX_SAMPLES)."""
+        if counts.numel() and (counts.min() < 0 or counts.max() > MAX_SAMPLES):
+            raise ValueError(f"sample counts must lie in [0, {MAX_SAMPLES}]")
         return counts.to(torch.uint8)
 
     # ------------------------------------------------------------------ decode

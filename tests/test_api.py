@@ -1,0 +1,86 @@
+"""The public API: top-level names, the version, a cheap import, and the CLI generated from CompileOptions."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+import labelstore
+from labelstore.teacher.options import CompileOptions
+
+
+def test_every_public_name_resolves_to_its_module():
+    for name in labelstore.__all__:
+        value = getattr(labelstore, name)
+        if name != "__version__":
+            assert value is getattr(importlib.import_module(labelstore._EXPORTS[name]), name)
+    from labelstore import (  # the README's import line
+        CompileOptions as CO,
+    )
+    from labelstore import (
+        LabelStore,
+        LabelStoreError,
+        StoreDataset,
+        StoreLoader,
+        compile_store,
+        distillation_loss,
+    )
+    from labelstore.errors import LabelStoreError as Base
+    from labelstore.store.reader import LabelStore as Reader
+
+    assert LabelStore is Reader and LabelStoreError is Base and CO is CompileOptions
+    assert callable(compile_store) and callable(distillation_loss) and StoreDataset and StoreLoader
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        labelstore.NoSuchThing  # noqa: B018
+
+
+def test_version_is_the_installed_distribution_version():
+    assert labelstore.__version__ == importlib.metadata.version("labelstore")
+
+
+def test_import_labelstore_is_cheap():
+    """`import labelstore` imports neither torch nor transformers (public names load on first use)."""
+    code = "import sys, labelstore; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    CompileOptions.add_arguments(parser)
+    return CompileOptions.from_args(parser.parse_args(argv))
+
+
+REQUIRED = ["--teacher", "T", "--data", "a.txt", "b.txt", "--out", "S"]
+
+
+def test_cli_defaults_are_the_dataclass_defaults():
+    assert _parse(REQUIRED) == CompileOptions(teacher="T", data=["a.txt", "b.txt"], out="S")
+
+
+def test_every_option_has_a_flag_that_sets_it():
+    """Each field is reachable from the command line and lands in the field of the same name."""
+    argv = REQUIRED + ["--tokenizer", "tok", "--k", "7", "--selection", "topp", "--top-p", "0.5", "--min-k", "2",
+                       "--samples", "9", "--k-exact", "3", "--seed", "4", "--temperature", "2.5", "--codec", "e4m3",
+                       "--max-length", "99", "--truncate", "--text-field", "body", "--token-field", "ids",
+                       "--max-samples", "5", "--hard-labels", "--no-tail-prior", "--tokens-per-batch", "77",
+                       "--dtype", "float16", "--device", "cpu", "--shard-mb", "1.5", "--encoding", "zstd",
+                       "--trust-remote-code", "--quiet"]
+    got = _parse(argv)
+    default = CompileOptions(teacher="T", data=["a.txt", "b.txt"], out="S")
+    changed = {f.name for f in dataclasses.fields(CompileOptions)
+               if getattr(got, f.name) != getattr(default, f.name)}
+    unchanged = {f.name for f in dataclasses.fields(CompileOptions)} - changed - {"teacher", "data", "out"}
+    assert not unchanged, f"options the CLI could not set: {unchanged}"
+    assert (got.k, got.top_p, got.pack, got.tail_prior, got.progress, got.max_samples) == (7, 0.5, False, False,
+                                                                                          False, 5)
+
+
+def test_pack_and_truncate_are_exclusive():
+    with pytest.raises(SystemExit):
+        _parse(REQUIRED + ["--pack", "--truncate"])

@@ -41,7 +41,8 @@ def test_demo_builds_caches_and_reports(tmp_path, corpus):
     lines: list[str] = []
     cache = tmp_path / "cache"
     first = run_demo(cache_dir=cache, config=TINY, corpus_root=corpus, samples=6, max_length=64,
-                     fidelity_samples=2, log=lines.append)
+                     fidelity_samples=2, log=lines.append, out=str(tmp_path / "store"))
+    first["out"] = tmp_path / "store"
     teacher = cache / TINY.cache_name()
     assert first["built"] and first["teacher"] == str(teacher)
     assert sorted(p.name for p in cache.iterdir()) == [teacher.name]  # no temporary folder left behind
@@ -60,14 +61,42 @@ def test_demo_builds_caches_and_reports(tmp_path, corpus):
     s, fid = first["summary"], first["fidelity"]
     assert s["samples"] == 6 and s["vocab_size"] == TINY.vocab_size
     assert 0 < fid["entropy"] <= math.log(TINY.vocab_size) + 1e-9
-    assert fid["kl_mean"] >= 0 and 0 < fid["kept_mass"] <= 1 and fid["positions"] == 2 * 64
+    assert 0 < fid["kept_mass"] <= 1 and fid["positions"] == 2 * 64
+    # the figures against a reference computed here, in float64, from the store and the saved teacher
+    ref = _reference_fidelity(first["out"], model, 2)
+    assert fid["kl_mean_uniform_tail"] == pytest.approx(ref["kl_uniform"], rel=1e-6)
+    assert fid["kept_mass"] == pytest.approx(ref["kept_mass"], rel=1e-9)
+    assert fid["first_is_argmax"] == ref["first_is_argmax"]
     out = "\n".join(lines)
     assert "bytes per token" in out and "log V" in out and "KL(teacher || store)" in out
 
     again = run_demo(cache_dir=cache, config=TINY, corpus_root=corpus, samples=6, max_length=64,
-                     fidelity_samples=2, log=lines.append)
+                     fidelity_samples=2, log=lines.append, out=str(tmp_path / "store2"))
     assert not again["built"] and again["teacher"] == first["teacher"]
     assert again["fidelity"] == first["fidelity"]  # same teacher, same store
+
+
+@torch.inference_mode()
+def _reference_fidelity(path, model, n):
+    """Dense float64 KL(teacher || kept + uniform tail), kept mass and first-entry agreement, written out here."""
+    from labelstore import LabelStore
+
+    store = LabelStore(path)
+    V = store.vocab_size
+    kl, kept, agree = [], [], []
+    for i in range(n):
+        s = store[i]
+        p = torch.softmax(model(input_ids=s.input_ids[None]).logits[0].double(), -1)
+        for t in range(p.shape[0]):
+            c = int(s.counts[t])
+            ids, probs = s.ids[t, :c], s.probs[t, :c].double()
+            q = torch.full((V,), float(s.tail[t]) / (V - c), dtype=torch.float64)
+            q[ids] = probs
+            kl.append(float((p[t] * (p[t].log() - q.log())).sum()))
+            kept.append(float(p[t, ids].sum()))
+            agree.append(float(int(ids[0]) == int(p[t].argmax())))
+    return {"kl_uniform": sum(kl) / len(kl), "kept_mass": sum(kept) / len(kept),
+            "first_is_argmax": sum(agree) / len(agree)}
 
 
 def test_demo_teacher_is_deterministic(tmp_path, corpus):

@@ -42,6 +42,7 @@ _EXPORTS = {
     "StoreDataset": "labelstore.student.dataset",
     "StoreIterableDataset": "labelstore.student.dataset",
     "StoreLoader": "labelstore.student.loader",
+    "StoreMixture": "labelstore.student.mixture",
     "StoreSampler": "labelstore.student.sampler",
     "Collator": "labelstore.student.collate",
     "distillation_loss": "labelstore.student.losses",
@@ -77,6 +78,7 @@ __all__ = [
     "StoreDataset",
     "StoreIterableDataset",
     "StoreLoader",
+    "StoreMixture",
     "StoreSampler",
     "Collator",
     "distillation_loss",
@@ -135,6 +137,7 @@ if TYPE_CHECKING:  # static tools see the real names
         reverse_kl,
         sparse_kl,
     )
+    from labelstore.student.mixture import StoreMixture
     from labelstore.student.sampler import StoreSampler
     from labelstore.student.targets import to_dense
     from labelstore.teacher.compile import compile_store

@@ -54,6 +54,18 @@ def pad_batch(plan: Plan, batch: np.ndarray, pad_id: int) -> tuple[torch.Tensor,
     return torch.from_numpy(x), torch.from_numpy(m), lengths
 
 
+def rank_batches(batches: list, rank: int, world: int) -> list:
+    """This rank's batches: a contiguous block of the plan's batches (the first ``len % world`` ranks take one more).
+
+    Contiguous blocks (not round-robin) keep every rank's sample ids in one range, so that the store's shards,
+    ordered by first sample id, list the rows in the same order as a 1-process compile (packed plans, where batches
+    hold consecutive ids): a student's loader then sees the same store whatever the world size.
+    """
+    per, extra = divmod(len(batches), world)
+    start = rank * per + min(rank, extra)
+    return batches[start:start + per + (1 if rank < extra else 0)]
+
+
 def row_ids(batch: np.ndarray, lengths: np.ndarray, max_length: int) -> np.ndarray:
     """Global row id ``sample_id * max_length + position`` of every real position of a batch (FORMAT.md 5b)."""
     return np.concatenate([int(sid) * max_length + np.arange(int(n), dtype=np.int64)

@@ -6,7 +6,8 @@ One process per rank (``torchrun`` starts several)::
     plan -> deterministic batches (<= tokens_per_batch each)          labelstore.teacher.batching
     batches -> teacher forward -> extraction -> writer thread -> shards labelstore.teacher.pipeline
 
-Resume and scale-out: batch ``b`` belongs to rank ``b % world_size``. Batches are planned from the inputs
+Resume and scale-out: rank ``r`` of ``N`` takes the ``r``-th contiguous block of the batches
+(:func:`~labelstore.teacher.batching.rank_batches`). Batches are planned from the inputs
 and ``--tokens-per-batch`` alone, so a rerun computes every sample in the same batch as before, with the same
 numerics. Every rank writes its own shards; rank 0 writes the manifest after a barrier.
 """
@@ -27,7 +28,7 @@ from labelstore.codecs import get_codec
 from labelstore.distributed import local_rank, rank_world
 from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError, StoreWriteError
 from labelstore.selection import is_sampled
-from labelstore.teacher.batching import plan_batches
+from labelstore.teacher.batching import plan_batches, rank_batches
 from labelstore.teacher.inputs import InputConfig, Plan, build_plan
 from labelstore.teacher.model import (
     config_vocab_size,
@@ -181,7 +182,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                               tokenizer_fingerprint(tokenizer), world)
             _check_inputs_still_there(opts.out, plan)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
-            mine = batches[rank::world]
+            mine = rank_batches(batches, rank, world)
             try:
                 writer = StoreWriter(opts.out, meta, rank=rank, world_size=world,
                                      shard_bytes=max(1, int(opts.shard_mb * (1 << 20))))

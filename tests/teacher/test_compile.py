@@ -222,6 +222,26 @@ def test_torchrun_two_ranks_equal_one(env, tmp_path):
     assert any(s.startswith("r00000-") for s in shards) and any(s.startswith("r00001-") for s in shards)
     assert_same_rows(store_rows(tmp_path / "one"), store_rows(tmp_path / "two"))
     np.testing.assert_allclose(raw_prior(tmp_path / "one"), raw_prior(tmp_path / "two"), rtol=1e-6)
+    # and the same store for a student: rows in the same order, so a seeded loader yields the same batches
+    one, two = LabelStore(tmp_path / "one"), LabelStore(tmp_path / "two")
+    np.testing.assert_array_equal(one.sample_ids(), two.sample_ids())
+    from labelstore import StoreDataset, StoreLoader
+
+    def batches(path):
+        return list(StoreLoader(StoreDataset(path), batch_size=3, seed=7, rank=0, world_size=1))
+
+    for a, b in zip(batches(tmp_path / "one"), batches(tmp_path / "two"), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rank_batches_split_the_plan_into_contiguous_blocks():
+    from labelstore.teacher.batching import rank_batches
+
+    batches = [np.array([i]) for i in range(11)]
+    for world in (1, 2, 3, 4, 11, 12):
+        blocks = [rank_batches(batches, r, world) for r in range(world)]
+        assert [int(b[0]) for block in blocks for b in block] == list(range(11))  # every batch once, in order
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
 def test_changed_config_is_refused_and_the_store_left_intact(env, tmp_path):

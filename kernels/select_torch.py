@@ -56,6 +56,9 @@ from labelstore.selection import check_selection
 from labelstore_kernels.contract import Extracted, prepare, raise_invalid_rows
 from labelstore_kernels.extract_torch import extract_topk_torch
 
+# The draws' definition (splitmix64 keys, inverse-CDF in float64, see above). Bump it whenever the samples a
+# (seed, row id, logits) triple produces change: a store records it, and a resume refuses a different one.
+SAMPLER_VERSION = 1
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1 = 0xBF58476D1CE4E5B9
 MIX2 = 0x94D049BB133111EB

@@ -43,6 +43,7 @@ from labelstore.teacher.model import (
 )
 from labelstore.teacher.options import CompileOptions
 from labelstore.teacher.pipeline import CompileResult, run_batches
+from labelstore_kernels.select_torch import SAMPLER_VERSION
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
 
@@ -96,7 +97,8 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
     codec = get_codec(opts.codec_name)
     selection = opts.selection_meta(vocab_size)
     sampled = is_sampled(selection["mode"])
-    config = {"seed": int(opts.seed)} if sampled else {}  # only sampled labels depend on it (older stores resume)
+    # only sampled labels depend on the seed and the sampler (stores of other modes written before resume as before)
+    config = {"seed": int(opts.seed), "sampler_version": SAMPLER_VERSION} if sampled else {}
     return {
         "vocab_size": vocab_size,
         "label_kind": "hard" if opts.hard_labels else "soft",
@@ -117,6 +119,8 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "tail_prior": opts.uses_tail_prior,
             "add_special_tokens": True,
             "eos_between_documents": True,
+            # batch composition changes the teacher's numerics (padding, matmul shapes) and the tail prior's sums
+            "tokens_per_batch": opts.tokens_per_batch,
             **config,
         },
         "runtime": {
@@ -181,6 +185,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
             meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
                               tokenizer_fingerprint(tokenizer), world)
             _check_inputs_still_there(opts.out, plan)
+            _accept_older_config(opts.out, meta)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
             mine = rank_batches(batches, rank, world)
             try:
@@ -236,3 +241,30 @@ def _check_inputs_still_there(out, plan: Plan) -> None:
             f"{f' and {len(gone) - 5} more' if len(gone) > 5 else ''}. Restore them and rerun the same command to "
             "resume; committed shards are intact."
         )
+
+
+# keys added to compile_config after stores were written without them: (key, runtime key that held it, or None)
+LATER_KEYS = (("tokens_per_batch", "tokens_per_batch"), ("sampler_version", None))
+
+
+def _accept_older_config(out, meta: dict) -> None:
+    """Resume a store written before a compared key existed: drop the key from ``meta`` if the store's own record
+    agrees (for ``tokens_per_batch``, its ``runtime`` entry), else refuse naming the key."""
+    from labelstore.store.manifest import CONFIG
+
+    try:
+        old = json.loads((Path(out) / CONFIG).read_text())
+        old_cfg, old_runtime = old["compile_config"], old.get("runtime", {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a new store, or a damaged config that the writer reports
+    for key, runtime_key in LATER_KEYS:
+        if key in old_cfg or key not in meta["compile_config"]:
+            continue
+        now = meta["compile_config"].pop(key)
+        if runtime_key is not None and old_runtime.get(runtime_key) != now:
+            raise ConfigMismatchError(
+                f"{out} was compiled with {runtime_key} {old_runtime.get(runtime_key)!r}, this run asks for {now!r}: "
+                f"it changes the labels' numerics. Rerun with --{key.replace('_', '-')} "
+                f"{old_runtime.get(runtime_key)} to resume; committed shards are intact."
+            )
+

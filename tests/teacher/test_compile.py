@@ -8,6 +8,7 @@ disagreement on ids: the batched forward and the unbatched reference may differ 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -256,11 +257,30 @@ def test_changed_config_is_refused_and_the_store_left_intact(env, tmp_path):
         compile_store(opts(env, out, data=[str(p) for p in sorted(env["corpus"].iterdir())[:10]]))
     with pytest.raises(ConfigMismatchError, match=r"teacher\.hash"):
         compile_store(opts(env, out, teacher=str(env["gpt2"])))
+    # batch composition changes the teacher's numerics (padding, matmul shapes): a resume must keep it
+    with pytest.raises(ConfigMismatchError, match=r"compile_config\.tokens_per_batch: 256 in the store, 1024 now"):
+        compile_store(opts(env, out, tokens_per_batch=1024))
     assert snapshot(out) == before
-    # the same command again: nothing to do, same store (runtime settings such as the batch size may change)
-    again = compile_store(opts(env, out, tokens_per_batch=1024))
+    # the same command again: nothing to do, same store (runtime settings such as the shard size may change)
+    again = compile_store(opts(env, out, shard_mb=1.0))
     assert again.samples == 0 and again.skipped == first.samples
     assert store_rows(out).keys() == set(range(first.samples))
+
+
+def test_a_store_from_before_tokens_per_batch_was_compared_resumes_only_with_its_own(tmp_path):
+    """Stores written by 0.1 kept tokens_per_batch under `runtime`: the same value resumes, another is refused."""
+    from labelstore.teacher.compile import _accept_older_config
+
+    old = {"compile_config": {"max_length": 64}, "runtime": {"tokens_per_batch": 256}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    meta = {"compile_config": {"max_length": 64, "tokens_per_batch": 256}}
+    _accept_older_config(tmp_path, meta)
+    assert meta == {"compile_config": {"max_length": 64}}  # now equal to what the store recorded
+    with pytest.raises(ConfigMismatchError, match="tokens_per_batch 256, this run asks for 512"):
+        _accept_older_config(tmp_path, {"compile_config": {"max_length": 64, "tokens_per_batch": 512}})
+    new = {"compile_config": {"tokens_per_batch": 512}}
+    _accept_older_config(tmp_path / "absent", new)  # a new store: nothing to reconcile
+    assert new == {"compile_config": {"tokens_per_batch": 512}}
 
 
 # ------------------------------------------------------------------------------------------ bad input

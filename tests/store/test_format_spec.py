@@ -135,17 +135,19 @@ def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab, en
             np.testing.assert_allclose(x.probs[t, : len(ids_t)].numpy(), probs_t, rtol=2e-5, atol=1e-7)
 
 
-def test_store_written_by_format_v1_code_still_reads():
-    """tests/data/store_v1 was written by the version-1 writer (before entropy coding existed)."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_store_written_by_older_format_code_still_reads(version):
+    """tests/data/store_v1 and store_v2 were written by the version-1 and version-2 writers (v1: before entropy
+    coding existed; v2: zstd rows, before the row CRC covered sample_id and num_tokens)."""
     from labelstore.store.reader import LabelStore
     from labelstore.store.verify import verify_store
 
     root = Path(__file__).parents[1] / "data"
-    expected = json.loads((root / "store_v1_expected.json").read_text())
-    s = LabelStore(root / "store_v1")
-    assert s.meta["format_version"] == 1 and "encoding" not in s.meta
+    expected = json.loads((root / f"store_v{version}_expected.json").read_text())
+    s = LabelStore(root / f"store_v{version}")
+    assert s.meta["format_version"] == version and (version == 2) == ("encoding" in s.meta)
     got = [{"sample_id": x.sample_id, "input_ids": x.input_ids.tolist(), "ids": x.ids.tolist(),
             "probs": x.probs.tolist(), "tail": x.tail.tolist()} for x in s]
     assert got == expected
-    assert verify_store(root / "store_v1")["ok"]
-    assert sorted(spec_decode_store(root / "store_v1")) == [r["sample_id"] for r in expected]
+    assert verify_store(root / f"store_v{version}")["ok"]
+    assert sorted(spec_decode_store(root / f"store_v{version}")) == [r["sample_id"] for r in expected]

@@ -3,7 +3,9 @@
 Nothing from labelstore is imported by the decoder below (only the writer is used, to make a store).
 """
 
+import hashlib
 import json
+import struct
 import zlib
 from pathlib import Path
 
@@ -76,23 +78,31 @@ def spec_v2_row(meta, cols, r, T):
 def spec_decode_store(path: Path) -> dict:
     """{sample_id: (input_ids, [per-position (ids, probs)], tail)} per docs/FORMAT.md."""
     man = json.loads((path / "manifest.json").read_text())
-    assert man["format"] == "labelstore" and man["format_version"] in (1, 2)
+    version = man["format_version"]
+    assert man["format"] == "labelstore" and version in (1, 2, 3)
+    if version >= 3:  # section 2: the digest of the manifest without its "digest" key, canonical JSON
+        body = {k: v for k, v in man.items() if k != "digest"}
+        assert man["digest"] == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                                               ).hexdigest()
     meta = man["meta"]
+    zstd = meta.get("encoding", {"name": "packed"})["name"] == "zstd"
     w, cb = meta["id_bits"], meta["count_bytes"]
     assert w == (meta["vocab_size"] - 1).bit_length()
     out = {}
     for sh in man["shards"]:
         table = pa.ipc.open_file(pa.memory_map(str(path / sh["path"]))).read_all()
         assert json.loads(table.schema.metadata[b"labelstore"]) == meta
+        if version >= 3:
+            assert json.loads(table.schema.metadata[b"labelstore_shard"]) == {"rank": sh["rank"], "seq": sh["seq"]}
         cols = table.to_pydict()
         for r in range(table.num_rows):
             T = cols["num_tokens"][r]
             payload = [cols[c][r] for c in ("input_ids", "counts", "ids", "values", "tail", "doc_starts")]
-            crc = 0
+            crc = zlib.crc32(struct.pack("<qi", cols["sample_id"][r], T)) if version >= 3 else 0
             for p in payload:
                 crc = zlib.crc32(p, crc)
             assert crc == cols["crc32"][r]
-            if man["format_version"] == 2:
+            if zstd:
                 inp, counts, ids, tail, values = spec_v2_row(meta, cols, r, T)
             else:
                 inp = spec_unpack(cols["input_ids"][r], w, T)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,12 +137,14 @@ class _Shard:
 
 def check_shard_file(path: Path, rec: dict) -> None:
     """A shard named in the manifest exists as a regular file of the recorded size (``lstat``: never opened)."""
-    if not os.path.lexists(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         raise StoreCorruptError(
             f"shard {path} listed in the manifest is missing; the store is incomplete: re-copy it from its "
             "source, or rerun the compile to rebuild it"
-        )
-    size = check_regular(path, "shard").st_size
+        ) from None
+    size = (st if stat.S_ISREG(st.st_mode) else check_regular(path, "shard")).st_size  # the latter names it
     if size != rec["bytes"]:
         raise StoreCorruptError(
             f"shard {path} is {size} bytes but the manifest says {rec['bytes']}: it was truncated or modified; "

@@ -32,7 +32,7 @@ VERSION_LIMITS = {
 }
 
 
-def _cross_check(root: Path, man: dict, problems: list[str]) -> None:
+def _cross_check(root: Path, man: dict, problems: list[str], notes: list[str]) -> None:
     """Manifest against commit records against the files present in ``shards/`` and ``commits/``."""
     listed = {r["path"]: r for r in man["shards"]}
     cdir, sdir = root / "commits", root / "shards"
@@ -70,7 +70,7 @@ def _cross_check(root: Path, man: dict, problems: list[str]) -> None:
                 problems.append(f"{rel}: orphan shard (in shards/ but not in the manifest"
                                 f"{'' if rel in commits else ' nor in any commit record'})")
             else:
-                problems.append(f"{rel}: unexpected file in shards/ (not a name the format uses)")
+                notes.append(f"{rel}: a file the format does not use, in shards/ (not read, left alone)")
 
 
 def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> dict:
@@ -89,7 +89,7 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
         return {"ok": False, "problems": [str(exc)], "checked": checked, "notes": notes}
     if man["format_version"] in VERSION_LIMITS:
         notes.append(VERSION_LIMITS[man["format_version"]])
-    _cross_check(root, man, problems)
+    _cross_check(root, man, problems, notes)
     if os.path.lexists(root / CONFIG):
         try:
             if read_config(root) != man["meta"]:

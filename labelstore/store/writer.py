@@ -10,6 +10,7 @@ last, atomically, by :func:`finalize_store` once every rank is done.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -27,7 +28,8 @@ from labelstore.errors import (
     StoreNotFinalizedError,
     StoreWriteError,
 )
-from labelstore.store.format import build_schema, encode_row, normalize_meta, rows_to_batch
+from labelstore.store.arrow_file import check_ipc_file
+from labelstore.store.format import META_KEY, build_schema, encode_row, normalize_meta, rows_to_batch, shard_identity
 from labelstore.store.manifest import (
     COMMIT_RE,
     CONFIG,
@@ -51,7 +53,7 @@ from labelstore.store.manifest import (
     validate_commit_record,
     write_manifest,
 )
-from labelstore.store.safefs import check_store_dirs, is_regular, open_nofollow_write, unlink_own
+from labelstore.store.safefs import check_store_dirs, is_regular, open_nofollow_write, open_regular, unlink_own
 
 try:
     import fcntl
@@ -270,14 +272,39 @@ class StoreWriter:
             ) from None
         unlink_own(done, "done marker")
 
+    def _is_own_shard(self, p: Path) -> bool:
+        """True if ``p`` is a complete shard written by this store for its name's rank and sequence number (a
+        shard renamed into place whose commit record never came: a writer killed between the two)."""
+        m = re.fullmatch(r"r([0-9]{5})-([0-9]{6})\.arrow", p.name, re.ASCII)
+        try:
+            fd = open_regular(p, "shard")
+            try:
+                check_ipc_file(fd, os.fstat(fd).st_size, str(p))
+            finally:
+                os.close(fd)
+            schema = pa.ipc.open_file(pa.memory_map(str(p))).schema
+            meta = json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
+            ident = shard_identity(schema, str(p))
+        except (LabelStoreError, pa.ArrowException, OSError, ValueError):
+            return False
+        return (m is not None and isinstance(meta, dict) and meta.get("store_id") == self.meta["store_id"]
+                and ident == {"rank": int(m.group(1)), "seq": int(m.group(2))})
+
     def _cleanup_uncommitted(self, committed: set[str]) -> None:
         """Delete this rank's temporary files and shards without a commit record: only names this writer uses
         (``rRRRRR-SSSSSS.arrow``, ``.tmp-rRRRRR-...``), only regular files; anything else is left alone."""
         r = f"r{self.rank:05d}"
         own_shard = re.compile(rf"(\.tmp-)?{r}-[0-9]{{6}}\.arrow", re.ASCII)
         for p in (self.root / "shards").iterdir():
-            if own_shard.fullmatch(p.name) and (p.name.startswith(".tmp-") or f"shards/{p.name}" not in committed):
-                unlink_own(p, "uncommitted shard")
+            if not own_shard.fullmatch(p.name) or f"shards/{p.name}" in committed:
+                continue
+            if not p.name.startswith(".tmp-") and not self._is_own_shard(p):
+                raise StoreWriteError(
+                    f"{p} has the name of a shard of rank {self.rank} but is not one this store wrote (no commit "
+                    "record, and its content does not carry this store's id and its name's rank and sequence "
+                    "number). It is left untouched: move it out of the store, then rerun the same command."
+                )
+            unlink_own(p, "uncommitted shard")
         own_tmp = re.compile(rf"\.tmp-{r}-[0-9]{{6}}\.(json|prior)\.[0-9]+", re.ASCII)
         for p in (self.root / "commits").glob(f".tmp-{r}-*"):
             if own_tmp.fullmatch(p.name):

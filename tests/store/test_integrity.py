@@ -323,6 +323,30 @@ def test_writer_refuses_symbolic_links_and_touches_nothing_outside(tmp_path):
     assert {f.name: f.read_text() for f in outside.iterdir()} == before
 
 
+def test_resume_deletes_only_its_own_uncommitted_shards(tmp_path):
+    rows = random_rows(12, vocab_size=1000, k=4, seed=0, max_len=12)
+    p = tmp_path / "s"
+    w = StoreWriter(p, make_meta(1000, 4), shard_bytes=600)
+    write_rows(w, rows[:8])
+    w.abort()
+    (p / "commits" / "r00000-000000.json").unlink()  # killed between the shard's rename and its commit record
+    for name in ("r00000-notes.txt", ".tmp-r00000-backup.arrow"):
+        (p / "shards" / name).write_text("user data")
+    user = p / "shards" / "r00000-999999.arrow"  # a shard's name, not this store's content
+    shutil.copy(DATA / "store_v1" / "shards" / "r00000-000000.arrow", user)
+    before = user.read_bytes()
+    with pytest.raises(StoreWriteError, match="not one this store wrote"):
+        StoreWriter(p, make_meta(1000, 4), shard_bytes=600)
+    assert user.read_bytes() == before
+    user.rename(tmp_path / "moved.arrow")
+    _resume_and_finish(p, rows)  # the uncommitted shard of its own is deleted and recomputed
+    assert (p / "shards" / "r00000-notes.txt").read_text() == "user data"
+    assert (p / "shards" / ".tmp-r00000-backup.arrow").read_text() == "user data"
+    assert sorted(x[0] for x in read_all(p)) == [r["sample_id"] for r in rows]
+    rep = verify_store(p)
+    assert rep["ok"] and any("r00000-notes.txt" in x for x in rep["notes"]), rep
+
+
 def test_finalize_removes_stray_done_tmp_of_dead_writers(tmp_path):
     p = tmp_path / "s"
     build(p)

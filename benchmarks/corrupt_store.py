@@ -215,6 +215,7 @@ def corrupt(store: Path, kind: str, rng: random.Random) -> str:
             f" {i}, {j}" if swap else "")
     if kind.startswith("store_swap"):
         twin = store.parent / "twin"
+        rec = rng.choice([s for s in man["shards"] if (twin / s["path"]).exists()])
         shutil.copy(twin / rec["path"], store / rec["path"])
         if kind.endswith("forged"):  # the entry copied from the twin's manifest
             twin_rec = {s["path"]: s for s in json.loads((twin / "manifest.json").read_text())["shards"]}

@@ -10,10 +10,7 @@ last, atomically, by :func:`finalize_store` once every rank is done.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +18,15 @@ import pyarrow as pa
 
 from labelstore.errors import (
     ConfigMismatchError,
-    LabelStoreError,
-    StoreCorruptError,
-    StoreFormatError,
     StoreLockedError,
-    StoreNotFinalizedError,
     StoreWriteError,
 )
-from labelstore.store.arrow_file import check_ipc_file
-from labelstore.store.format import META_KEY, build_schema, encode_row, normalize_meta, rows_to_batch, shard_identity
+from labelstore.store.format import build_schema, encode_row, normalize_meta, rows_to_batch
 from labelstore.store.manifest import (
-    COMMIT_RE,
     CONFIG,
     MANIFEST,
-    TAIL_PRIOR,
     atomic_write_bytes,
     atomic_write_json,
-    build_manifest,
     commit_name,
     config_with_digest,
     create_exclusive_json,
@@ -46,14 +35,11 @@ from labelstore.store.manifest import (
     list_commits,
     prior_name,
     read_config,
-    read_json,
-    remove_stale_tmp,
     sha256_file,
     shard_name,
-    validate_commit_record,
-    write_manifest,
 )
-from labelstore.store.safefs import check_store_dirs, is_regular, open_nofollow_write, open_regular, unlink_own
+from labelstore.store.resume import check_own_files, cleanup_uncommitted, finalize_store, reopen_done_rank
+from labelstore.store.safefs import check_store_dirs, is_regular, open_nofollow_write, unlink_own
 
 try:
     import fcntl
@@ -141,10 +127,13 @@ class StoreWriter:
         try:
             self._check_config()
             self.schema = build_schema(self.meta)
-            commits = self._check_own_files()
-            self._cleanup_uncommitted({c["path"] for c in commits})
+            commits = check_own_files(self.root, rank)
+            cleanup_uncommitted(self.root, rank, {c["path"] for c in commits}, self.meta["store_id"])
             self._seq = max((c["seq"] for c in commits), default=-1) + 1
-            self._resume_done_marker()
+            mass, positions = reopen_done_rank(self.root, rank, self.meta["vocab_size"])
+            if positions:
+                self._prior_sum += mass
+                self._prior_positions += positions
         except BaseException:
             self._release_lock()
             raise
@@ -203,115 +192,6 @@ class StoreWriter:
                 f"{self.root} was written with different settings:\n  " + "\n  ".join(diffs)
                 + "\nRerun with the store's settings to resume it, or write to a new --out directory."
             )
-
-    def _check_own_files(self) -> list[dict]:
-        """This rank's commit records, each validated, with its shard's size and sha256 and its teacher-mass file
-        checked (a resume keeps these shards, so it must know they are intact). Damage raises StoreCorruptError
-        listing exactly the files to remove: their samples are then recomputed by the next run."""
-        damaged: list[tuple[str, list[str]]] = []
-        commits = []
-        r = f"r{self.rank:05d}"
-        for p in sorted((self.root / "commits").glob(f"{r}-*.json")):
-            m = COMMIT_RE.fullmatch(p.name)
-            if not m:
-                continue  # not a name this writer uses: left alone
-            seq = int(m.group(2))
-            own = [commit_name(self.rank, seq), shard_name(self.rank, seq), prior_name(self.rank, seq)]
-            try:
-                rec = read_json(p, "commit record")
-                validate_commit_record(rec, str(p))
-                if rec["path"] != shard_name(self.rank, seq):
-                    raise StoreFormatError(f"{p} names shard {rec['path']}")
-            except LabelStoreError as exc:
-                damaged.append((f"commit record {p.name} is damaged ({exc})", own))
-                continue
-            shard = self.root / rec["path"]
-            if not is_regular(shard):
-                damaged.append((f"committed shard {rec['path']} is missing or not a regular file", own))
-                continue
-            if shard.stat().st_size != rec["bytes"] or sha256_file(shard) != rec["sha256"]:
-                damaged.append((f"committed shard {rec['path']} changed after it was written (size or sha256)", own))
-                continue
-            if rec.get("prior_positions"):
-                prior = self.root / prior_name(self.rank, seq)
-                if not is_regular(prior) or _sha256_bytes(prior) != rec.get("prior_sha256"):
-                    damaged.append((f"teacher-mass file {prior.name} is missing or damaged", own))
-                    continue
-            commits.append(rec)
-        if damaged:
-            files = sorted({f for _, fs in damaged for f in fs if os.path.lexists(self.root / f)})
-            raise StoreCorruptError(
-                f"{self.root}: files of rank {self.rank} were damaged after they were written:\n  "
-                + "\n  ".join(why for why, _ in damaged)
-                + "\nRemove exactly these files, then rerun the same command (their samples are recomputed):\n  "
-                + "rm " + " ".join(shlex.quote(str(self.root / f)) for f in files)
-            )
-        return commits
-
-    def _resume_done_marker(self) -> None:
-        """Resuming a finished rank: carry its pending teacher mass over (checked), then reopen the rank."""
-        done = self.root / done_name(self.rank)
-        if not os.path.lexists(done):
-            return
-        blob_path = self.root / (done_name(self.rank) + ".prior")
-        try:
-            rec = read_json(done, "rank done marker")
-            if not isinstance(rec, dict):
-                raise StoreFormatError(f"{done} is not a JSON object")
-            if rec.get("prior_positions"):
-                blob = blob_path.read_bytes() if is_regular(blob_path) else b""
-                if len(blob) != 8 * self.meta["vocab_size"] or hashlib.sha256(blob).hexdigest() != rec.get(
-                        "prior_sha256"):
-                    raise StoreFormatError(f"teacher-mass file {blob_path.name} is missing or damaged")
-                self._prior_sum += np.frombuffer(blob, dtype="<f8")
-                self._prior_positions += int(rec["prior_positions"])
-        except LabelStoreError as exc:
-            raise StoreCorruptError(
-                f"{self.root}: the done marker of rank {self.rank} is damaged ({exc}). Remove exactly these files, "
-                f"then rerun the same command: rm {shlex.quote(str(done))} {shlex.quote(str(blob_path))}"
-            ) from None
-        unlink_own(done, "done marker")
-
-    def _is_own_shard(self, p: Path) -> bool:
-        """True if ``p`` is a complete shard written by this store for its name's rank and sequence number (a
-        shard renamed into place whose commit record never came: a writer killed between the two)."""
-        m = re.fullmatch(r"r([0-9]{5})-([0-9]{6})\.arrow", p.name, re.ASCII)
-        try:
-            fd = open_regular(p, "shard")
-            try:
-                check_ipc_file(fd, os.fstat(fd).st_size, str(p))
-            finally:
-                os.close(fd)
-            schema = pa.ipc.open_file(pa.memory_map(str(p))).schema
-            meta = json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
-            ident = shard_identity(schema, str(p))
-        except (LabelStoreError, pa.ArrowException, OSError, ValueError):
-            return False
-        return (m is not None and isinstance(meta, dict) and meta.get("store_id") == self.meta["store_id"]
-                and ident == {"rank": int(m.group(1)), "seq": int(m.group(2))})
-
-    def _cleanup_uncommitted(self, committed: set[str]) -> None:
-        """Delete this rank's temporary files and shards without a commit record: only names this writer uses
-        (``rRRRRR-SSSSSS.arrow``, ``.tmp-rRRRRR-...``), only regular files; anything else is left alone."""
-        r = f"r{self.rank:05d}"
-        own_shard = re.compile(rf"(\.tmp-)?{r}-[0-9]{{6}}\.arrow", re.ASCII)
-        for p in (self.root / "shards").iterdir():
-            if not own_shard.fullmatch(p.name) or f"shards/{p.name}" in committed:
-                continue
-            if not p.name.startswith(".tmp-") and not self._is_own_shard(p):
-                raise StoreWriteError(
-                    f"{p} has the name of a shard of rank {self.rank} but is not one this store wrote (no commit "
-                    "record, and its content does not carry this store's id and its name's rank and sequence "
-                    "number). It is left untouched: move it out of the store, then rerun the same command."
-                )
-            unlink_own(p, "uncommitted shard")
-        own_tmp = re.compile(rf"\.tmp-{r}-[0-9]{{6}}\.(json|prior)\.[0-9]+", re.ASCII)
-        for p in (self.root / "commits").glob(f".tmp-{r}-*"):
-            if own_tmp.fullmatch(p.name):
-                unlink_own(p, "temporary commit file")
-        for p in (self.root / "commits").glob(f"{r}-*.prior"):
-            if re.fullmatch(rf"{r}-[0-9]{{6}}\.prior", p.name) and not os.path.lexists(p.with_suffix(".json")):
-                unlink_own(p, "teacher-mass file")  # written before a commit record that never came
 
     # ------------------------------------------------------------------------------------ queries
     def committed_ranges(self) -> np.ndarray:
@@ -498,83 +378,6 @@ class StoreWriter:
     def __del__(self):  # pragma: no cover - best effort
         if not getattr(self, "_closed", True):
             self._release_lock()
-
-
-def finalize_store(path, world_size: int) -> dict:
-    """Write ``manifest.json`` from the commit records once all ``world_size`` ranks are done.
-
-    Refuses (StoreNotFinalizedError) while a rank is unfinished, and (StoreFormatError) if two shards hold
-    the same sample id or a committed file is missing or damaged (naming the files to remove). Returns the
-    manifest.
-    """
-    root = Path(path)
-    check_store_dirs(root)
-    remove_stale_tmp(root)
-    cfg = read_config(root)
-    missing = [r for r in range(world_size) if not is_regular(root / done_name(r))]
-    if missing:
-        raise StoreNotFinalizedError(
-            f"{root}: rank(s) {missing} have not finished; rerun the compile (same command) to complete them"
-        )
-    commits = list_commits(root)
-    for c in commits:
-        p = root / c["path"]
-        if not is_regular(p) or p.stat().st_size != c["bytes"]:
-            raise StoreCorruptError(
-                f"{root}: committed shard {c['path']} is missing or has the wrong size. Remove exactly these files, "
-                f"then rerun the same command to recompute it: rm {' '.join(_own_files(root, c))}"
-            )
-    runs = sorted((a, b, c["path"]) for c in commits for a, b in c["sample_ranges"])
-    for (_a0, b0, p0), (a1, _b1, p1) in zip(runs, runs[1:]):
-        if a1 < b0:
-            raise StoreFormatError(f"{root}: sample id {a1} is stored twice ({p0} and {p1})")
-    # Order shards by first sample id, so a store reads in sample order whatever the rank layout.
-    commits.sort(key=lambda c: (c["first_sample_id"], c["rank"], c["seq"]))
-    total, positions = _sum_priors(root, cfg["vocab_size"], commits, world_size)
-    tail_prior = None
-    if positions:
-        blob = (total / positions).astype("<f4").tobytes()
-        atomic_write_bytes(root / TAIL_PRIOR, blob)
-        tail_prior = {"path": TAIL_PRIOR, "dtype": "float32", "positions": int(positions),
-                      "sha256": hashlib.sha256(blob).hexdigest(), "mix": cfg["tail_prior_mix"]}
-    manifest = build_manifest(cfg, commits, tail_prior)
-    write_manifest(root, manifest)
-    return manifest
-
-
-def _own_files(root: Path, c: dict) -> list[str]:
-    """The files of one commit (record, shard, teacher mass) that exist: what to remove to recompute it."""
-    names = [commit_name(c["rank"], c["seq"]), c["path"], prior_name(c["rank"], c["seq"])]
-    return [shlex.quote(str(root / n)) for n in names if os.path.lexists(root / n)]
-
-
-def _sha256_bytes(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _sum_priors(root: Path, vocab: int, commits: list[dict], world_size: int):
-    total = np.zeros(vocab, dtype=np.float64)
-    positions = 0
-    dones = []
-    for r in range(world_size):
-        d = root / done_name(r)
-        rec = read_json(d, "rank done marker")
-        if isinstance(rec, dict) and rec.get("prior_positions"):
-            dones.append(dict(rec, path=d.name, _file=done_name(r) + ".prior", _remove=[str(d)]))
-    for c in list(commits) + dones:
-        if not c.get("prior_positions"):
-            continue
-        p = root / (c["_file"] if "_file" in c else prior_name(c["rank"], c["seq"]))
-        blob = p.read_bytes() if is_regular(p) else b""
-        if len(blob) != 8 * vocab or hashlib.sha256(blob).hexdigest() != c.get("prior_sha256"):
-            remove = [shlex.quote(x) for x in c["_remove"] + [str(p)]] if "_remove" in c else _own_files(root, c)
-            raise StoreCorruptError(
-                f"{root}: teacher-mass file {p.name} is missing or damaged. Remove exactly these files, then rerun "
-                f"the same command to recompute them: rm {' '.join(remove)}"
-            )
-        total += np.frombuffer(blob, dtype="<f8")
-        positions += int(c["prior_positions"])
-    return total, positions
 
 
 __all__ = ["StoreWriter", "finalize_store", "DEFAULT_SHARD_BYTES"]

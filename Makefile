@@ -37,7 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loader.py
 	$(BIN)/python benchmarks/bench_compile.py --threads 1
 	$(BIN)/labelstore bench --demo-positions 2048 --synthetic-positions 512 --out benchmarks/results
-	$(BIN)/python benchmarks/corrupt_store.py --trials 240
+	$(BIN)/python benchmarks/corrupt_store.py --trials 260
+	$(BIN)/python benchmarks/hostile_store.py
 	$(BIN)/python benchmarks/chaos_compile.py --trials 24
 	$(BIN)/python benchmarks/bench_students.py
 

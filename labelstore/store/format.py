@@ -1,4 +1,5 @@
-"""The on-disk format, version 1: the Arrow schema, the metadata and the per-row encoding.
+"""The on-disk format (version 3; versions 1 and 2 still read): the Arrow schema, the metadata, the per-row
+encoding and the checksums (row CRC, manifest and config digests).
 
 This module is the executable half of docs/FORMAT.md; the two must agree. Writer, reader and
 `verify` all encode and decode rows through the functions here.
@@ -6,8 +7,12 @@ This module is the executable half of docs/FORMAT.md; the two must agree. Writer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
+import struct
+import uuid
 import zlib
 from dataclasses import dataclass
 
@@ -21,11 +26,13 @@ from labelstore.selection import MODES, check_selection, has_tail
 from labelstore.store import bitpack
 
 FORMAT_NAME = "labelstore"
-FORMAT_VERSION = 1  # stores with encoding "packed"; encoding "zstd" writes version 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # what writers write: row CRC over every column, digests, store id (docs/FORMAT.md 8)
+SUPPORTED_VERSIONS = (1, 2, 3)  # 1: packed rows; 2: zstd rows; 3: either, with the version-3 checksums
 ENCODINGS = ("packed", "zstd")
 DEFAULT_ENCODING = "packed"
 META_KEY = b"labelstore"
+SHARD_KEY = b"labelstore_shard"  # version 3: the shard's own {"rank", "seq"} in its schema metadata
+DEFAULT_PRIOR_MIX = 0.9  # measured: docs/FORMAT.md section 5c
 
 # Sanity limits: anything beyond these in a manifest or a schema is refused before any allocation.
 MAX_VOCAB = 1 << 26
@@ -33,6 +40,11 @@ MAX_K = 4096
 MAX_SEQ_LEN = 1 << 24
 MAX_SHARDS = 1 << 20
 MAX_ROWS_PER_SHARD = 1 << 31
+# Every Arrow row costs at least this many bytes of its shard file (sample_id 8 + num_tokens 4 + crc32 4 + six
+# int32 offsets 24): a manifest declaring more rows than its shards' bytes can hold is refused before any
+# per-row allocation (a loader's index, a sampler's permutation).
+MIN_ROW_BYTES = 40
+DEFAULT_ROW_BUDGET = 2 << 30  # bytes one decoded row may take (LabelStore(row_budget=...)); see row_bytes()
 
 SCHEMA_FIELDS = [
     pa.field("sample_id", pa.int64(), nullable=False),
@@ -43,14 +55,67 @@ SCHEMA_FIELDS = [
     pa.field("values", pa.binary(), nullable=False),  # codec bytes, sum(counts) * bytes_per_value
     pa.field("tail", pa.binary(), nullable=False),  # float32 LE per position (empty for hard labels)
     pa.field("doc_starts", pa.binary(), nullable=False),  # int32 LE document start offsets (may be empty)
-    pa.field("crc32", pa.uint32(), nullable=False),  # zlib.crc32 over the six payload columns, in order
+    pa.field("crc32", pa.uint32(), nullable=False),  # zlib.crc32: (v3) sample_id, num_tokens, then the payload
 ]
 PAYLOAD_COLUMNS = ("input_ids", "counts", "ids", "values", "tail", "doc_starts")
 REQUIRED_META = ("vocab_size", "label_kind", "selection", "value_codec", "temperature", "teacher", "tokenizer")
 
 
-def build_schema(meta: dict) -> pa.Schema:
-    return pa.schema(SCHEMA_FIELDS, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+def build_schema(meta: dict, rank: int | None = None, seq: int | None = None) -> pa.Schema:
+    """The Arrow schema of a shard: the store metadata, and (version 3) the shard's own rank and sequence number,
+    so a shard renamed, duplicated or swapped in from elsewhere is recognised by what it says it is."""
+    md = {META_KEY: json.dumps(meta, sort_keys=True).encode()}
+    if rank is not None:
+        md[SHARD_KEY] = json.dumps({"rank": int(rank), "seq": int(seq)}, sort_keys=True).encode()
+    return pa.schema(SCHEMA_FIELDS, metadata=md)
+
+
+def shard_identity(schema: pa.Schema, where: str) -> dict | None:
+    """``{"rank", "seq"}`` recorded in a version-3 shard's schema (None if absent: older versions)."""
+    raw = (schema.metadata or {}).get(SHARD_KEY)
+    if raw is None:
+        return None
+    try:
+        ident = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise StoreFormatError(f"{where}: the shard identity in its schema is not valid JSON") from None
+    if not isinstance(ident, dict) or set(ident) != {"rank", "seq"}:
+        raise StoreFormatError(f"{where}: the shard identity in its schema is malformed ({ident!r})")
+    return ident
+
+
+def json_digest(obj: dict) -> str:
+    """sha256 (hex) of ``obj`` without its ``digest`` key, serialized canonically: ``json.dumps(sort_keys=True,
+    separators=(",", ":"))`` (ASCII escapes), UTF-8. The digest that manifest.json and config.json carry."""
+    body = {k: v for k, v in obj.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_digest(obj: dict) -> dict:
+    return dict(obj, digest=json_digest(obj))
+
+
+def check_digest(obj: dict, version, where: str) -> dict:
+    """Verify (version >= 3: require) ``obj["digest"]`` and return ``obj`` without it."""
+    if not isinstance(obj, dict):
+        raise StoreFormatError(f"{where}: not a JSON object")
+    d = obj.get("digest")
+    if d is None and isinstance(version, int) and version < 3:
+        return obj
+    if d != json_digest(obj):
+        raise StoreCorruptError(
+            f"{where}: its content does not match its digest: the file was edited or damaged after it was written "
+            "(an edited shard list, total, metadata or tail-prior mix). Re-copy it, or rerun the compile (same "
+            "command) to rewrite it"
+        )
+    return {k: v for k, v in obj.items() if k != "digest"}
+
+
+def row_bytes(T: int, n: int, k: int) -> int:
+    """Bytes a decoded row takes in memory, the padded [T, K] sample included: int64 input ids and counts, float32
+    tail (20 B per position), int64 id and float32 weight per kept entry (12 B), int64 id and float32 probability
+    per padded slot (12 B x K per position). What :class:`LabelStore`'s ``row_budget`` bounds."""
+    return 20 * T + 12 * n + 12 * k * T
 
 
 def normalize_meta(meta: dict) -> dict:
@@ -68,7 +133,9 @@ def normalize_meta(meta: dict) -> dict:
     if isinstance(enc, dict) and enc.get("name") == "zstd":
         enc = {"name": "zstd", "level": int(enc.get("level", 3))}
     out["encoding"] = enc
-    out["format_version"] = 2 if isinstance(enc, dict) and enc.get("name") == "zstd" else FORMAT_VERSION
+    out["format_version"] = FORMAT_VERSION
+    out.setdefault("store_id", uuid.uuid4().hex)  # a writer resuming a store adopts the store's own id
+    out.setdefault("tail_prior_mix", DEFAULT_PRIOR_MIX)
     v = out["vocab_size"]
     out["id_bits"] = bitpack.bits_for(v) if isinstance(v, int) and v > 0 else None
     sel = out.get("selection") or {}
@@ -93,8 +160,15 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
     enc = meta.get("encoding", {"name": "packed"})  # version-1 stores written before encodings existed
     if not isinstance(enc, dict) or enc.get("name") not in ENCODINGS:
         raise StoreFormatError(f"{where}: encoding {enc!r} is unknown ({', '.join(ENCODINGS)})")
-    if (ver == 2) != (enc["name"] == "zstd"):
+    if ver < 3 and (ver == 2) != (enc["name"] == "zstd"):
         raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver}")
+    if ver >= 3:
+        sid = meta.get("store_id")
+        if not isinstance(sid, str) or not re.fullmatch(r"[0-9a-f]{32}", sid):
+            raise StoreFormatError(f"{where}: store_id {sid!r} is not 32 lowercase hex digits")
+        mix = meta.get("tail_prior_mix")
+        if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0 <= mix <= 1:
+            raise StoreFormatError(f"{where}: tail_prior_mix {mix!r} is not a number in [0, 1]")
     if enc["name"] == "zstd" and (not isinstance(enc.get("level"), int) or not -7 <= enc["level"] <= 22):
         raise StoreFormatError(f"{where}: zstd level {enc.get('level')!r} is not an integer in [-7, 22]")
     v = meta.get("vocab_size")
@@ -167,7 +241,8 @@ class EncodedRow:
 
     @property
     def crc32(self) -> int:
-        return row_crc32(self.input_ids, self.counts, self.ids, self.values, self.tail, self.doc_starts)
+        return row_crc32(row_header(self.sample_id, self.num_tokens), self.input_ids, self.counts, self.ids,
+                         self.values, self.tail, self.doc_starts)
 
     @property
     def nbytes(self) -> int:
@@ -182,9 +257,15 @@ def row_crc32(*parts) -> int:
     return c & 0xFFFFFFFF
 
 
-def check_row_crc(parts: dict, crc: int, where: str) -> None:
-    """Refuse a row whose six payload columns (``parts``: name -> bytes-like) do not match its stored CRC32."""
-    if row_crc32(*(parts[n] for n in PAYLOAD_COLUMNS)) != int(crc):
+def row_header(sample_id: int, num_tokens: int) -> bytes:
+    """The bytes a version-3 row CRC starts with: ``sample_id`` as int64 LE, ``num_tokens`` as int32 LE."""
+    return struct.pack("<qi", int(sample_id), int(num_tokens))
+
+
+def check_row_crc(parts: dict, crc: int, where: str, header: bytes = b"") -> None:
+    """Refuse a row whose columns do not match its stored CRC32: ``header`` (version 3: :func:`row_header`, so
+    the sample id and token count are covered too) then the six payload columns (``parts``: name -> bytes)."""
+    if row_crc32(header, *(parts[n] for n in PAYLOAD_COLUMNS)) != int(crc):
         raise StoreCorruptError(
             f"{where}: CRC32 mismatch, the row's bytes changed after writing; run `labelstore verify` and "
             "re-copy or recompile the damaged shard"

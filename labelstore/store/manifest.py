@@ -22,15 +22,34 @@ import os
 import re
 from pathlib import Path
 
-from labelstore.errors import StoreFormatError, StoreNotFinalizedError
-from labelstore.store.format import FORMAT_NAME, MAX_ROWS_PER_SHARD, MAX_SHARDS, SUPPORTED_VERSIONS, validate_meta
+from labelstore.errors import StoreCorruptError, StoreFormatError, StoreNotFinalizedError, StoreWriteError
+from labelstore.store.format import (
+    DEFAULT_PRIOR_MIX,
+    FORMAT_NAME,
+    MAX_ROWS_PER_SHARD,
+    MAX_SHARDS,
+    MIN_ROW_BYTES,
+    SUPPORTED_VERSIONS,
+    check_digest,
+    validate_meta,
+    with_digest,
+)
+from labelstore.store.safefs import (
+    check_no_symlink,
+    is_regular,
+    open_nofollow_write,
+    open_regular,
+    read_regular,
+    unlink_own,
+)
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
-SHARD_RE = re.compile(r"^shards/r(\d{5})-(\d{6})\.arrow$")
+# Matched with fullmatch: ASCII digits only (no Unicode digits), nothing before or after (no trailing newline).
+SHARD_RE = re.compile(r"shards/r([0-9]{5})-([0-9]{6})\.arrow", re.ASCII)
 MAX_MANIFEST_BYTES = 256 << 20
 TAIL_PRIOR = "tail_prior.f32"
-DEFAULT_PRIOR_MIX = 0.9  # measured: docs/FORMAT.md section 5c
+__all__ = ["DEFAULT_PRIOR_MIX"]  # re-exported: defined once, in labelstore.store.format
 
 
 def shard_name(rank: int, seq: int) -> str:
@@ -62,19 +81,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_new_file(tmp: Path, data: bytes) -> None:
+    """Create ``tmp`` (refusing a symbolic link or anything already there that is not a plain file), write and
+    fsync ``data``."""
+    unlink_own(tmp, "temporary file")  # a stale one of a dead process with our pid; never a link or a folder
+    fd = open_nofollow_write(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "temporary file")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix. A symbolic link
+    (or a non-file) at ``path`` is refused before anything is written."""
     path = Path(path)
+    check_no_symlink(path.parent, "store folder")
+    check_no_symlink(path, "store file")
+    if os.path.lexists(path) and not is_regular(path):
+        raise StoreWriteError(f"{path} exists and is not a regular file; refusing to replace it")
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_new_file(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         try:
-            tmp.unlink()
+            if is_regular(tmp):
+                tmp.unlink()
         except OSError:
             pass
         raise
@@ -88,13 +121,11 @@ def atomic_write_json(path: Path, obj) -> None:
 def create_exclusive_json(path: Path, obj) -> bool:
     """Atomically create ``path`` with ``obj`` unless it exists. True if this call created it."""
     path = Path(path)
+    check_no_symlink(path, "store file")
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
+    _write_new_file(tmp, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
     try:
-        os.link(tmp, path)  # fails if path exists: create-if-absent, atomically
+        os.link(tmp, path)  # fails if path exists (a link too: never followed): create-if-absent, atomically
         created = True
     except FileExistsError:
         created = False
@@ -105,13 +136,14 @@ def create_exclusive_json(path: Path, obj) -> bool:
 
 
 def remove_stale_tmp(root: Path) -> int:
-    """Delete ``.tmp-NAME.PID`` files in the store root (config, manifest, tail prior) left by a writer that died
-    mid-write. Only called once every rank is done (finalize), so no other writer can own one; files of a live
-    local process other than this one are kept anyway. Returns how many were removed.
+    """Delete ``.tmp-NAME.PID`` files in the store root (config, manifest, tail prior) and in ``commits/`` (commit
+    records, done markers, teacher mass) left by a writer that died mid-write. Only called once every rank is done
+    (finalize), so no other writer can own one; files of a live local process other than this one are kept anyway,
+    and only regular files are removed (never a link or a folder). Returns how many were removed.
     """
     removed = 0
-    for d in (Path(root),):
-        if not d.is_dir():
+    for d in (Path(root), Path(root) / "commits"):
+        if d.is_symlink() or not d.is_dir():
             continue
         for p in d.glob(".tmp-*"):
             pid = p.name.rsplit(".", 1)[-1]
@@ -127,31 +159,41 @@ def remove_stale_tmp(root: Path) -> int:
             except (PermissionError, OverflowError, ValueError):
                 continue
             try:
-                p.unlink()
-                removed += 1
+                if is_regular(p):
+                    p.unlink()
+                    removed += 1
             except OSError:
                 pass
     return removed
 
 
 def read_json(path: Path, what: str, max_bytes: int = MAX_MANIFEST_BYTES):
+    """Parse a store's JSON file: a regular file only (a FIFO, device, folder or symbolic link is refused before a
+    byte is read), of at most ``max_bytes``."""
     path = Path(path)
     try:
-        if path.is_symlink():
-            raise StoreFormatError(f"{what} {path} is a symbolic link; refusing to follow it")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise StoreFormatError(f"{what} {path} is {size} bytes, over the {max_bytes} limit")
-        return json.loads(path.read_bytes())
+        return json.loads(read_regular(path, what, max_bytes))
     except (ValueError, UnicodeDecodeError) as exc:
         raise StoreFormatError(f"{what} {path} is not valid JSON ({exc}); the file is damaged") from None
     except RecursionError:
         raise StoreFormatError(f"{what} {path} is nested too deeply") from None
 
 
+def read_config(root: Path) -> dict:
+    """``config.json``, its digest checked (required from format version 3 on) and removed."""
+    cfg = read_json(Path(root) / CONFIG, "store config")
+    if not isinstance(cfg, dict):
+        raise StoreFormatError(f"{Path(root) / CONFIG} is not a JSON object; the store is damaged")
+    return check_digest(cfg, cfg.get("format_version"), str(Path(root) / CONFIG))
+
+
+def config_with_digest(meta: dict) -> dict:
+    return with_digest(meta)
+
+
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "shard"), "rb") as f:
         while True:
             b = f.read(chunk)
             if not b:
@@ -162,7 +204,7 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 
 def safe_shard_path(root: Path, rel, where: str) -> Path:
     """Resolve a shard path named in a manifest, refusing anything that could leave the store."""
-    if not isinstance(rel, str) or not SHARD_RE.match(rel):
+    if not isinstance(rel, str) or not SHARD_RE.fullmatch(rel):
         raise StoreFormatError(
             f"{where}: shard path {rel!r} is not of the form shards/rRRRRR-SSSSSS.arrow; "
             "refusing it (a manifest must not point outside its store)"
@@ -188,7 +230,7 @@ def _int(x, lo, hi, what, where):
 def validate_shard_record(rec, where: str) -> dict:
     if not isinstance(rec, dict):
         raise StoreFormatError(f"{where}: shard entry is not an object")
-    m = SHARD_RE.match(rec.get("path") if isinstance(rec.get("path"), str) else "")
+    m = SHARD_RE.fullmatch(rec.get("path") if isinstance(rec.get("path"), str) else "")
     if not m:
         raise StoreFormatError(
             f"{where}: shard path {rec.get('path')!r} is not of the form shards/rRRRRR-SSSSSS.arrow; refusing it"
@@ -197,6 +239,9 @@ def validate_shard_record(rec, where: str) -> dict:
     _int(rec.get("tokens"), 0, 1 << 50, "tokens", where)
     _int(rec.get("entries"), 0, 1 << 56, "entries", where)
     _int(rec.get("bytes"), 0, 1 << 50, "bytes", where)
+    if rec["rows"] * MIN_ROW_BYTES > rec["bytes"]:
+        raise StoreFormatError(f"{where}: {rec['rows']} rows cannot fit in {rec['bytes']} bytes (each row takes at "
+                               f"least {MIN_ROW_BYTES}); refusing the entry before allocating anything for its rows")
     rank, seq = int(m.group(1)), int(m.group(2))
     if rec.get("rank") != rank or rec.get("seq") != seq:
         raise StoreFormatError(f"{where}: rank/seq {rec.get('rank')!r}/{rec.get('seq')!r} disagree with {rec['path']}")
@@ -227,12 +272,17 @@ def load_manifest(root: Path) -> dict:
     where = str(mpath)
     if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
         raise StoreFormatError(f"{where}: not a labelstore manifest (no \"format\": \"labelstore\")")
-    if man.get("format_version") not in SUPPORTED_VERSIONS:
+    ver = man.get("format_version")
+    if ver not in SUPPORTED_VERSIONS:
         raise StoreFormatError(
-            f"{where}: format version {man.get('format_version')!r} is not supported (this labelstore reads "
+            f"{where}: format version {ver!r} is not supported (this labelstore reads "
             f"{SUPPORTED_VERSIONS}); upgrade labelstore"
         )
+    man = check_digest(man, ver, where)
     validate_meta(man.get("meta"), where)
+    if man["meta"]["format_version"] != ver:
+        raise StoreFormatError(f"{where}: format_version {ver} disagrees with its metadata's "
+                               f"{man['meta']['format_version']}")
     shards = man.get("shards")
     if not isinstance(shards, list) or len(shards) > MAX_SHARDS:
         raise StoreFormatError(f"{where}: \"shards\" must be a list of at most {MAX_SHARDS} entries")
@@ -242,11 +292,12 @@ def load_manifest(root: Path) -> dict:
         raise StoreFormatError(f"{where}: \"totals\" must hold integer {', '.join(keys)}")
     seen = set()
     for i, rec in enumerate(shards):
-        validate_shard_record(rec, f"{where} shard #{i}")
+        validate_shard_record(rec, f"{where} shard #{i}")  # the path is a full match of shards/rRRRRR-SSSSSS.arrow
         if rec["path"] in seen:
             raise StoreFormatError(f"{where}: shard {rec['path']} is listed twice")
         seen.add(rec["path"])
-        safe_shard_path(root, rec["path"], where)
+    if shards:  # the only way such a path leaves the store is a link: shards/ here, the shard itself at open
+        safe_shard_path(root, shards[0]["path"], where)
     firsts = [r["first_sample_id"] for r in shards if r["rows"]]
     if firsts != sorted(firsts):
         raise StoreFormatError(f"{where}: shards are not listed in sample-id order; the manifest was edited")
@@ -259,6 +310,9 @@ def load_manifest(root: Path) -> dict:
             raise StoreFormatError(f"{where}: tail_prior mix {mix!r} is not in [0, 1]")
         if not isinstance(tp.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", tp["sha256"]):
             raise StoreFormatError(f"{where}: tail_prior sha256 is not a hex digest")
+        if ver >= 3 and mix != man["meta"]["tail_prior_mix"]:
+            raise StoreCorruptError(f"{where}: tail_prior mix {mix!r} differs from the store's tail_prior_mix "
+                                    f"{man['meta']['tail_prior_mix']!r} (recorded in every shard); it was edited")
     sums = {"shards": len(shards), **{k: sum(r[k] for r in shards) for k in keys[1:] if k != "samples"},
             "samples": sum(r["rows"] for r in shards)}
     if any(sums[k] != tot[k] for k in keys):
@@ -266,8 +320,35 @@ def load_manifest(root: Path) -> dict:
     return man
 
 
+COMMIT_RE = re.compile(r"r([0-9]{5})-([0-9]{6})\.json", re.ASCII)
+
+
+def validate_commit_record(rec, where: str) -> dict:
+    """A commit record: a valid shard entry whose ``sample_ranges`` are disjoint ``[start, end)`` runs (in writing
+    order) that hold exactly its ``rows`` ids between its first and last sample id. Checked before any use, so a
+    hostile range (``[0, 10**12)``) is refused, never expanded."""
+    validate_shard_record(rec, where)
+    runs = rec.get("sample_ranges")
+    if not isinstance(runs, list) or len(runs) > rec["rows"]:
+        raise StoreFormatError(f"{where}: sample_ranges must be a list of at most rows={rec['rows']} runs")
+    for run in runs:
+        if (not isinstance(run, list) or len(run) != 2 or any(not isinstance(x, int) or isinstance(x, bool)
+                                                              for x in run) or not run[0] < run[1]):
+            raise StoreFormatError(f"{where}: sample range {run!r} is not [start, end) with start < end")
+    ordered = sorted(runs)
+    if any(b[0] < a[1] for a, b in zip(ordered, ordered[1:])):
+        raise StoreFormatError(f"{where}: sample_ranges overlap (a sample id stored twice)")
+    total = sum(b - a for a, b in runs)
+    if total != rec["rows"] or (runs and (ordered[0][0] != rec["first_sample_id"]
+                                          or max(b for _, b in runs) - 1 != rec["last_sample_id"])):
+        raise StoreFormatError(f"{where}: sample_ranges hold {total} ids, or bounds other than "
+                               f"{rec.get('first_sample_id')}..{rec.get('last_sample_id')}, for {rec['rows']} rows")
+    return rec
+
+
 def list_commits(root: Path, rank: int | None = None) -> list[dict]:
-    """Every valid commit record (optionally of one rank), sorted by (rank, seq)."""
+    """Every commit record (optionally of one rank), validated (:func:`validate_commit_record`), sorted by
+    (rank, seq). A record that is damaged raises a StoreFormatError naming the file."""
     cdir = Path(root) / "commits"
     if not cdir.is_dir():
         return []
@@ -276,20 +357,24 @@ def list_commits(root: Path, rank: int | None = None) -> list[dict]:
     for p in sorted(cdir.glob(pat)):
         if p.name.startswith(".tmp-"):
             continue
+        m = COMMIT_RE.fullmatch(p.name)
         rec = read_json(p, "commit record")
-        validate_shard_record(rec, str(p))
+        validate_commit_record(rec, str(p))
+        if not m or rec["path"] != shard_name(int(m.group(1)), int(m.group(2))):
+            raise StoreFormatError(f"{p}: commit record names shard {rec['path']}, not the one its file name says")
         out.append(rec)
     out.sort(key=lambda r: (r["rank"], r["seq"]))
     return out
 
 
-def build_manifest(meta: dict, commits: list[dict]) -> dict:
+def build_manifest(meta: dict, commits: list[dict], tail_prior: dict | None = None) -> dict:
+    """The manifest of a store (without its digest: :func:`write_manifest` adds it)."""
     shards = [
         {k: c[k] for k in ("path", "rank", "seq", "rows", "tokens", "entries", "bytes", "sha256",
                            "first_sample_id", "last_sample_id")}
         for c in commits
     ]
-    return {
+    man = {
         "format": FORMAT_NAME,
         "format_version": meta["format_version"],
         "meta": meta,
@@ -302,3 +387,11 @@ def build_manifest(meta: dict, commits: list[dict]) -> dict:
             "bytes": sum(s["bytes"] for s in shards),
         },
     }
+    if tail_prior is not None:
+        man["tail_prior"] = tail_prior
+    return man
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically, with its digest (format version 3)."""
+    atomic_write_json(Path(root) / MANIFEST, with_digest(manifest))

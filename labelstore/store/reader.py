@@ -7,6 +7,8 @@ with numpy. Every error is a :class:`~labelstore.errors.LabelStoreError` naming 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,20 @@ from labelstore.errors import StoreCorruptError, StoreFormatError
 from labelstore.reconstruction import mixed_prior, pad_row, sampled_probs
 from labelstore.selection import is_sampled
 from labelstore.store import bitpack
-from labelstore.store.format import MAX_SEQ_LEN, PAYLOAD_COLUMNS, check_row_crc, has_tail_column, meta_from_schema
+from labelstore.store.arrow_file import check_ipc_file
+from labelstore.store.format import (
+    DEFAULT_ROW_BUDGET,
+    MAX_SEQ_LEN,
+    PAYLOAD_COLUMNS,
+    check_row_crc,
+    has_tail_column,
+    meta_from_schema,
+    row_bytes,
+    row_header,
+    shard_identity,
+)
 from labelstore.store.manifest import load_manifest, safe_shard_path
+from labelstore.store.safefs import check_regular, open_regular
 
 
 @dataclass
@@ -63,17 +77,12 @@ class _Shard:
         self.path = safe_shard_path(root, rec["path"], str(root / "manifest.json"))
         self.rec = rec
         where = str(self.path)
-        if not self.path.exists():
-            raise StoreCorruptError(
-                f"shard {where} listed in the manifest is missing; the store is incomplete: re-copy it from its "
-                "source, or rerun the compile to rebuild it"
-            )
-        size = self.path.stat().st_size
-        if size != rec["bytes"]:
-            raise StoreCorruptError(
-                f"shard {where} is {size} bytes but the manifest says {rec['bytes']}: it was truncated or modified; "
-                "re-copy it, or rerun `labelstore verify` for a full report"
-            )
+        check_shard_file(self.path, rec)
+        fd = open_regular(self.path, "shard")  # regular file, no link, never blocks
+        try:
+            check_ipc_file(fd, rec["bytes"], where)  # no body compression, blocks inside the file: before pyarrow
+        finally:
+            os.close(fd)
         try:
             self.mmap = pa.memory_map(str(self.path))
             self.reader = pa.ipc.open_file(self.mmap)
@@ -86,7 +95,12 @@ class _Shard:
                 f"shard {where} cannot be read as an Arrow IPC file ({exc}); it is damaged"
             ) from None
         if file_meta != meta:
-            raise StoreCorruptError(f"shard {where} was written with different metadata than the manifest records")
+            raise StoreCorruptError(f"shard {where} was written with different metadata than the manifest records "
+                                    "(another store's shard, or an edited manifest); re-copy the store")
+        ident = shard_identity(self.reader.schema, where)
+        if meta["format_version"] >= 3 and ident != {"rank": rec["rank"], "seq": rec["seq"]}:
+            raise StoreCorruptError(f"shard {where} says it is {ident}, not rank {rec['rank']} seq {rec['seq']}: "
+                                    "it was renamed, duplicated or swapped; re-copy the store")
         if sum(rows) != rec["rows"]:
             raise StoreCorruptError(f"shard {where} holds {sum(rows)} rows but the manifest says {rec['rows']}")
         self.batch_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
@@ -121,22 +135,52 @@ class _Shard:
         return v
 
 
+def check_shard_file(path: Path, rec: dict) -> None:
+    """A shard named in the manifest exists as a regular file of the recorded size (``lstat``: never opened)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StoreCorruptError(
+            f"shard {path} listed in the manifest is missing; the store is incomplete: re-copy it from its "
+            "source, or rerun the compile to rebuild it"
+        ) from None
+    size = (st if stat.S_ISREG(st.st_mode) else check_regular(path, "shard")).st_size  # the latter names it
+    if size != rec["bytes"]:
+        raise StoreCorruptError(
+            f"shard {path} is {size} bytes but the manifest says {rec['bytes']}: it was truncated or modified; "
+            "re-copy it, or rerun `labelstore verify` for a full report"
+        )
+
+
 class LabelStore:
     """Read a finalized label store.
+
+    Opening checks the manifest (its digest from format version 3 on, every entry's bounds) and ``lstat``s every
+    shard it lists (a regular file of the recorded size), so a store declaring more rows than its files can hold
+    is refused before a loader allocates an index for them.
 
     Args:
         path: the store directory.
         verify_rows: check each row's CRC32 as it is decoded (cheap; catches silent corruption).
         normalize: rescale decoded weights so kept + tail sum to 1 (the format's reconstruction rule).
         max_open_shards: memory maps kept open at once.
+        row_budget: most bytes one decoded row may take (:func:`labelstore.store.format.row_bytes`: the padded
+            ``[T, K]`` sample included), checked against the row's declared sizes before anything is allocated.
+            The default (2 GiB) holds 128k positions at K = 1024; raise it for larger rows.
     """
 
-    def __init__(self, path, *, verify_rows: bool = True, normalize: bool = True, max_open_shards: int = 64):
+    def __init__(self, path, *, verify_rows: bool = True, normalize: bool = True, max_open_shards: int = 64,
+                 row_budget: int = DEFAULT_ROW_BUDGET):
         self.path = Path(path)
         self.verify_rows = verify_rows
         self.normalize = normalize
         self.max_open_shards = max_open_shards
+        if not isinstance(row_budget, int) or row_budget < 1:
+            raise ValueError(f"row_budget must be a positive number of bytes, got {row_budget!r}")
+        self.row_budget = row_budget
         self.manifest = load_manifest(self.path)
+        for rec in self.manifest["shards"]:
+            check_shard_file(self.path / rec["path"], rec)
         self.meta: dict = self.manifest["meta"]
         self.vocab_size: int = self.meta["vocab_size"]
         self.k: int = self.meta["selection"]["k"]
@@ -153,6 +197,7 @@ class LabelStore:
         self._mode = self.meta["selection"]["mode"]
         self._sampled_mode = is_sampled(self._mode)
         self._has_tail = has_tail_column(self.meta)
+        self._v3 = self.meta["format_version"] >= 3
         self._dec = None
 
     # ------------------------------------------------------------------------------ container protocol
@@ -217,8 +262,17 @@ class LabelStore:
         """Check (if ``verify_rows``) and decode one row given as its stored columns, wherever they were read
         from (a memory-mapped shard, a ``datasets`` table): ``parts`` maps the six payload column names to bytes."""
         if self.verify_rows:
-            check_row_crc(parts, crc32, where)
+            check_row_crc(parts, crc32, where, row_header(sample_id, T) if self._v3 else b"")
         return self.decode_parts(sample_id, T, parts, where)
+
+    def _check_budget(self, T: int, n: int, where: str) -> None:
+        need = row_bytes(T, n, self.k)
+        if need > self.row_budget:
+            raise StoreFormatError(
+                f"{where}: the row declares {T} positions and {n} kept entries, {need:,} bytes decoded (padded to "
+                f"K={self.k}), over this reader's row budget of {self.row_budget:,}. A damaged or hostile store; if "
+                "the row is genuine, open the store with LabelStore(..., row_budget=N) for a larger N"
+            )
 
     def decode_parts(self, sample_id: int, T: int, parts: dict, where: str = "row") -> RawRow:
         """Decode one row from its six payload byte columns (``parts``: name -> bytes-like), unchecked."""
@@ -226,6 +280,7 @@ class LabelStore:
         bits = self.id_bits
         if not 0 <= T <= MAX_SEQ_LEN:
             raise StoreCorruptError(f"{where}: num_tokens {T} is out of range")
+        self._check_budget(T, 0, where)
         if self._zstd:
             return self._decode_zstd(sample_id, T, parts, where)
         cb = self.meta["count_bytes"]
@@ -236,6 +291,7 @@ class LabelStore:
         n = int(counts.sum())
         if T and counts.max() > self.k:
             raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
+        self._check_budget(T, n, where)
         if parts["ids"].size != bitpack.packed_nbytes(n, bits):
             raise StoreCorruptError(f"{where}: ids column holds {parts['ids'].size} bytes, expected "
                                     f"{bitpack.packed_nbytes(n, bits)} for {n} entries")
@@ -268,6 +324,7 @@ class LabelStore:
         n = int(counts.sum())
         if T and counts.max() > self.k:
             raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
+        self._check_budget(T, n, where)
         input_ids = d.ids(parts["input_ids"], bits, T, where, "input_ids")
         ids = d.ids(parts["ids"], bits, n, where, "ids")
         if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):

@@ -3,35 +3,96 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from labelstore.errors import LabelStoreError
-from labelstore.store.manifest import CONFIG, MANIFEST, list_commits, load_manifest, read_json, sha256_file
+from labelstore.store.manifest import (
+    COMMIT_RE,
+    CONFIG,
+    MANIFEST,
+    SHARD_RE,
+    load_manifest,
+    read_config,
+    read_json,
+    sha256_file,
+    shard_name,
+    validate_commit_record,
+)
+from labelstore.store.safefs import is_regular
+
+# What a store of an older format version cannot have checked (docs/FORMAT.md section 8).
+VERSION_LIMITS = {
+    1: "format version 1: the row CRC does not cover sample_id and num_tokens, manifest.json and config.json carry "
+       "no digest, shards do not record their rank and sequence number; only sha256 (verify) catches such edits",
+    2: "format version 2: the row CRC does not cover sample_id and num_tokens, manifest.json and config.json carry "
+       "no digest, shards do not record their rank and sequence number; only sha256 (verify) catches such edits",
+}
+
+
+def _cross_check(root: Path, man: dict, problems: list[str], notes: list[str]) -> None:
+    """Manifest against commit records against the files present in ``shards/`` and ``commits/``."""
+    listed = {r["path"]: r for r in man["shards"]}
+    cdir, sdir = root / "commits", root / "shards"
+    commits: dict[str, dict] = {}
+    if cdir.is_dir() and not cdir.is_symlink():
+        for p in sorted(cdir.iterdir()):
+            if p.name.startswith(".tmp-") or not p.name.endswith(".json"):
+                continue
+            try:
+                m = COMMIT_RE.fullmatch(p.name)
+                rec = validate_commit_record(read_json(p, "commit record"), str(p))
+                if not m or rec["path"] != shard_name(int(m.group(1)), int(m.group(2))):
+                    raise LabelStoreError(f"commit record {p.name} names shard {rec['path']}")
+                commits[rec["path"]] = rec
+            except LabelStoreError as exc:
+                problems.append(f"commits/{p.name}: {exc}")
+    if commits or (cdir.is_dir() and any(COMMIT_RE.fullmatch(p.name) for p in cdir.iterdir())):
+        for path, rec in listed.items():
+            c = commits.get(path)
+            if c is None:
+                problems.append(f"{path}: listed in the manifest but has no commit record")
+            elif any(c.get(key) != val for key, val in rec.items()):
+                problems.append(f"{path}: its commit record disagrees with the manifest entry")
+        for path in sorted(set(commits) - set(listed)):
+            problems.append(f"{path}: committed (commit record present) but missing from the manifest")
+        for path in sorted(commits):
+            if not os.path.lexists(root / path):
+                problems.append(f"{path}: commit record without its shard file")
+    if sdir.is_dir() and not sdir.is_symlink():
+        for p in sorted(sdir.iterdir()):
+            rel = f"shards/{p.name}"
+            if p.name.startswith(".tmp-") or rel in listed:
+                continue
+            if SHARD_RE.fullmatch(rel):
+                problems.append(f"{rel}: orphan shard (in shards/ but not in the manifest"
+                                f"{'' if rel in commits else ' nor in any commit record'})")
+            else:
+                notes.append(f"{rel}: a file the format does not use, in shards/ (not read, left alone)")
 
 
 def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> dict:
-    """Check a store end to end. Returns ``{"ok": bool, "problems": [...], "checked": {...}}``; never raises
-    for damage it can describe (a problem is a string naming the file and what is wrong)."""
+    """Check a store end to end. Returns ``{"ok": bool, "problems": [...], "checked": {...}, "notes": [...]}``;
+    never raises for damage it can describe (a problem is a string naming the file and what is wrong). ``notes``
+    says which checks the store's format version cannot have."""
     from labelstore.store.reader import LabelStore  # local: reader imports torch
 
     root = Path(path)
     problems: list[str] = []
+    notes: list[str] = []
     checked = {"shards": 0, "rows": 0, "bytes_hashed": 0}
     try:
         man = load_manifest(root)
     except LabelStoreError as exc:
-        return {"ok": False, "problems": [str(exc)], "checked": checked}
-    # Commit records, when present, must agree with the manifest.
-    try:
-        commits = {c["path"]: c for c in list_commits(root)}
-    except LabelStoreError as exc:
-        problems.append(f"commit records: {exc}")
-        commits = {}
-    if (root / CONFIG).exists():
+        return {"ok": False, "problems": [str(exc)], "checked": checked, "notes": notes}
+    if man["format_version"] in VERSION_LIMITS:
+        notes.append(VERSION_LIMITS[man["format_version"]])
+    _cross_check(root, man, problems, notes)
+    if os.path.lexists(root / CONFIG):
         try:
-            if read_json(root / CONFIG, "store config") != man["meta"]:
+            if read_config(root) != man["meta"]:
                 problems.append(f"{MANIFEST}: metadata differs from {CONFIG} (one of them was edited)")
         except LabelStoreError as exc:
             problems.append(str(exc))
@@ -49,8 +110,11 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
         tot["tokens"] += rec["tokens"]
         tot["entries"] += rec["entries"]
         tot["bytes"] += rec["bytes"]
-        if not p.exists():
+        if not os.path.lexists(p):
             problems.append(f"{rec['path']}: missing")
+            continue
+        if not is_regular(p):
+            problems.append(f"{rec['path']}: not a regular file (a link, folder, pipe or device)")
             continue
         if p.stat().st_size != rec["bytes"]:
             problems.append(f"{rec['path']}: {p.stat().st_size} bytes, manifest says {rec['bytes']} (truncated?)")
@@ -59,9 +123,6 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
         checked["bytes_hashed"] += rec["bytes"]
         if digest != rec["sha256"]:
             problems.append(f"{rec['path']}: sha256 mismatch (the file changed after it was written)")
-        c = commits.get(rec["path"])
-        if commits and (c is None or any(c.get(key) != val for key, val in rec.items())):
-            problems.append(f"{rec['path']}: commit record missing or disagreeing with the manifest entry")
         checked["shards"] += 1
     firsts = [r["first_sample_id"] for r in shards if r["rows"]]
     if firsts != sorted(firsts):
@@ -107,7 +168,7 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
                 problems.append("duplicate sample ids across shards")
         except LabelStoreError as exc:
             problems.append(str(exc))
-    return {"ok": not problems, "problems": problems, "checked": checked}
+    return {"ok": not problems, "problems": problems, "checked": checked, "notes": notes}
 
 
 def add_arguments(parser) -> None:
@@ -123,6 +184,8 @@ def run(args) -> int:
     elif rep["ok"]:
         c = rep["checked"]
         print(f"OK: {c['shards']} shard(s), {c['rows']:,} rows decoded, {c['bytes_hashed']:,} bytes hashed")
+        for note in rep["notes"]:
+            print(f"  note: {note}")
     else:
         print(f"FAILED: {len(rep['problems'])} problem(s) in {args.store}")
         for p in rep["problems"]:

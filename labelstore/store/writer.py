@@ -18,31 +18,28 @@ import pyarrow as pa
 
 from labelstore.errors import (
     ConfigMismatchError,
-    StoreFormatError,
     StoreLockedError,
-    StoreNotFinalizedError,
     StoreWriteError,
 )
 from labelstore.store.format import build_schema, encode_row, normalize_meta, rows_to_batch
 from labelstore.store.manifest import (
     CONFIG,
-    DEFAULT_PRIOR_MIX,
     MANIFEST,
-    TAIL_PRIOR,
     atomic_write_bytes,
     atomic_write_json,
-    build_manifest,
     commit_name,
+    config_with_digest,
     create_exclusive_json,
     done_name,
     fsync_dir,
     list_commits,
     prior_name,
-    read_json,
-    remove_stale_tmp,
+    read_config,
     sha256_file,
     shard_name,
 )
+from labelstore.store.resume import check_own_files, cleanup_uncommitted, finalize_store, reopen_done_rank
+from labelstore.store.safefs import check_store_dirs, is_regular, open_nofollow_write, unlink_own
 
 try:
     import fcntl
@@ -106,7 +103,6 @@ class StoreWriter:
         self.rank, self.world_size = rank, world_size
         self.shard_bytes, self.batch_bytes = shard_bytes, min(batch_bytes, shard_bytes)
         self.meta = normalize_meta(meta)
-        self.schema = build_schema(self.meta)
         self._compressor = None
         if self.meta["encoding"]["name"] == "zstd":
             from labelstore.store.entropy import RowCompressor
@@ -120,27 +116,24 @@ class StoreWriter:
         self._shard_stats = None
         self._prior_sum = np.zeros(self.meta["vocab_size"], dtype=np.float64)
         self._prior_positions = 0
+        check_store_dirs(self.root)  # before anything is created, written or deleted
         try:
             for sub in ("shards", "commits", "locks"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreWriteError(f"cannot create store directory {self.root}: {exc.strerror or exc}") from None
+        check_store_dirs(self.root)
         self._acquire_lock()
         try:
             self._check_config()
-            self._cleanup_uncommitted()
-            commits = list_commits(self.root, rank)
+            self.schema = build_schema(self.meta)
+            commits = check_own_files(self.root, rank)
+            cleanup_uncommitted(self.root, rank, {c["path"] for c in commits}, self.meta["store_id"])
             self._seq = max((c["seq"] for c in commits), default=-1) + 1
-            done = self.root / done_name(rank)
-            if done.exists():  # resuming a finished rank: carry its pending teacher mass over, then reopen it
-                rec = read_json(done, "rank done marker")
-                blob_path = self.root / (done_name(rank) + ".prior")
-                if isinstance(rec, dict) and rec.get("prior_positions") and blob_path.exists():
-                    blob = blob_path.read_bytes()
-                    if len(blob) == 8 * self.meta["vocab_size"]:
-                        self._prior_sum += np.frombuffer(blob, dtype="<f8")
-                        self._prior_positions += int(rec["prior_positions"])
-                done.unlink()
+            mass, positions = reopen_done_rank(self.root, rank, self.meta["vocab_size"])
+            if positions:
+                self._prior_sum += mass
+                self._prior_positions += positions
         except BaseException:
             self._release_lock()
             raise
@@ -149,7 +142,10 @@ class StoreWriter:
     def _acquire_lock(self) -> None:
         lock_path = self.root / "locks" / f"r{self.rank:05d}.lock"
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow_write(lock_path, os.O_RDWR | os.O_CREAT, "lock file")  # a link is refused
+            if not is_regular(lock_path):
+                os.close(fd)
+                raise StoreWriteError(f"lock file {lock_path} is not a regular file; remove it and rerun")
         except OSError as exc:
             raise StoreWriteError(
                 f"cannot create the lock file {lock_path}: {exc.strerror or exc}; make the output directory writable"
@@ -178,11 +174,18 @@ class StoreWriter:
 
     def _check_config(self) -> None:
         cfg = self.root / CONFIG
-        if create_exclusive_json(cfg, self.meta):
+        if create_exclusive_json(cfg, config_with_digest(self.meta)):
             return
-        existing = read_json(cfg, "store config")
-        if not isinstance(existing, dict):
-            raise StoreFormatError(f"{cfg} is not a JSON object; the store is damaged")
+        existing = read_config(self.root)
+        ver = existing.get("format_version")
+        if ver != self.meta["format_version"]:
+            raise ConfigMismatchError(
+                f"{self.root} was started by a labelstore writing format version {ver!r}; this one writes "
+                f"{self.meta['format_version']} and cannot add shards to it. Finish the compile with the labelstore "
+                "version that started it, or compile into a new --out directory."
+            )
+        if isinstance(existing.get("store_id"), str):
+            self.meta["store_id"] = existing["store_id"]  # the store's identity, not a setting: adopt it
         diffs = _meta_diff(existing, self.meta)
         if diffs:
             raise ConfigMismatchError(
@@ -190,25 +193,31 @@ class StoreWriter:
                 + "\nRerun with the store's settings to resume it, or write to a new --out directory."
             )
 
-    def _cleanup_uncommitted(self) -> None:
-        committed = {c["path"] for c in list_commits(self.root, self.rank)}
-        prefix = f"r{self.rank:05d}-"
-        for p in (self.root / "shards").iterdir():
-            rel = f"shards/{p.name}"
-            if p.name.startswith(f".tmp-{prefix}") or (p.name.startswith(prefix) and rel not in committed):
-                p.unlink()
-        for p in (self.root / "commits").glob(f".tmp-r{self.rank:05d}-*"):
-            p.unlink()
-        for p in (self.root / "commits").glob(f"r{self.rank:05d}-*.prior"):
-            if not p.with_suffix(".json").exists():  # written before a commit record that never came
-                p.unlink()
-
     # ------------------------------------------------------------------------------------ queries
+    def committed_ranges(self) -> np.ndarray:
+        """int64 [n, 2]: sorted, merged ``[start, end)`` runs of the sample ids committed by any rank (what a
+        resume must skip). Built from validated commit records, never expanded id by id."""
+        runs = sorted((a, b) for c in list_commits(self.root) for a, b in c["sample_ranges"])
+        merged: list[list[int]] = []
+        for a, b in runs:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        return np.asarray(merged, dtype=np.int64).reshape(-1, 2)
+
+    def committed_mask(self, sample_ids, ranges: np.ndarray | None = None) -> np.ndarray:
+        """bool mask: which of ``sample_ids`` are committed (binary search over :meth:`committed_ranges`)."""
+        r = self.committed_ranges() if ranges is None else ranges
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        j = np.searchsorted(r[:, 0], ids, side="right") - 1
+        return (j >= 0) & (ids < r[np.maximum(j, 0), 1]) if len(r) else np.zeros(ids.shape, dtype=bool)
+
     def committed_sample_ids(self) -> np.ndarray:
-        """Sorted sample ids committed by any rank of this store (what a resume must skip)."""
-        parts = [np.arange(a, b, dtype=np.int64) for c in list_commits(self.root)
-                 for a, b in c.get("sample_ranges", [])]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        """Sorted sample ids committed by any rank, expanded (one int64 per committed row: bounded by the rows the
+        commit records declare and validate). Prefer :meth:`committed_mask` for large stores."""
+        r = self.committed_ranges()
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in r]) if len(r) else np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------------------------ writing
     def add(self, sample_id: int, input_ids, counts, ids, values, tail, doc_starts=None) -> None:
@@ -228,8 +237,10 @@ class StoreWriter:
         try:
             if self._shard is None:
                 tmp = self.root / "shards" / f".tmp-r{self.rank:05d}-{self._seq:06d}.arrow"
-                f = pa.OSFile(str(tmp), "wb")
-                self._shard = (tmp, f, pa.ipc.new_file(f, self.schema))
+                unlink_own(tmp, "temporary shard")
+                os.close(open_nofollow_write(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "temporary shard"))
+                f = pa.OSFile(str(tmp), "wb")  # the regular file just created (never a link)
+                self._shard = (tmp, f, pa.ipc.new_file(f, build_schema(self.meta, self.rank, self._seq)))
                 self._shard_stats = {"rows": 0, "tokens": 0, "entries": 0, "payload": 0, "ids": []}
             self._shard[2].write_batch(rows_to_batch(rows, self.schema))
         except (OSError, pa.ArrowException) as exc:
@@ -299,9 +310,7 @@ class StoreWriter:
                 record["prior_positions"] = int(self._prior_positions)
                 record["prior_sha256"] = hashlib.sha256(blob).hexdigest()
             atomic_write_json(self.root / commit_name(self.rank, self._seq), record)
-            manifest = self.root / MANIFEST
-            if manifest.exists():  # the store grows: its old manifest no longer describes it
-                manifest.unlink()
+            unlink_own(self.root / MANIFEST, "manifest")  # the store grows: its old manifest no longer describes it
         except OSError as exc:
             self._shard = None
             try:
@@ -369,64 +378,6 @@ class StoreWriter:
     def __del__(self):  # pragma: no cover - best effort
         if not getattr(self, "_closed", True):
             self._release_lock()
-
-
-def finalize_store(path, world_size: int) -> dict:
-    """Write ``manifest.json`` from the commit records once all ``world_size`` ranks are done.
-
-    Refuses (StoreNotFinalizedError) while a rank is unfinished, and (StoreFormatError) if two shards hold
-    the same sample id. Returns the manifest.
-    """
-    root = Path(path)
-    remove_stale_tmp(root)
-    cfg = read_json(root / CONFIG, "store config")
-    missing = [r for r in range(world_size) if not (root / done_name(r)).exists()]
-    if missing:
-        raise StoreNotFinalizedError(
-            f"{root}: rank(s) {missing} have not finished; rerun the compile (same command) to complete them"
-        )
-    commits = list_commits(root)
-    for c in commits:
-        p = root / c["path"]
-        if not p.exists() or p.stat().st_size != c["bytes"]:
-            raise StoreFormatError(f"{root}: committed shard {c['path']} is missing or has the wrong size")
-    runs = sorted((a, b, c["path"]) for c in commits for a, b in c.get("sample_ranges", []))
-    for (_a0, b0, p0), (a1, _b1, p1) in zip(runs, runs[1:]):
-        if a1 < b0:
-            raise StoreFormatError(f"{root}: sample id {a1} is stored twice ({p0} and {p1})")
-    # Order shards by first sample id, so a store reads in sample order whatever the rank layout.
-    commits.sort(key=lambda c: (c["first_sample_id"], c["rank"], c["seq"]))
-    manifest = build_manifest(cfg, commits)
-    total, positions = _sum_priors(root, cfg["vocab_size"], commits, world_size)
-    if positions:
-        blob = (total / positions).astype("<f4").tobytes()
-        atomic_write_bytes(root / TAIL_PRIOR, blob)
-        manifest["tail_prior"] = {"path": TAIL_PRIOR, "dtype": "float32", "positions": int(positions),
-                                  "sha256": hashlib.sha256(blob).hexdigest(), "mix": DEFAULT_PRIOR_MIX}
-    atomic_write_json(root / MANIFEST, manifest)
-    return manifest
-
-
-def _sum_priors(root: Path, vocab: int, commits: list[dict], world_size: int):
-    total = np.zeros(vocab, dtype=np.float64)
-    positions = 0
-    dones = []
-    for r in range(world_size):
-        d = root / done_name(r)
-        if d.exists():
-            rec = read_json(d, "rank done marker")
-            if isinstance(rec, dict) and rec.get("prior_positions"):
-                dones.append(dict(rec, path=d.name, _file=done_name(r) + ".prior"))
-    for c in list(commits) + dones:
-        if not c.get("prior_positions"):
-            continue
-        p = root / (c["_file"] if "_file" in c else prior_name(c["rank"], c["seq"]))
-        blob = p.read_bytes() if p.exists() else b""
-        if len(blob) != 8 * vocab or hashlib.sha256(blob).hexdigest() != c.get("prior_sha256"):
-            raise StoreFormatError(f"{root}: teacher-mass file of {c['path']} is missing or damaged; rerun the compile")
-        total += np.frombuffer(blob, dtype="<f8")
-        positions += int(c["prior_positions"])
-    return total, positions
 
 
 __all__ = ["StoreWriter", "finalize_store", "DEFAULT_SHARD_BYTES"]

@@ -15,7 +15,6 @@ numerics. Every rank writes its own shards; rank 0 writes the manifest after a b
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -223,13 +222,12 @@ def _check_inputs_still_there(out, plan: Plan) -> None:
     (The config check would refuse the resume anyway, but only as a changed data fingerprint.) Input files are
     read once, while planning: after that a compile runs from the plan's own copy of the tokens.
     """
-    from labelstore.store.manifest import CONFIG
+    from labelstore.store.manifest import read_config
 
-    cfg_path = Path(out) / CONFIG
-    try:
-        cfg = json.loads(cfg_path.read_text())
+    try:  # read_config refuses a FIFO, a folder or a link before reading a byte
+        cfg = read_config(Path(out))
         old_sha, old_files = cfg["compile_config"]["data"]["sha256"], list(cfg["runtime"]["data_files"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (LabelStoreError, OSError, ValueError, KeyError, TypeError):
         return  # a new store, or a damaged config that the writer reports
     if old_sha == plan.fingerprint:
         return
@@ -250,12 +248,12 @@ LATER_KEYS = (("tokens_per_batch", "tokens_per_batch"), ("sampler_version", None
 def _accept_older_config(out, meta: dict) -> None:
     """Resume a store written before a compared key existed: drop the key from ``meta`` if the store's own record
     agrees (for ``tokens_per_batch``, its ``runtime`` entry), else refuse naming the key."""
-    from labelstore.store.manifest import CONFIG
+    from labelstore.store.manifest import read_config
 
     try:
-        old = json.loads((Path(out) / CONFIG).read_text())
+        old = read_config(Path(out))
         old_cfg, old_runtime = old["compile_config"], old.get("runtime", {})
-    except (OSError, ValueError, KeyError, TypeError):
+    except (LabelStoreError, OSError, ValueError, KeyError, TypeError):
         return  # a new store, or a damaged config that the writer reports
     for key, runtime_key in LATER_KEYS:
         if key in old_cfg or key not in meta["compile_config"]:

@@ -109,8 +109,8 @@ class WriterThread(threading.Thread):
 
 
 def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world):
-    committed = writer.committed_sample_ids()
-    todo_masks = [~np.isin(b, committed) for b in mine]
+    committed = writer.committed_ranges()  # [start, end) runs: never expanded id by id
+    todo_masks = [~writer.committed_mask(b, committed) for b in mine]
     total = int(sum(int(t.sum()) for t in todo_masks))
     skipped = int(sum(len(b) for b in mine)) - total
     bar = None

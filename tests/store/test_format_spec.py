@@ -3,7 +3,9 @@
 Nothing from labelstore is imported by the decoder below (only the writer is used, to make a store).
 """
 
+import hashlib
 import json
+import struct
 import zlib
 from pathlib import Path
 
@@ -76,23 +78,31 @@ def spec_v2_row(meta, cols, r, T):
 def spec_decode_store(path: Path) -> dict:
     """{sample_id: (input_ids, [per-position (ids, probs)], tail)} per docs/FORMAT.md."""
     man = json.loads((path / "manifest.json").read_text())
-    assert man["format"] == "labelstore" and man["format_version"] in (1, 2)
+    version = man["format_version"]
+    assert man["format"] == "labelstore" and version in (1, 2, 3)
+    if version >= 3:  # section 2: the digest of the manifest without its "digest" key, canonical JSON
+        body = {k: v for k, v in man.items() if k != "digest"}
+        assert man["digest"] == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                                               ).hexdigest()
     meta = man["meta"]
+    zstd = meta.get("encoding", {"name": "packed"})["name"] == "zstd"
     w, cb = meta["id_bits"], meta["count_bytes"]
     assert w == (meta["vocab_size"] - 1).bit_length()
     out = {}
     for sh in man["shards"]:
         table = pa.ipc.open_file(pa.memory_map(str(path / sh["path"]))).read_all()
         assert json.loads(table.schema.metadata[b"labelstore"]) == meta
+        if version >= 3:
+            assert json.loads(table.schema.metadata[b"labelstore_shard"]) == {"rank": sh["rank"], "seq": sh["seq"]}
         cols = table.to_pydict()
         for r in range(table.num_rows):
             T = cols["num_tokens"][r]
             payload = [cols[c][r] for c in ("input_ids", "counts", "ids", "values", "tail", "doc_starts")]
-            crc = 0
+            crc = zlib.crc32(struct.pack("<qi", cols["sample_id"][r], T)) if version >= 3 else 0
             for p in payload:
                 crc = zlib.crc32(p, crc)
             assert crc == cols["crc32"][r]
-            if man["format_version"] == 2:
+            if zstd:
                 inp, counts, ids, tail, values = spec_v2_row(meta, cols, r, T)
             else:
                 inp = spec_unpack(cols["input_ids"][r], w, T)
@@ -135,17 +145,19 @@ def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab, en
             np.testing.assert_allclose(x.probs[t, : len(ids_t)].numpy(), probs_t, rtol=2e-5, atol=1e-7)
 
 
-def test_store_written_by_format_v1_code_still_reads():
-    """tests/data/store_v1 was written by the version-1 writer (before entropy coding existed)."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_store_written_by_older_format_code_still_reads(version):
+    """tests/data/store_v1 and store_v2 were written by the version-1 and version-2 writers (v1: before entropy
+    coding existed; v2: zstd rows, before the row CRC covered sample_id and num_tokens)."""
     from labelstore.store.reader import LabelStore
     from labelstore.store.verify import verify_store
 
     root = Path(__file__).parents[1] / "data"
-    expected = json.loads((root / "store_v1_expected.json").read_text())
-    s = LabelStore(root / "store_v1")
-    assert s.meta["format_version"] == 1 and "encoding" not in s.meta
+    expected = json.loads((root / f"store_v{version}_expected.json").read_text())
+    s = LabelStore(root / f"store_v{version}")
+    assert s.meta["format_version"] == version and (version == 2) == ("encoding" in s.meta)
     got = [{"sample_id": x.sample_id, "input_ids": x.input_ids.tolist(), "ids": x.ids.tolist(),
             "probs": x.probs.tolist(), "tail": x.tail.tolist()} for x in s]
     assert got == expected
-    assert verify_store(root / "store_v1")["ok"]
-    assert sorted(spec_decode_store(root / "store_v1")) == [r["sample_id"] for r in expected]
+    assert verify_store(root / f"store_v{version}")["ok"]
+    assert sorted(spec_decode_store(root / f"store_v{version}")) == [r["sample_id"] for r in expected]

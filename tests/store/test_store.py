@@ -24,6 +24,7 @@ from labelstore.errors import (
     StoreNotFinalizedError,
 )
 from labelstore.store import bitpack
+from labelstore.store.format import with_digest
 from labelstore.store.reader import LabelStore
 from labelstore.store.verify import verify_store
 from labelstore.store.writer import StoreWriter
@@ -53,7 +54,7 @@ def test_round_trip(tmp_path, vocab_size, encoding):
         write_rows(w, rows)
     s = LabelStore(tmp_path / "s")
     assert len(s) == 30 and len(s.manifest["shards"]) > 1
-    assert s.meta["format_version"] == (2 if encoding == "zstd" else 1)
+    assert s.meta["format_version"] == 3 and s.meta["encoding"]["name"] == encoding
     assert s.meta["id_bits"] == max(1, (vocab_size - 1).bit_length())
     by_id = {r["sample_id"]: r for r in rows}
     for i in range(len(s)):
@@ -272,15 +273,17 @@ def test_unknown_version_and_hostile_paths_refused(tmp_path):
     mpath.write_text(json.dumps(bad))
     with pytest.raises(StoreFormatError, match="version 99"):
         LabelStore(store)
-    for evil in ["../../etc/passwd", "/etc/passwd", "shards/../../x.arrow"]:
+    # A forger who recomputes the manifest's digest (with_digest) still meets every other check.
+    for evil in ["../../etc/passwd", "/etc/passwd", "shards/../../x.arrow", "shards/r00000-000000.arrow\n",
+                 "shards/r\u0660\u0660\u0660\u0660\u0660-\u0660\u0660\u0660\u0660\u0660\u0660.arrow"]:
         bad = json.loads(json.dumps(good))
         bad["shards"][0]["path"] = evil
-        mpath.write_text(json.dumps(bad))
+        mpath.write_text(json.dumps(with_digest(bad)))
         with pytest.raises(StoreFormatError, match="refusing"):
             LabelStore(store)
     bad = json.loads(json.dumps(good))
     bad["meta"]["vocab_size"] = 10**15
-    mpath.write_text(json.dumps(bad))
+    mpath.write_text(json.dumps(with_digest(bad)))
     with pytest.raises(StoreFormatError, match="vocab_size"):
         LabelStore(store)
     mpath.write_text("{not json")

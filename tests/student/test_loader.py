@@ -155,7 +155,7 @@ def test_entropy_coded_store_gives_the_same_batches(tmp_path):
     rows = make_rows(9, seed=8)
     ref = reference(build(tmp_path / "packed", rows))
     coded = build(tmp_path / "zstd", rows, encoding={"name": "zstd"})
-    assert json.loads((coded / "manifest.json").read_text())["meta"]["format_version"] == 2
+    assert json.loads((coded / "manifest.json").read_text())["meta"]["encoding"]["name"] == "zstd"
     for batch in StoreLoader(StoreDataset(coded), batch_size=4, seed=1):
         check_batch(batch, ref)
     hf, ds = to_hf_dataset(coded), StoreDataset(coded)

@@ -29,6 +29,7 @@ _EXPORTS = {
     "InvalidLogitsError": "labelstore.errors",
     "InputDataError": "labelstore.errors",
     "StoreWriteError": "labelstore.errors",
+    "OutputDirectoryError": "labelstore.errors",
     # store
     "LabelStore": "labelstore.store.reader",
     "StoreWriter": "labelstore.store.writer",
@@ -67,6 +68,7 @@ __all__ = [
     "InvalidLogitsError",
     "InputDataError",
     "StoreWriteError",
+    "OutputDirectoryError",
     "LabelStore",
     "StoreWriter",
     "verify_store",
@@ -112,6 +114,7 @@ if TYPE_CHECKING:  # static tools see the real names
         InputDataError,
         InvalidLogitsError,
         LabelStoreError,
+        OutputDirectoryError,
         StoreCorruptError,
         StoreFormatError,
         StoreLockedError,

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,8 +30,9 @@ from labelstore.distributed import local_rank, rank_world
 from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError, StoreWriteError
 from labelstore.selection import is_sampled
 from labelstore.teacher.batching import plan_batches
-from labelstore.teacher.inputs import InputConfig, Plan, build_plan
+from labelstore.teacher.inputs import PROGRESS_EVERY, InputConfig, Plan, build_plan
 from labelstore.teacher.model import (
+    DTYPES,
     config_vocab_size,
     display_name,
     load_teacher,
@@ -41,7 +44,9 @@ from labelstore.teacher.model import (
     tokenizer_fingerprint,
 )
 from labelstore.teacher.options import CompileOptions
+from labelstore.teacher.outdir import check_out, committed_shards, discard_store
 from labelstore.teacher.pipeline import CompileResult, run_batches
+from labelstore.teacher.sources import object_sources
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
 
@@ -96,6 +101,13 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
     selection = opts.selection_meta(vocab_size)
     sampled = is_sampled(selection["mode"])
     config = {"seed": int(opts.seed)} if sampled else {}  # only sampled labels depend on it (older stores resume)
+    labels = {}  # keys added only when used, so that stores of earlier versions still resume
+    data = {"sha256": plan.fingerprint, "samples": len(plan), "tokens": plan.num_tokens}
+    if plan.label_mask is not None:  # docs/FORMAT.md 3: positions without a label hold count 0 and tail 0
+        labels["label_positions"] = "assistant"
+        data["labelled_positions"] = plan.labelled_positions
+    if plan.chat_template_sha256 is not None:
+        labels["chat_template_sha256"] = plan.chat_template_sha256
     return {
         "vocab_size": vocab_size,
         "label_kind": "hard" if opts.hard_labels else "soft",
@@ -106,7 +118,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
         "teacher": {"name": display_name(opts.teacher), "hash": teacher_hash},
         "tokenizer": {"name": display_name(opts.tokenizer or opts.teacher), "hash": tokenizer_hash},
         "compile_config": {
-            "data": {"sha256": plan.fingerprint, "samples": len(plan), "tokens": plan.num_tokens},
+            "data": data,
             "max_length": opts.max_length,
             "packing": "pack" if opts.pack else "truncate",
             "text_field": opts.text_field,
@@ -117,6 +129,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "add_special_tokens": True,
             "eos_between_documents": True,
             **config,
+            **labels,
         },
         "runtime": {
             "data_files": plan.files[:1000],
@@ -126,8 +139,16 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "labelstore": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "teacher_path": _full_name(opts.teacher),
+            "input_stats": {**plan.stats, "labelled_positions": plan.labelled_positions},
         },
     }
+
+
+def _full_name(name: str) -> str:
+    """A local teacher's absolute path (recorded, not compared: a moved store or teacher still resumes)."""
+    p = Path(name)
+    return str(p.resolve()) if p.exists() else name
 
 
 def interrupted_message(out) -> str:
@@ -144,24 +165,104 @@ def interrupted_message(out) -> str:
             + (f":\n  {cmd}" if cmd else ""))
 
 
-def compile_store(opts: CompileOptions) -> CompileResult:
-    """Compile (or resume) the store ``opts.out``; see the module docstring. Returns this rank's figures."""
+def compile_store(opts: CompileOptions | None = None, /, *, teacher=None, tokenizer=None, data=None, out=None,
+                  **options) -> CompileResult:
+    """Compile (or resume) a store; see the module docstring. Returns this rank's figures.
+
+    Either ``compile_store(CompileOptions(...))`` (what the CLI calls), or keywords, taking objects as well as
+    paths::
+
+        compile_store(teacher=model_or_path, tokenizer=tokenizer_or_path, data=dataset_or_records_or_paths,
+                      out="STORE", k=32, assistant_only=True, ...)   # any other CompileOptions field
+
+    Args:
+        teacher: a ``transformers`` causal LM (used as it is: its device and dtype, unless ``device`` is given;
+            put in eval mode for the compile and restored after) or a local directory / hub name.
+        tokenizer: a tokenizer object or name (default: the teacher's, when the teacher is a path).
+        data: a path or a list of paths (as ``--data``, ``hf:NAME`` included), a ``datasets`` Dataset /
+            IterableDataset / DatasetDict (``split=``), or a list of records (dicts with ``text``, ``messages``,
+            ``prompt`` + ``completion`` or ``input_ids``). Strings are always paths.
+        out: the store directory.
+
+    Raises:
+        ValueError: an option out of range (its message names the flag).
+        LabelStoreError: bad inputs, teacher, output directory... (nothing written or damaged).
+    """
+    if opts is not None:
+        if not isinstance(opts, CompileOptions):
+            raise TypeError(f"compile_store takes a CompileOptions or keywords, not {type(opts).__name__}")
+        if any(x is not None for x in (teacher, tokenizer, data, out)) or options:
+            raise TypeError("compile_store takes either a CompileOptions or keywords, not both")
+        return _compile(opts, Objects())
+    if teacher is None or data is None or out is None:
+        raise TypeError("compile_store needs teacher=, data= and out=")
+    objs = Objects()
+    teacher_name = _name_or_object(teacher, "teacher", objs)
+    tok_name = None if tokenizer is None else _name_or_object(tokenizer, "tokenizer", objs)
+    if objs.model is not None and tokenizer is None:
+        raise TypeError("compile_store(teacher=<model object>) needs tokenizer= (an object or a path)")
+    if isinstance(data, (str, os.PathLike)):
+        paths = [os.fspath(data)]
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(d, (str, os.PathLike)) for d in data):
+        paths = [os.fspath(d) for d in data]
+    else:
+        paths = []
+        objs.data = data
+    opts = CompileOptions(teacher=teacher_name, tokenizer=tok_name, data=paths, out=os.fspath(out), **options)
+    return _compile(opts, objs)
+
+
+@dataclass
+class Objects:
+    """Python objects given to :func:`compile_store` instead of paths."""
+
+    model: object = None
+    tokenizer: object = None
+    data: object = None
+
+
+def _name_or_object(x, what: str, objs: Objects) -> str:
+    if isinstance(x, (str, os.PathLike)):
+        return os.fspath(x)
+    setattr(objs, "model" if what == "teacher" else "tokenizer", x)
+    return getattr(x, "name_or_path", None) or f"<{type(x).__name__}>"
+
+
+def check_local_path(name: str, what: str) -> None:
+    """A teacher or tokenizer that names a local path must exist (else transformers tries the hub, slowly)."""
+    if Path(name).exists():
+        return
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if looks_local:
+        raise InputDataError(f"--{what} {name}: no such directory (a local model directory, or a hub name such as "
+                             "org/model)")
+
+
+def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
     from labelstore.store.writer import StoreWriter, finalize_store
     from labelstore_kernels import extract, extract_topk
 
     opts.validate()
+    if objs.model is None:
+        check_local_path(opts.teacher, "teacher")
+    if opts.tokenizer is not None and objs.tokenizer is None:
+        check_local_path(opts.tokenizer, "tokenizer")
+    store_there = check_out(opts.out)
     rank, world = rank_world()
-    device = resolve_device(opts.device, local_rank())
-    dtype = resolve_dtype(opts.dtype, device)
+    device = resolve_device(opts.device, local_rank()) if objs.model is None or opts.device != "auto" else \
+        _model_device(objs.model)
+    dtype = resolve_dtype(opts.dtype, device) if objs.model is None else _model_dtype(objs.model, opts.dtype)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         # ranks may finish far apart (a resumed store, uneven documents): wait long at the final barrier
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(hours=24))
+    was_training = None
     try:
-        tokenizer = load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
-        V = config_vocab_size(opts.teacher, opts.trust_remote_code)
+        tokenizer = objs.tokenizer or load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
+        V = _model_vocab(objs.model) if objs.model is not None else \
+            config_vocab_size(opts.teacher, opts.trust_remote_code)
         if len(tokenizer) > V:
             raise ConfigMismatchError(
                 f"the tokenizer has {len(tokenizer):,} tokens but the teacher's output vocabulary is {V:,}: "
@@ -169,11 +270,25 @@ def compile_store(opts: CompileOptions) -> CompileResult:
             )
         codec = get_codec(opts.codec_name)
         k = 1 if opts.hard_labels else min(opts.k, V)
+        if not opts.hard_labels and opts.selection in ("topk", "topp") and opts.k > V and rank == 0:
+            print(f"labelstore compile: note: --k {opts.k} is more than the teacher's vocabulary ({V:,}): every "
+                  f"position keeps at most {V:,} entries", file=sys.stderr)
         in_cfg = InputConfig(max_length=opts.max_length, pack=opts.pack, text_field=opts.text_field,
-                             token_field=opts.token_field, max_samples=opts.max_samples)
+                             token_field=opts.token_field, max_samples=opts.max_samples,
+                             assistant_only=opts.assistant_only, chat_template=_read_template(opts.chat_template),
+                             text_glob=tuple(opts.text_glob or ()), split=opts.split, streaming=opts.streaming)
         with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
-            plan = build_plan(opts.data, tokenizer, in_cfg, V, workdir=workdir)  # validates every input
-            model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code)
+            sources = object_sources(objs.data, in_cfg.sources) if objs.data is not None else opts.data
+            plan = build_plan(sources, tokenizer, in_cfg, V, workdir=workdir,  # validates every input
+                              progress_every=PROGRESS_EVERY if opts.progress and rank == 0 else None)
+            _report_truncation(plan, opts, rank)
+            if objs.model is not None:
+                model, was_training = objs.model, objs.model.training
+                model.eval()
+                if opts.device != "auto":
+                    model.to(device)
+            else:
+                model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code)
             if output_vocab_size(model) != V:
                 raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
                                           f"its config says vocab_size {V:,}; fix the model's config.json")
@@ -182,15 +297,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
             _check_inputs_still_there(opts.out, plan)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
             mine = batches[rank::world]
-            try:
-                writer = StoreWriter(opts.out, meta, rank=rank, world_size=world,
-                                     shard_bytes=max(1, int(opts.shard_mb * (1 << 20))))
-            except OSError as exc:  # e.g. the lock file of a read-only store (the writer wraps its other I/O)
-                raise StoreWriteError(
-                    f"cannot open {opts.out} for writing: {exc.strerror or exc}"
-                    f"{f' ({exc.filename})' if exc.filename else ''}. Nothing was changed; make --out writable "
-                    "(permissions, free space) or choose another directory, then rerun the same command."
-                ) from None
+            writer = _open_writer(StoreWriter, opts, meta, rank, world, store_there)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             if meta["selection"]["mode"] in ("topk", "argmax"):
                 def extract_fn(flat, row_ids):
@@ -199,16 +306,101 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                 def extract_fn(flat, row_ids):
                     return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
                                    seed=opts.seed, row_ids=row_ids)
+            if plan.label_mask is not None:
+                extract_fn = keep_labelled_positions(extract_fn, plan, opts.max_length)
             result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
                                   pad_id, rank, world)
         _barrier(world)
         if world > 1 and rank == 0:
             finalize_store(opts.out, world)
         _barrier(world)
+        result.input_stats = dict(plan.stats)
         return result
     finally:
+        if was_training:
+            objs.model.train()
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def keep_labelled_positions(extract_fn, plan: Plan, max_length: int):
+    """Wrap an extraction so that positions without a label (``plan.label_mask``) keep count 0 and tail 0.
+
+    The teacher and the extraction still see every position (sampled modes draw by row id, so the kept
+    positions hold exactly what an all-positions compile would); the writer then stores no entry there.
+    """
+    def run(flat, row_ids):
+        ex = extract_fn(flat, row_ids)
+        keep = torch.from_numpy(plan.keep_rows(row_ids, max_length)).to(ex.counts.device)
+        return ex._replace(counts=ex.counts * keep.to(ex.counts.dtype), tail=ex.tail * keep.to(ex.tail.dtype))
+    return run
+
+
+def _open_writer(StoreWriter, opts: CompileOptions, meta: dict, rank: int, world: int, store_there: bool):
+    """The store's writer; ``--overwrite`` first discards the store, a store that committed nothing is replaced
+    when its settings changed, and a settings mismatch on a store with shards says how to start over."""
+    shard_bytes = max(1, int(opts.shard_mb * (1 << 20)))
+    if store_there and opts.overwrite:
+        if rank == 0:
+            discard_store(opts.out)
+        _barrier(world)
+    try:
+        try:
+            return StoreWriter(opts.out, meta, rank=rank, world_size=world, shard_bytes=shard_bytes)
+        except ConfigMismatchError as exc:
+            n = committed_shards(Path(opts.out))
+            if n or world > 1:
+                raise ConfigMismatchError(f"{exc}\nOr pass --overwrite to discard its {n} committed shard(s) and "
+                                          "compile it anew.") from None
+            # an unfinished store that committed nothing (a compile that failed in its first batch): replace it
+            print(f"labelstore compile: note: {opts.out} held an unfinished store with no committed shard and other "
+                  "settings; replacing it", file=sys.stderr)
+            discard_store(opts.out)
+            return StoreWriter(opts.out, meta, rank=rank, world_size=world, shard_bytes=shard_bytes)
+    except OSError as exc:  # e.g. the lock file of a read-only store (the writer wraps its other I/O)
+        raise StoreWriteError(
+            f"cannot open {opts.out} for writing: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename else ''}. Nothing was changed; make --out writable "
+            "(permissions, free space) or choose another directory, then rerun the same command."
+        ) from None
+
+
+def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:
+    st = plan.stats
+    if rank == 0 and opts.progress and not opts.pack and st.get("truncated_documents"):
+        print(f"labelstore compile: --truncate cut {st['truncated_documents']:,} of {st['documents']:,} documents "
+              f"at --max-length {opts.max_length}, dropping {st['truncated_tokens']:,} of "
+              f"{st['document_tokens']:,} tokens ({st['truncated_tokens'] / max(st['document_tokens'], 1):.1%})",
+              file=sys.stderr)
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputDataError(f"cannot read --chat-template {path}: {exc}") from None
+
+
+def _model_device(model) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _model_dtype(model, requested: str) -> torch.dtype:
+    p = next(iter(model.parameters()), None)
+    have = p.dtype if p is not None else torch.float32
+    if requested != "auto" and DTYPES[requested] != have:
+        raise ValueError(f"dtype={requested!r} but the teacher object is in {str(have).removeprefix('torch.')}: "
+                         "convert the model (model.to(dtype)) or pass it by path")
+    return have
+
+
+def _model_vocab(model) -> int:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.vocab_size)
 
 
 def _check_inputs_still_there(out, plan: Plan) -> None:
@@ -228,7 +420,7 @@ def _check_inputs_still_there(out, plan: Plan) -> None:
     if old_sha == plan.fingerprint:
         return
     now = set(plan.files)
-    gone = [f for f in old_files if f not in now and not Path(f).exists()]
+    gone = [f for f in old_files if f not in now and not f.startswith(("hf:", "<")) and not Path(f).exists()]
     if gone:
         raise InputDataError(
             f"{out} was compiled from input file(s) that no longer exist: {', '.join(gone[:5])}"

@@ -42,6 +42,7 @@ class CompileResult:
     skipped: int  # sequences of this rank's batches already committed before this run
     seconds: float  # wall time of the batch loop (forward, extraction, writes)
     cpu_seconds: float = 0.0  # process CPU time of the same loop, all threads
+    input_stats: dict | None = None  # documents, tokens and (truncate mode) what was cut off: Plan.stats
 
 
 class WriterThread(threading.Thread):
@@ -83,7 +84,7 @@ class WriterThread(threading.Thread):
                 continue
             a, b = int(ends[r] - lengths[r]), int(ends[r])
             c = counts[a:b]
-            if self.hard or bool((c == k).all()):
+            if bool((c == k).all()):  # (hard labels keep 1 everywhere, or 0 where a position has no label)
                 s_ids = ids[a:b].reshape(-1)
                 s_vals = values[a:b].reshape(-1)
             else:

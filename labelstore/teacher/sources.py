@@ -145,6 +145,15 @@ def _guard(path: Path, fn):
         raise InputDataError(f"cannot read input {path}: {exc}") from None
 
 
+def _lines(path: Path, f) -> Iterator[bytes]:
+    """The lines of an open file, with decompression and I/O failures turned into input errors."""
+    while True:
+        line = _guard(path, f.readline)
+        if not line:
+            return
+        yield line
+
+
 def _iter_text(path: Path) -> Iterator[Document]:
     def read():
         with _open(path) as f:
@@ -179,7 +188,7 @@ def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Document]:
     """One document per line, streamed (a JSONL file may be far larger than memory)."""
     f = _open(path)
     with f:
-        for lineno, raw in enumerate(_guard(path, lambda: iter(f)), 1):
+        for lineno, raw in enumerate(_lines(path, f), 1):
             line = _decode(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue

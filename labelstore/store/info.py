@@ -80,7 +80,9 @@ def format_summary(s: dict) -> str:
     st = s.get("input_stats") or {}
     if s["packing"] == "truncate" and st.get("truncated_documents"):
         lines.append(f"truncated       {st['truncated_documents']:,} of {st['documents']:,} documents, "
-                     f"{st['truncated_tokens']:,} of {st['document_tokens']:,} tokens cut off at max length")
+                     f"{st['truncated_tokens']:,} of {st['document_tokens']:,} tokens cut off at max length"
+                     + (f", {st['truncated_label_positions']:,} label positions among them"
+                        if st.get("truncated_label_positions") else ""))
     lines += [
         f"bytes on disk   {s['bytes_on_disk']:,}",
         f"bytes per token {s['bytes_per_token']:.2f}",

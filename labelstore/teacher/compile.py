@@ -370,7 +370,10 @@ def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:
     if rank == 0 and opts.progress and not opts.pack and st.get("truncated_documents"):
         print(f"labelstore compile: --truncate cut {st['truncated_documents']:,} of {st['documents']:,} documents "
               f"at --max-length {opts.max_length}, dropping {st['truncated_tokens']:,} of "
-              f"{st['document_tokens']:,} tokens ({st['truncated_tokens'] / max(st['document_tokens'], 1):.1%})",
+              f"{st['document_tokens']:,} tokens ({st['truncated_tokens'] / max(st['document_tokens'], 1):.1%})"
+              + (f" and {st['truncated_label_positions']:,} assistant label positions (keeping "
+                 f"{plan.labelled_positions:,}); a larger --max-length or --pack keeps them"
+                 if st.get("truncated_label_positions") else ""),
               file=sys.stderr)
 
 

@@ -155,20 +155,26 @@ def iter_sequences(docs: Iterator[Tokenized], cfg: InputConfig, stats: dict | No
     """(tokens int32 [T], doc_starts int32 [D], label flags uint8 [T]) per sequence, packed or truncated.
 
     ``stats`` (a dict) receives ``documents``, ``document_tokens`` and, in truncate mode,
-    ``truncated_documents`` and ``truncated_tokens`` (the tokens cut off), counted over what was yielded.
+    ``truncated_documents`` and ``truncated_tokens`` (the tokens cut off), plus, with ``assistant_only``,
+    ``truncated_label_positions`` (label positions cut off), counted over what was yielded.
     """
     stats = {} if stats is None else stats
     for key in ("documents", "document_tokens", "truncated_documents", "truncated_tokens"):
         stats.setdefault(key, 0)
+    if cfg.assistant_only and not cfg.pack:
+        stats.setdefault("truncated_label_positions", 0)
     L = cfg.max_length
     if not cfg.pack:
         for d in docs:
             stats["documents"] += 1
             stats["document_tokens"] += d.ids.size
+            keep = label_flags(d)
             if d.ids.size > L:
                 stats["truncated_documents"] += 1
                 stats["truncated_tokens"] += d.ids.size - L
-            yield d.ids[:L], np.zeros(1, dtype=np.int32), label_flags(d)[:L]
+                if cfg.assistant_only:  # labels a long conversation loses past max_length
+                    stats["truncated_label_positions"] += int(keep[L:].sum())
+            yield d.ids[:L], np.zeros(1, dtype=np.int32), keep[:L]
         return
     buf: list[np.ndarray] = []
     flags: list[np.ndarray] = []

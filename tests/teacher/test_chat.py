@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _teachers import make_tokenizer, raw_store_rows, save_teacher
 
 from labelstore.cli import main as cli_main
@@ -24,6 +27,7 @@ from labelstore.teacher.compile import CompileOptions, compile_store
 from labelstore.teacher.inputs import InputConfig, build_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
 
 TURN = "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
 PLAIN = ("{% for m in messages %}" + TURN + "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -103,6 +107,10 @@ def test_plan_keeps_positions_whose_next_token_is_a_target(tmp_path, tok):
             assert [plan.sequence(i).tolist() for i in range(len(plan))] == stream
             assert plan.label_mask.astype(bool).tolist() == sum(keep, [])
         assert plan.labelled_positions == sum(map(sum, keep))
+    cut = build_plan([path], tok, InputConfig(max_length=10, pack=False, assistant_only=True), len(tok))
+    assert cut.stats["truncated_label_positions"] == sum(sum(k[10:]) for k in keep)
+    assert cut.labelled_positions == sum(sum(k[:10]) for k in keep)
+    assert cut.stats["truncated_tokens"] == sum(max(len(d) - 10, 0) for d in stream)
 
 
 def test_chat_errors(tmp_path, tok):
@@ -193,3 +201,20 @@ def test_cli_chat_template_file(chat_env, tmp_path):
     cfg = LabelStore(out).meta["compile_config"]
     assert cfg["chat_template_sha256"] == hashlib.sha256(GENERATION.encode()).hexdigest()
     assert cli_main(args[:-1] + [str(tmp_path / "missing.jinja")]) == 2
+
+
+def test_readme_chat_example_runs(chat_env, tmp_path, monkeypatch):
+    """The README's Python API example, with its teacher replaced by the tiny chat teacher."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("**Python API.**"):]
+    block = block[block.index("```python\n") + 10:]
+    block = block[:block.index("```")]
+    assert 'TEACHER = "' in block and 'STORE = "' in block
+    monkeypatch.chdir(tmp_path)
+    code = re.sub(r'TEACHER = "[^"]*"', f"TEACHER = {str(chat_env['teacher'])!r}", block)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    batch, result = scope["batch"], scope["result"]
+    assert result.samples == 1 and bool(torch.isfinite(scope["loss"]))
+    mask = batch["position_mask"][0]
+    assert 0 < int(mask.sum()) < mask.numel()  # only the assistant's and the completion's positions

@@ -205,6 +205,11 @@ def compile_store(opts: CompileOptions | None = None, /, *, teacher=None, tokeni
         paths = [os.fspath(data)]
     elif isinstance(data, (list, tuple)) and data and all(isinstance(d, (str, os.PathLike)) for d in data):
         paths = [os.fspath(d) for d in data]
+        texts = [i for i, d in enumerate(paths) if not d.startswith("hf:") and not Path(d).exists()
+                 and any(c.isspace() for c in d)]
+        if texts:
+            raise InputDataError(f"data[{texts[0]}] ({paths[texts[0]][:40]!r}) is not a file or folder: strings given "
+                                 "as data= are paths; to compile texts pass data=[{'text': t} for t in texts]")
     else:
         paths = []
         objs.data = data

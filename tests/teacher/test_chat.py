@@ -183,11 +183,17 @@ def test_assistant_only_store_holds_exactly_the_kept_positions(chat_env, tok, mo
     assert store.meta["compile_config"]["data"]["labelled_positions"] == kept_total == plan.labelled_positions
     assert "label_positions" not in LabelStore(base / f"all-{name}").meta["compile_config"]
     ds = StoreDataset(store)
-    for i in range(len(ds)):
-        item = ds[i]
+    items = [ds[i] for i in range(len(ds))]
+    for item in items:
         sid = item["sample_id"]
         assert item["position_mask"].tolist() == plan.label_mask[plan.offsets[sid]:plan.offsets[sid + 1]].astype(
             bool).tolist()
+    batch = ds.collator()(items[:4])  # CE labels only where the teacher has a label: the assistant's tokens
+    for b, item in enumerate(items[:4]):
+        x, keep = item["input_ids"], item["position_mask"]
+        n = len(x) - 1
+        want = [int(x[t + 1]) if keep[t] else -100 for t in range(n)]
+        assert batch["labels"][b, :n].tolist() == want
 
 
 def test_cli_chat_template_file(chat_env, tmp_path):

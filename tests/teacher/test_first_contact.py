@@ -24,7 +24,7 @@ from _teachers import (
 )
 
 from labelstore.cli import main as cli_main
-from labelstore.errors import ConfigMismatchError
+from labelstore.errors import ConfigMismatchError, InputDataError
 from labelstore.store.info import summary
 from labelstore.teacher.compile import CompileOptions, compile_store
 from labelstore.teacher.progress import ProgressLog
@@ -216,6 +216,8 @@ def test_python_api_takes_objects_and_paths(env, tmp_path):
         compile_store(CompileOptions(teacher="x", data=["y"], out="z"), out="w")
     with pytest.raises(TypeError, match="needs tokenizer="):
         compile_store(teacher=model, data=[{"text": "a"}], out=tmp_path / "t")
+    with pytest.raises(InputDataError, match=r"data\[1\] \('the value of'\) is not a file or folder: strings"):
+        compile_store(teacher=env["teacher"], data=[str(env["corpus"]), "the value of"], out=tmp_path / "t")
     with pytest.raises(ValueError, match="--k must be >= 1"):
         compile_store(teacher=env["teacher"], data=env["corpus"], out=tmp_path / "k", k=0)
     with pytest.raises(ConfigMismatchError):  # a resume with other settings is refused, as on the CLI

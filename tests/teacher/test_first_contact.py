@@ -4,6 +4,7 @@ a log, and the Python API taking objects as well as paths."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -178,15 +179,18 @@ def test_a_compile_logging_to_a_file_prints_progress_lines(env, tmp_path):
     assert lines[-1].startswith(f"compile: {summary(tmp_path / 's')['samples']}/")
 
 
-def test_verify_and_examples_on_wrong_paths(tmp_path):
+def test_verify_and_examples_on_wrong_paths(tmp_path, capsys):
     for target, said in ((tmp_path / "nope", "does not exist"), (Path(__file__), "is a file, not a store")):
-        r = subprocess.run([sys.executable, "-m", "labelstore", "verify", str(target)], capture_output=True,
-                           text=True, cwd=REPO)
-        assert r.returncode == 1 and said in r.stdout and "Re-copy" not in r.stdout
+        assert cli_main(["verify", str(target)]) == 1
+        out = capsys.readouterr().out
+        assert said in out and "Re-copy" not in out
     typo = tmp_path / "TYPO"
-    r = subprocess.run([sys.executable, str(REPO / "examples" / "train_student.py"), "--store", str(typo)],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and "not a label store" in r.stderr and not typo.exists()
+    spec = importlib.util.spec_from_file_location("train_student", REPO / "examples" / "train_student.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.raises(SystemExit) as exit_:
+        example.main(["--store", str(typo)])
+    assert exit_.value.code == 2 and "not a label store" in capsys.readouterr().err and not typo.exists()
 
 
 # ------------------------------------------------------------------------------------------------ Python API

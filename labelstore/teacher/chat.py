@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -154,3 +155,13 @@ class ChatRenderer:
         flags = np.zeros(ids.size, dtype=bool)
         flags[len(p):] = True
         return ids, flags
+
+
+def read_template(path: str | None) -> str | None:
+    """The text of a ``--chat-template`` file (None: none given)."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputDataError(f"cannot read --chat-template {path}: {exc}") from None

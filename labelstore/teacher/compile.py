@@ -2,7 +2,9 @@
 
 One process per rank (``torchrun`` starts several)::
 
-    inputs -> plan (token sequences, sample id = index)              labelstore.teacher.inputs
+    --data / objects -> documents (files, datasets, chats)           labelstore.teacher.sources, records,
+                                                                      hf_sources, chat
+    documents -> plan (token sequences, sample id = index)           labelstore.teacher.inputs
     plan -> deterministic batches (<= tokens_per_batch each)          labelstore.teacher.batching
     batches -> teacher forward -> extraction -> writer thread -> shards labelstore.teacher.pipeline
 
@@ -19,7 +21,6 @@ import os
 import shlex
 import sys
 import tempfile
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,12 +28,13 @@ import torch
 
 from labelstore.codecs import get_codec
 from labelstore.distributed import local_rank, rank_world
-from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError, StoreWriteError
+from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError
 from labelstore.selection import is_sampled
 from labelstore.teacher.batching import plan_batches
+from labelstore.teacher.chat import read_template
+from labelstore.teacher.hf_sources import object_sources
 from labelstore.teacher.inputs import PROGRESS_EVERY, InputConfig, Plan, build_plan
 from labelstore.teacher.model import (
-    DTYPES,
     config_vocab_size,
     display_name,
     load_teacher,
@@ -43,10 +45,17 @@ from labelstore.teacher.model import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
+from labelstore.teacher.objects import (
+    Objects,
+    check_local_path,
+    model_device,
+    model_dtype,
+    model_vocab,
+    name_or_object,
+)
 from labelstore.teacher.options import CompileOptions
-from labelstore.teacher.outdir import check_out, committed_shards, discard_store
+from labelstore.teacher.outdir import barrier, check_out, open_writer
 from labelstore.teacher.pipeline import CompileResult, run_batches
-from labelstore.teacher.sources import object_sources
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
 
@@ -82,11 +91,6 @@ def run(args: argparse.Namespace) -> int:
               f"{'' if result.world_size == 1 else f' on rank 0 of {result.world_size}'}"
               f"{f', {result.skipped:,} already committed' if result.skipped else ''})")
     return 0
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -197,8 +201,8 @@ def compile_store(opts: CompileOptions | None = None, /, *, teacher=None, tokeni
     if teacher is None or data is None or out is None:
         raise TypeError("compile_store needs teacher=, data= and out=")
     objs = Objects()
-    teacher_name = _name_or_object(teacher, "teacher", objs)
-    tok_name = None if tokenizer is None else _name_or_object(tokenizer, "tokenizer", objs)
+    teacher_name = name_or_object(teacher, "teacher", objs)
+    tok_name = None if tokenizer is None else name_or_object(tokenizer, "tokenizer", objs)
     if objs.model is not None and tokenizer is None:
         raise TypeError("compile_store(teacher=<model object>) needs tokenizer= (an object or a path)")
     if isinstance(data, (str, os.PathLike)):
@@ -217,34 +221,8 @@ def compile_store(opts: CompileOptions | None = None, /, *, teacher=None, tokeni
     return _compile(opts, objs)
 
 
-@dataclass
-class Objects:
-    """Python objects given to :func:`compile_store` instead of paths."""
-
-    model: object = None
-    tokenizer: object = None
-    data: object = None
-
-
-def _name_or_object(x, what: str, objs: Objects) -> str:
-    if isinstance(x, (str, os.PathLike)):
-        return os.fspath(x)
-    setattr(objs, "model" if what == "teacher" else "tokenizer", x)
-    return getattr(x, "name_or_path", None) or f"<{type(x).__name__}>"
-
-
-def check_local_path(name: str, what: str) -> None:
-    """A teacher or tokenizer that names a local path must exist (else transformers tries the hub, slowly)."""
-    if Path(name).exists():
-        return
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
-    if looks_local:
-        raise InputDataError(f"--{what} {name}: no such directory (a local model directory, or a hub name such as "
-                             "org/model)")
-
-
 def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
-    from labelstore.store.writer import StoreWriter, finalize_store
+    from labelstore.store.writer import finalize_store
     from labelstore_kernels import extract, extract_topk
 
     opts.validate()
@@ -255,8 +233,8 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
     store_there = check_out(opts.out)
     rank, world = rank_world()
     device = resolve_device(opts.device, local_rank()) if objs.model is None or opts.device != "auto" else \
-        _model_device(objs.model)
-    dtype = resolve_dtype(opts.dtype, device) if objs.model is None else _model_dtype(objs.model, opts.dtype)
+        model_device(objs.model)
+    dtype = resolve_dtype(opts.dtype, device) if objs.model is None else model_dtype(objs.model, opts.dtype)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
@@ -266,7 +244,7 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
     was_training = None
     try:
         tokenizer = objs.tokenizer or load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
-        V = _model_vocab(objs.model) if objs.model is not None else \
+        V = model_vocab(objs.model) if objs.model is not None else \
             config_vocab_size(opts.teacher, opts.trust_remote_code)
         if len(tokenizer) > V:
             raise ConfigMismatchError(
@@ -280,7 +258,7 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                   f"position keeps at most {V:,} entries", file=sys.stderr)
         in_cfg = InputConfig(max_length=opts.max_length, pack=opts.pack, text_field=opts.text_field,
                              token_field=opts.token_field, max_samples=opts.max_samples,
-                             assistant_only=opts.assistant_only, chat_template=_read_template(opts.chat_template),
+                             assistant_only=opts.assistant_only, chat_template=read_template(opts.chat_template),
                              text_glob=tuple(opts.text_glob or ()), split=opts.split, streaming=opts.streaming)
         with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
             sources = object_sources(objs.data, in_cfg.sources) if objs.data is not None else opts.data
@@ -302,7 +280,7 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
             _check_inputs_still_there(opts.out, plan)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
             mine = batches[rank::world]
-            writer = _open_writer(StoreWriter, opts, meta, rank, world, store_there)
+            writer = open_writer(opts, meta, rank, world, store_there)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             if meta["selection"]["mode"] in ("topk", "argmax"):
                 def extract_fn(flat, row_ids):
@@ -315,10 +293,10 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                 extract_fn = keep_labelled_positions(extract_fn, plan, opts.max_length)
             result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
                                   pad_id, rank, world)
-        _barrier(world)
+        barrier(world)
         if world > 1 and rank == 0:
             finalize_store(opts.out, world)
-        _barrier(world)
+        barrier(world)
         result.input_stats = dict(plan.stats)
         return result
     finally:
@@ -341,35 +319,6 @@ def keep_labelled_positions(extract_fn, plan: Plan, max_length: int):
     return run
 
 
-def _open_writer(StoreWriter, opts: CompileOptions, meta: dict, rank: int, world: int, store_there: bool):
-    """The store's writer; ``--overwrite`` first discards the store, a store that committed nothing is replaced
-    when its settings changed, and a settings mismatch on a store with shards says how to start over."""
-    shard_bytes = max(1, int(opts.shard_mb * (1 << 20)))
-    if store_there and opts.overwrite:
-        if rank == 0:
-            discard_store(opts.out)
-        _barrier(world)
-    try:
-        try:
-            return StoreWriter(opts.out, meta, rank=rank, world_size=world, shard_bytes=shard_bytes)
-        except ConfigMismatchError as exc:
-            n = committed_shards(Path(opts.out))
-            if n or world > 1:
-                raise ConfigMismatchError(f"{exc}\nOr pass --overwrite to discard its {n} committed shard(s) and "
-                                          "compile it anew.") from None
-            # an unfinished store that committed nothing (a compile that failed in its first batch): replace it
-            print(f"labelstore compile: note: {opts.out} held an unfinished store with no committed shard and other "
-                  "settings; replacing it", file=sys.stderr)
-            discard_store(opts.out)
-            return StoreWriter(opts.out, meta, rank=rank, world_size=world, shard_bytes=shard_bytes)
-    except OSError as exc:  # e.g. the lock file of a read-only store (the writer wraps its other I/O)
-        raise StoreWriteError(
-            f"cannot open {opts.out} for writing: {exc.strerror or exc}"
-            f"{f' ({exc.filename})' if exc.filename else ''}. Nothing was changed; make --out writable "
-            "(permissions, free space) or choose another directory, then rerun the same command."
-        ) from None
-
-
 def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:
     st = plan.stats
     if rank == 0 and opts.progress and not opts.pack and st.get("truncated_documents"):
@@ -380,35 +329,6 @@ def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:
                  f"{plan.labelled_positions:,}); a larger --max-length or --pack keeps them"
                  if st.get("truncated_label_positions") else ""),
               file=sys.stderr)
-
-
-def _read_template(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputDataError(f"cannot read --chat-template {path}: {exc}") from None
-
-
-def _model_device(model) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _model_dtype(model, requested: str) -> torch.dtype:
-    p = next(iter(model.parameters()), None)
-    have = p.dtype if p is not None else torch.float32
-    if requested != "auto" and DTYPES[requested] != have:
-        raise ValueError(f"dtype={requested!r} but the teacher object is in {str(have).removeprefix('torch.')}: "
-                         "convert the model (model.to(dtype)) or pass it by path")
-    return have
-
-
-def _model_vocab(model) -> int:
-    cfg = model.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(text.vocab_size)
 
 
 def _check_inputs_still_there(out, plan: Plan) -> None:

@@ -38,7 +38,8 @@ import numpy as np
 
 from labelstore.errors import InputDataError
 from labelstore.teacher.chat import Chat, ChatRenderer, Pair
-from labelstore.teacher.sources import Source, SourceConfig, expand_sources
+from labelstore.teacher.records import Source, SourceConfig
+from labelstore.teacher.sources import expand_sources
 
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 PROGRESS_EVERY = 10.0  # seconds between tokenizing progress lines (when asked for)

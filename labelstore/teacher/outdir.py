@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from labelstore.errors import OutputDirectoryError, StoreLockedError
+from labelstore.errors import ConfigMismatchError, OutputDirectoryError, StoreLockedError, StoreWriteError
 from labelstore.store.manifest import CONFIG, MANIFEST, TAIL_PRIOR, list_commits
 
 try:
@@ -82,3 +83,42 @@ def discard_store(out) -> None:
     finally:
         for fd in held:
             os.close(fd)
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if world > 1:
+        import torch
+
+        torch.distributed.barrier()
+
+
+def open_writer(opts, meta: dict, rank: int, world: int, store_there: bool):
+    """The store's writer; ``--overwrite`` first discards the store, a store that committed nothing is replaced
+    when its settings changed, and a settings mismatch on a store with shards says how to start over."""
+    from labelstore.store.writer import StoreWriter
+
+    shard_bytes = max(1, int(opts.shard_mb * (1 << 20)))
+    if store_there and opts.overwrite:
+        if rank == 0:
+            discard_store(opts.out)
+        barrier(world)
+    try:
+        try:
+            return StoreWriter(opts.out, meta, rank=rank, world_size=world, shard_bytes=shard_bytes)
+        except ConfigMismatchError as exc:
+            n = committed_shards(Path(opts.out))
+            if n or world > 1:
+                raise ConfigMismatchError(f"{exc}\nOr pass --overwrite to discard its {n} committed shard(s) and "
+                                          "compile it anew.") from None
+            # an unfinished store that committed nothing (a compile that failed in its first batch): replace it
+            print(f"labelstore compile: note: {opts.out} held an unfinished store with no committed shard and other "
+                  "settings; replacing it", file=sys.stderr)
+            discard_store(opts.out)
+            return StoreWriter(opts.out, meta, rank=rank, world_size=world, shard_bytes=shard_bytes)
+    except OSError as exc:  # e.g. the lock file of a read-only store (the writer wraps its other I/O)
+        raise StoreWriteError(
+            f"cannot open {opts.out} for writing: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename else ''}. Nothing was changed; make --out writable "
+            "(permissions, free space) or choose another directory, then rerun the same command."
+        ) from None

@@ -13,9 +13,8 @@
 - ``hf:NAME``: ``datasets.load_dataset(NAME, split=--split, streaming=--streaming)``: a local folder of data
   files, or a hub dataset already in the local cache (nothing here needs a network when the data is local).
 
-A record (JSON object, table row, dataset row) is one document, taken from the first of these fields it has:
-``--text-field`` (text), ``messages`` (a conversation), ``prompt`` + ``completion`` (an instruction pair),
-``--token-field`` (pre-tokenized ids, used as is). Tables pick the field once from their columns.
+Which field of a record is the document: :mod:`labelstore.teacher.records`; Hugging Face datasets and Python
+objects: :mod:`labelstore.teacher.hf_sources`.
 """
 
 from __future__ import annotations
@@ -27,14 +26,12 @@ import io
 import json
 import lzma
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from labelstore.errors import InputDataError
-from labelstore.teacher.chat import Chat, Pair
+from labelstore.teacher.hf_sources import HF_PREFIX, hf_source, is_saved_dataset, saved_dataset_source
+from labelstore.teacher.records import Document, Source, SourceConfig, iter_table_batches, record_document
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
@@ -44,29 +41,6 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": None}  # None: zstandard
 MAGIC = {b"\x1f\x8b": "gzip (.gz)", b"\x28\xb5\x2f\xfd": "zstd (.zst)", b"BZh": "bzip2 (.bz2)",
          b"\xfd7zXZ": "xz (.xz)"}
-HF_PREFIX = "hf:"
-MESSAGES, PROMPT, COMPLETION = "messages", "prompt", "completion"
-Document = str | np.ndarray | Chat | Pair
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    """The settings that decide how records become documents."""
-
-    text_field: str = "text"
-    token_field: str = "input_ids"
-    text_glob: tuple[str, ...] = ()
-    split: str | None = None
-    streaming: bool = False
-
-
-@dataclass
-class Source:
-    """One input: its name (recorded in the store's runtime metadata) and how to read its documents."""
-
-    name: str
-    documents: Callable[[], Iterator[Document]]
-    path: Path | None = None  # a local file (checked again on resume)
 
 
 # -------------------------------------------------------------------------------------------- kinds
@@ -93,12 +67,6 @@ def file_kind(path: Path, text_glob: Sequence[str] = (), explicit: bool = True) 
     if explicit or name.endswith(TEXT_SUFFIXES) or any(fnmatch.fnmatch(path.name, g) for g in text_glob):
         return "text"
     return None
-
-
-def is_saved_dataset(folder: Path) -> bool:
-    """A folder written by ``datasets`` ``save_to_disk`` (a Dataset or a DatasetDict)."""
-    return ((folder / "dataset_info.json").is_file() and (folder / "state.json").is_file()) or \
-        (folder / "dataset_dict.json").is_file()
 
 
 def _skipped(rel: Path) -> bool:
@@ -161,29 +129,6 @@ def _iter_text(path: Path) -> Iterator[Document]:
     yield _decode(_guard(path, read), str(path))
 
 
-def record_document(rec, cfg: SourceConfig, where: str) -> Document:
-    """The document of one record (a dict): text, conversation, instruction pair or token ids."""
-    if not isinstance(rec, dict):
-        raise InputDataError(f"{where}: expected a JSON object (a record), got {type(rec).__name__}")
-    if cfg.text_field in rec:
-        value = rec[cfg.text_field]
-        if not isinstance(value, str):
-            raise InputDataError(f"{where}: field {cfg.text_field!r} is a {type(value).__name__}, not a string")
-        return value
-    if MESSAGES in rec:
-        return Chat(rec[MESSAGES], where)
-    if PROMPT in rec and COMPLETION in rec:
-        return Pair(rec[PROMPT], rec[COMPLETION], where)
-    if cfg.token_field in rec:
-        ids = rec[cfg.token_field]
-        if not isinstance(ids, (list, np.ndarray)) or not all(isinstance(i, (int, np.integer)) for i in ids):
-            raise InputDataError(f"{where}: field {cfg.token_field!r} must be a list of integer token ids")
-        return np.asarray(ids, dtype=np.int64)
-    raise InputDataError(
-        f"{where}: record has no field {cfg.text_field!r} (it has {sorted(rec)}), nor {MESSAGES!r}, "
-        f"{PROMPT!r}+{COMPLETION!r} or {cfg.token_field!r}; pass --text-field NAME")
-
-
 def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Document]:
     """One document per line, streamed (a JSONL file may be far larger than memory)."""
     f = _open(path)
@@ -214,71 +159,6 @@ def _iter_json(path: Path, cfg: SourceConfig) -> Iterator[Document]:
                              "per line is .jsonl")
     for i, rec in enumerate(recs):
         yield record_document(rec, cfg, f"{path}[{i}]")
-
-
-# -------------------------------------------------------------------------------------------- tables
-def _pick_field(names: Sequence[str], cfg: SourceConfig, where: str) -> str:
-    if cfg.text_field in names:
-        return "text"
-    if MESSAGES in names:
-        return "messages"
-    if PROMPT in names and COMPLETION in names:
-        return "pair"
-    if cfg.token_field in names:
-        return "tokens"
-    raise InputDataError(
-        f"{where} has neither a text column {cfg.text_field!r} nor a token column {cfg.token_field!r} "
-        f"(nor {MESSAGES!r} or {PROMPT!r}+{COMPLETION!r}; columns: {list(names)}); pass --text-field or --token-field")
-
-
-def iter_table_batches(batches, names: Sequence[str], types: dict | None, cfg: SourceConfig,
-                       where: str) -> Iterator[Document]:
-    """Documents of a stream of pyarrow record batches (or dicts of lists) with columns ``names``."""
-    import pyarrow as pa
-
-    kind = _pick_field(names, cfg, where)
-    if types is not None and kind == "text":
-        t = types[cfg.text_field]
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            raise InputDataError(f"{where}: column {cfg.text_field!r} has type {t}, expected a string column")
-    if types is not None and kind == "tokens":
-        t = types[cfg.token_field]
-        if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)):
-            raise InputDataError(f"{where}: column {cfg.token_field!r} has type {t}, expected list<int> token ids")
-    cols = {"text": [cfg.text_field], "messages": [MESSAGES], "pair": [PROMPT, COMPLETION],
-            "tokens": [cfg.token_field]}[kind]
-    row = 0
-    for batch in batches:
-        if isinstance(batch, dict):
-            data = [batch[c] for c in cols]
-        else:
-            data = [batch.column(c) for c in cols]
-            if any(c.null_count for c in data):
-                raise InputDataError(f"{where}: column {cols[0]!r} holds null rows; drop or fill them")
-            if kind == "tokens":
-                col = data[0]
-                offsets = np.asarray(col.offsets)
-                values = np.asarray(col.values.fill_null(-1), dtype=np.int64)
-                for r in range(len(col)):
-                    yield values[offsets[r]:offsets[r + 1]]
-                row += len(col)
-                continue
-            data = [c.to_pylist() for c in data]
-        for r, values in enumerate(zip(*data)):
-            at = f"{where} row {row + r}"
-            if any(v is None for v in values):
-                raise InputDataError(f"{at}: column {cols[0]!r} holds null rows; drop or fill them")
-            if kind == "text":
-                if not isinstance(values[0], str):
-                    raise InputDataError(f"{at}: {cfg.text_field!r} is a {type(values[0]).__name__}, not a string")
-                yield values[0]
-            elif kind == "messages":
-                yield Chat(values[0], at)
-            elif kind == "pair":
-                yield Pair(values[0], values[1], at)
-            else:
-                yield record_document({cfg.token_field: list(values[0])}, cfg, at)
-        row += len(data[0])
 
 
 def _iter_file_table(path: Path, cfg: SourceConfig) -> Iterator[Document]:
@@ -318,74 +198,6 @@ def file_source(path: Path, kind: str, cfg: SourceConfig) -> Source:
     return Source(str(path), lambda: reader(path, cfg), path)
 
 
-# -------------------------------------------------------------------------------------------- datasets
-def _require_datasets(what: str):
-    try:
-        import datasets
-    except ImportError:
-        raise InputDataError(f"{what} needs the `datasets` package: pip install datasets") from None
-    return datasets
-
-
-def dataset_source(ds, name: str, cfg: SourceConfig) -> Source:
-    """A ``datasets.Dataset`` / ``IterableDataset`` (or a ``DatasetDict`` with ``cfg.split``) as a source."""
-    datasets = _require_datasets(name)
-    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        splits = list(ds)
-        if cfg.split is None and len(splits) == 1:
-            ds = ds[splits[0]]
-        elif cfg.split in splits:
-            ds = ds[cfg.split]
-        else:
-            raise InputDataError(f"{name} holds the splits {splits}: choose one with --split NAME"
-                                 + (f" ({cfg.split!r} is not one of them)" if cfg.split else ""))
-    names = ds.column_names
-
-    def documents():
-        if isinstance(ds, datasets.Dataset):  # memory-mapped Arrow: stream its record batches
-            table = ds.with_format("arrow")
-            batches = (b for a in range(0, len(ds), 1024) for b in table[a:a + 1024].to_batches())
-            yield from iter_table_batches(batches, names, {f.name: f.type for f in ds.data.schema}, cfg, name)
-            return
-        it = ds.iter(batch_size=1024)
-        first = next(it, None)
-        if first is None:
-            return
-        yield from iter_table_batches(_chain(first, it), list(names or first), None, cfg, name)
-
-    return Source(name, documents)
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
-
-
-def hf_source(spec: str, cfg: SourceConfig) -> Source:
-    """``hf:NAME``: ``datasets.load_dataset(NAME, split, streaming)``."""
-    datasets = _require_datasets(spec)
-    name = spec[len(HF_PREFIX):]
-    if not name:
-        raise InputDataError("--data hf: needs a dataset name or folder after 'hf:'")
-    try:
-        ds = datasets.load_dataset(name, split=cfg.split, streaming=cfg.streaming)
-    except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError)
-        raise InputDataError(f"cannot load dataset {name!r}: {type(exc).__name__}: {exc}") from None
-    label = f"{spec}[{cfg.split}]" if cfg.split else spec
-    return dataset_source(ds, label, cfg)
-
-
-def saved_dataset_source(folder: Path, cfg: SourceConfig) -> Source:
-    datasets = _require_datasets(str(folder))
-    try:
-        ds = datasets.load_from_disk(str(folder))
-    except Exception as exc:
-        raise InputDataError(f"cannot load the saved dataset {folder}: {type(exc).__name__}: {exc}") from None
-    src = dataset_source(ds, str(folder), cfg)
-    src.path = folder
-    return src
-
-
 # -------------------------------------------------------------------------------------------- expand
 def expand_sources(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfig()) -> list[Source]:
     """``--data`` entries -> sources in plan order (see the module docstring). Checks every file's kind now."""
@@ -422,17 +234,3 @@ def expand_sources(paths: Sequence[str | os.PathLike], cfg: SourceConfig = Sourc
         else:
             raise InputDataError(f"input {p} does not exist")
     return out
-
-
-def object_sources(data, cfg: SourceConfig) -> list[Source]:
-    """Python objects given to :func:`labelstore.compile_store` ``data=`` (besides paths): a ``datasets``
-    Dataset / IterableDataset / DatasetDict, or a list of records (dicts)."""
-    mod = type(data).__module__ or ""
-    if mod.startswith("datasets"):
-        return [dataset_source(data, f"<{type(data).__name__}>", cfg)]
-    if isinstance(data, (list, tuple)) and data and all(isinstance(r, dict) for r in data):
-        recs = list(data)
-        return [Source("<records>", lambda: (record_document(r, cfg, f"data[{i}]") for i, r in enumerate(recs)))]
-    raise InputDataError(
-        f"data= takes paths, a list of paths, a datasets.Dataset or a list of records (dicts), not "
-        f"{type(data).__name__}; to compile texts pass data=[{{'text': t}} for t in texts]")

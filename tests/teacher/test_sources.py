@@ -17,8 +17,8 @@ import zstandard
 from _teachers import make_documents, make_tokenizer
 
 from labelstore.errors import InputDataError
+from labelstore.teacher.hf_sources import object_sources
 from labelstore.teacher.inputs import InputConfig, build_plan
-from labelstore.teacher.sources import object_sources
 
 datasets = pytest.importorskip("datasets")  # a dev dependency (pyproject [dev])
 

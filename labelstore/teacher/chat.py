@@ -11,7 +11,9 @@ Two record shapes besides plain text:
   mapped to tokens through the tokenizer's character offsets. Templates that render earlier turns differently
   once later turns exist are refused (the prefix rule would be wrong there); add ``{% generation %}`` to them.
 - **prompt / completion**: ``prompt`` tokenized with the tokenizer's special tokens (a BOS where it adds one),
-  ``completion`` without, concatenated; the completion's tokens are the targets.
+  ``completion`` without, concatenated; the completion's tokens are the targets. When both are lists of turns
+  (TRL's conversational form), the pair is rendered with the chat template and the targets are the tokens after
+  the rendered prompt with its generation prompt.
 
 Rendered text is tokenized with ``add_special_tokens=False`` (a template writes its own BOS), as
 ``apply_chat_template(tokenize=True)`` does. The target flags only matter under ``--assistant-only``
@@ -118,7 +120,8 @@ class ChatRenderer:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], chat.where, add_generation_prompt=True) if i else ""
+            before = self._render(messages[:i], chat.where, add_generation_prompt=True) if i else \
+                self._render_empty(chat.where)
             upto = self._render(messages[:i + 1], chat.where)
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise InputDataError(
@@ -127,6 +130,13 @@ class ChatRenderer:
                     "{% generation %} blocks around assistant text (--chat-template FILE)")
             spans.append((len(before), len(upto)))
         return self._tokens_with_spans(text, spans, chat.where)
+
+    def _render_empty(self, where: str) -> str:
+        """What the template writes before a first assistant turn (a default system prompt...), or ""."""
+        try:
+            return self._render([], where, add_generation_prompt=True)
+        except InputDataError:  # templates that index messages[0]
+            return ""
 
     def _tokens_with_spans(self, text: str, spans: list[tuple[int, int]], where: str):
         if not spans:
@@ -145,7 +155,13 @@ class ChatRenderer:
 
     # ------------------------------------------------------------------------------------ pairs
     def render_pair(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, target flags) of one prompt/completion pair: the completion's tokens are the targets."""
+        """(token ids, target flags) of one prompt/completion pair: the completion's tokens are the targets.
+
+        Conversational pairs (``prompt`` and ``completion`` both lists of turns) are rendered with the chat
+        template; the targets are the tokens after ``render(prompt, add_generation_prompt=True)``.
+        """
+        if isinstance(pair.prompt, list) and isinstance(pair.completion, list):
+            return self._render_conversational_pair(pair)
         for name, value in (("prompt", pair.prompt), ("completion", pair.completion)):
             if not isinstance(value, str):
                 raise InputDataError(f"{pair.where}: field {name!r} is a {type(value).__name__}, not a string")
@@ -155,6 +171,21 @@ class ChatRenderer:
         flags = np.zeros(ids.size, dtype=bool)
         flags[len(p):] = True
         return ids, flags
+
+    def _render_conversational_pair(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(self.template, str) or not self.template:
+            raise InputDataError(f"{pair.where}: a conversational prompt/completion record needs a chat template, "
+                                 "but the tokenizer has none: pass --chat-template FILE")
+        prompt = check_messages(pair.prompt, pair.where)
+        messages = prompt + check_messages(pair.completion, pair.where)
+        self.used_template = True
+        text = self._render(messages, pair.where)
+        before = self._render(prompt, pair.where, add_generation_prompt=True)
+        if not text.startswith(before):
+            raise InputDataError(f"{pair.where}: the chat template renders the prompt differently once the completion "
+                                 "follows, so the completion's tokens cannot be found; use plain-text prompt and "
+                                 "completion fields, or a 'messages' record")
+        return self._tokens_with_spans(text, [(len(before), len(text))], pair.where)
 
 
 def read_template(path: str | None) -> str | None:

@@ -80,6 +80,17 @@ def test_pairs_label_the_completion(tok):
     assert ids.tolist() == p + c and flags.tolist() == [False] * len(p) + [True] * len(c)
 
 
+@pytest.mark.parametrize("template", [PLAIN, GENERATION], ids=["prefix-rule", "generation-blocks"])
+def test_conversational_pairs_label_only_the_completion(tok, template):
+    messages = CHATS[0]  # system, user, assistant, user, assistant
+    ids, flags = ChatRenderer(tok, template).render_pair(Pair(messages[:4], messages[4:], "p"))
+    want_ids, want_flags = reference(tok, messages)
+    n_before = len(reference(tok, messages[:4])[0]) + 1  # the prompt's turns and the generation prompt
+    assert ids.tolist() == want_ids
+    assert flags.tolist() == [False] * n_before + want_flags[n_before:]  # not the prompt's assistant turn
+    assert flags[n_before:].all() and not flags[:n_before].any()
+
+
 def test_plan_keeps_positions_whose_next_token_is_a_target(tmp_path, tok):
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS)

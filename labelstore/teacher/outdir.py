@@ -30,7 +30,7 @@ STORE_FILES = (CONFIG, MANIFEST, TAIL_PRIOR)
 
 def is_store(root: Path) -> bool:
     """Whether ``root`` holds a label store (finished or not)."""
-    return any((root / n).exists() for n in (CONFIG, MANIFEST, "shards", "commits"))
+    return any((root / n).exists() for n in (CONFIG, MANIFEST, *STORE_DIRS))
 
 
 def check_out(out) -> bool:

@@ -34,6 +34,7 @@ from labelstore.teacher.batching import plan_batches
 from labelstore.teacher.chat import read_template
 from labelstore.teacher.hf_sources import object_sources
 from labelstore.teacher.inputs import PROGRESS_EVERY, InputConfig, Plan, build_plan
+from labelstore.teacher.labels import LabelPositionsWriter
 from labelstore.teacher.model import (
     config_vocab_size,
     display_name,
@@ -281,6 +282,8 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
             mine = batches[rank::world]
             writer = open_writer(opts, meta, rank, world, store_there)
+            if plan.label_mask is not None:  # --assistant-only: no entry where the next token is not a target
+                writer = LabelPositionsWriter(writer, plan)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             if meta["selection"]["mode"] in ("topk", "argmax"):
                 def extract_fn(flat, row_ids):
@@ -289,8 +292,6 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                 def extract_fn(flat, row_ids):
                     return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
                                    seed=opts.seed, row_ids=row_ids)
-            if plan.label_mask is not None:
-                extract_fn = keep_labelled_positions(extract_fn, plan, opts.max_length)
             result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
                                   pad_id, rank, world)
         barrier(world)
@@ -304,19 +305,6 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
             objs.model.train()
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def keep_labelled_positions(extract_fn, plan: Plan, max_length: int):
-    """Wrap an extraction so that positions without a label (``plan.label_mask``) keep count 0 and tail 0.
-
-    The teacher and the extraction still see every position (sampled modes draw by row id, so the kept
-    positions hold exactly what an all-positions compile would); the writer then stores no entry there.
-    """
-    def run(flat, row_ids):
-        ex = extract_fn(flat, row_ids)
-        keep = torch.from_numpy(plan.keep_rows(row_ids, max_length)).to(ex.counts.device)
-        return ex._replace(counts=ex.counts * keep.to(ex.counts.dtype), tail=ex.tail * keep.to(ex.tail.dtype))
-    return run
 
 
 def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:

@@ -83,7 +83,7 @@ class WriterThread(threading.Thread):
                 continue
             a, b = int(ends[r] - lengths[r]), int(ends[r])
             c = counts[a:b]
-            if bool((c == k).all()):  # (hard labels keep 1 everywhere, or 0 where a position has no label)
+            if self.hard or bool((c == k).all()):
                 s_ids = ids[a:b].reshape(-1)
                 s_vals = values[a:b].reshape(-1)
             else:

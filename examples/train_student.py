@@ -93,12 +93,14 @@ def main(argv=None):
     chain = None
     tmp = None
     store = args.store
-    if store is None or not (store / "manifest.json").exists():
-        if store is None:
-            tmp = tempfile.TemporaryDirectory()
-            store = Path(tmp.name) / "demo-store"
+    if store is None:  # a demo store in a temporary folder; a --store that is not a store is an error, not a demo
+        tmp = tempfile.TemporaryDirectory()
+        store = Path(tmp.name) / "demo-store"
         print(f"building a demo store at {store}")
         chain = build_demo_store(store)
+    elif not (store / "manifest.json").is_file():
+        ap.error(f"--store {store}: not a label store (no manifest.json there); compile one with `labelstore "
+                 "compile`, or leave --store out to train on a demo store")
 
     ds = StoreDataset(store)  # a student with another vocabulary would pass student_vocab_size / id_map here
     cfg = LlamaConfig(vocab_size=ds.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -29,6 +29,7 @@ _EXPORTS = {
     "InvalidLogitsError": "labelstore.errors",
     "InputDataError": "labelstore.errors",
     "StoreWriteError": "labelstore.errors",
+    "OutputDirectoryError": "labelstore.errors",
     # store
     "LabelStore": "labelstore.store.reader",
     "StoreWriter": "labelstore.store.writer",
@@ -68,6 +69,7 @@ __all__ = [
     "InvalidLogitsError",
     "InputDataError",
     "StoreWriteError",
+    "OutputDirectoryError",
     "LabelStore",
     "StoreWriter",
     "verify_store",
@@ -114,6 +116,7 @@ if TYPE_CHECKING:  # static tools see the real names
         InputDataError,
         InvalidLogitsError,
         LabelStoreError,
+        OutputDirectoryError,
         StoreCorruptError,
         StoreFormatError,
         StoreLockedError,

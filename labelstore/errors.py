@@ -41,3 +41,7 @@ class InputDataError(LabelStoreError):
 
 class StoreWriteError(LabelStoreError):
     """Writing a shard failed (disk full, permissions...). Committed shards are intact."""
+
+
+class OutputDirectoryError(LabelStoreError):
+    """``--out`` is a file or a non-empty folder that is not a store, or a store that needs ``--overwrite``."""

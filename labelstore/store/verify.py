@@ -177,7 +177,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _not_a_store(path) -> str | None:
+    """What to say when ``path`` is no store at all (no damage to repair there), else None."""
+    root = Path(path)
+    if not root.exists():
+        return f"{root} does not exist: check the path (a store is the directory given to `labelstore compile --out`)"
+    if not root.is_dir():
+        return f"{root} is a file, not a store: a store is the directory given to `labelstore compile --out`"
+    if not (root / MANIFEST).exists():
+        if (root / CONFIG).exists():
+            from labelstore.store.info import describe_unfinished
+
+            return describe_unfinished(root)
+        return f"{root} is not a label store (no {MANIFEST}, no {CONFIG})"
+    return None
+
+
 def run(args) -> int:
+    why = _not_a_store(args.store)
+    if why is not None and not args.json:
+        print(f"FAILED: {why}")
+        return 1
     rep = verify_store(args.store, decode_rows=not args.no_decode, progress=not args.json)
     if args.json:
         print(json.dumps(rep, indent=1))

@@ -4,8 +4,10 @@ A batch is a dict of tensors (B sequences, padded to the longest, T; K = the sto
 
     input_ids       int64   [B, T]     pad_id on padding
     attention_mask  int64   [B, T]     1 on real tokens
-    labels          int64   [B, T]     labels[:, t] = input_ids[:, t + 1]; ignore_index on padding and on each
-                                       sequence's last position (its next token is not in the sample)
+    labels          int64   [B, T]     labels[:, t] = input_ids[:, t + 1]; ignore_index on padding, on each
+                                       sequence's last position (its next token is not in the sample) and where
+                                       position_mask is False (positions an --assistant-only store has no
+                                       label for: prompts, user turns)
     teacher_ids     int64   [B, T, K]  0 on padding entries
     teacher_probs   float32 [B, T, K]  0 on padding entries
     teacher_tail    float32 [B, T]
@@ -108,6 +110,9 @@ class Collator:
             n = max(L - 1, 0)
             labels[b, :n] = x[1:L]
             labels[b, n:] = self.ignore_index
+            unlabelled = ~it["position_mask"][:n]
+            if unlabelled.any():  # an --assistant-only store: no CE on the tokens the teacher has no label for
+                labels[b, :n][unlabelled] = self.ignore_index
             ids[b, :L] = it["teacher_ids"]
             probs[b, :L] = it["teacher_probs"]
             mask[b, :L] = it["teacher_mask"]

@@ -2,7 +2,9 @@
 
 One process per rank (``torchrun`` starts several)::
 
-    inputs -> plan (token sequences, sample id = index)              labelstore.teacher.inputs
+    --data / objects -> documents (files, datasets, chats)           labelstore.teacher.sources, records,
+                                                                      hf_sources, chat
+    documents -> plan (token sequences, sample id = index)           labelstore.teacher.inputs
     plan -> deterministic batches (<= tokens_per_batch each)          labelstore.teacher.batching
     batches -> teacher forward -> extraction -> writer thread -> shards labelstore.teacher.pipeline
 
@@ -15,6 +17,7 @@ numerics. Every rank writes its own shards; rank 0 writes the manifest after a b
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import tempfile
@@ -25,10 +28,13 @@ import torch
 
 from labelstore.codecs import get_codec
 from labelstore.distributed import local_rank, rank_world
-from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError, StoreWriteError
+from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError
 from labelstore.selection import is_sampled
 from labelstore.teacher.batching import plan_batches, rank_batches
-from labelstore.teacher.inputs import InputConfig, Plan, build_plan
+from labelstore.teacher.chat import read_template
+from labelstore.teacher.hf_sources import object_sources
+from labelstore.teacher.inputs import PROGRESS_EVERY, InputConfig, Plan, build_plan
+from labelstore.teacher.labels import LabelPositionsWriter
 from labelstore.teacher.model import (
     config_vocab_size,
     display_name,
@@ -40,7 +46,16 @@ from labelstore.teacher.model import (
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
+from labelstore.teacher.objects import (
+    Objects,
+    check_local_path,
+    model_device,
+    model_dtype,
+    model_vocab,
+    name_or_object,
+)
 from labelstore.teacher.options import CompileOptions
+from labelstore.teacher.outdir import barrier, check_out, open_writer
 from labelstore.teacher.pipeline import CompileResult, run_batches
 from labelstore_kernels.select_torch import SAMPLER_VERSION
 
@@ -80,11 +95,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 # ------------------------------------------------------------------------------------------ main
 def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype: torch.dtype,
                device: torch.device, teacher_hash: str, tokenizer_hash: str, world: int) -> dict:
@@ -98,6 +108,13 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
     sampled = is_sampled(selection["mode"])
     # only sampled labels depend on the seed and the sampler (stores of other modes written before resume as before)
     config = {"seed": int(opts.seed), "sampler_version": SAMPLER_VERSION} if sampled else {}
+    labels = {}  # keys added only when used, so that stores of earlier versions still resume
+    data = {"sha256": plan.fingerprint, "samples": len(plan), "tokens": plan.num_tokens}
+    if plan.label_mask is not None:  # docs/FORMAT.md 3: positions without a label hold count 0 and tail 0
+        labels["label_positions"] = "assistant"
+        data["labelled_positions"] = plan.labelled_positions
+    if plan.chat_template_sha256 is not None:
+        labels["chat_template_sha256"] = plan.chat_template_sha256
     return {
         "vocab_size": vocab_size,
         "label_kind": "hard" if opts.hard_labels else "soft",
@@ -108,7 +125,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
         "teacher": {"name": display_name(opts.teacher), "hash": teacher_hash},
         "tokenizer": {"name": display_name(opts.tokenizer or opts.teacher), "hash": tokenizer_hash},
         "compile_config": {
-            "data": {"sha256": plan.fingerprint, "samples": len(plan), "tokens": plan.num_tokens},
+            "data": data,
             "max_length": opts.max_length,
             "packing": "pack" if opts.pack else "truncate",
             "text_field": opts.text_field,
@@ -121,6 +138,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             # batch composition changes the teacher's numerics (padding, matmul shapes) and the tail prior's sums
             "tokens_per_batch": opts.tokens_per_batch,
             **config,
+            **labels,
         },
         "runtime": {
             "data_files": plan.files[:1000],
@@ -130,8 +148,16 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "labelstore": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "teacher_path": _full_name(opts.teacher),
+            "input_stats": {**plan.stats, "labelled_positions": plan.labelled_positions},
         },
     }
+
+
+def _full_name(name: str) -> str:
+    """A local teacher's absolute path (recorded, not compared: a moved store or teacher still resumes)."""
+    p = Path(name)
+    return str(p.resolve()) if p.exists() else name
 
 
 def interrupted_message(out) -> str:
@@ -148,24 +174,83 @@ def interrupted_message(out) -> str:
             + (f":\n  {cmd}" if cmd else ""))
 
 
-def compile_store(opts: CompileOptions) -> CompileResult:
-    """Compile (or resume) the store ``opts.out``; see the module docstring. Returns this rank's figures."""
-    from labelstore.store.writer import StoreWriter, finalize_store
+def compile_store(opts: CompileOptions | None = None, /, *, teacher=None, tokenizer=None, data=None, out=None,
+                  **options) -> CompileResult:
+    """Compile (or resume) a store; see the module docstring. Returns this rank's figures.
+
+    Either ``compile_store(CompileOptions(...))`` (what the CLI calls), or keywords, taking objects as well as
+    paths::
+
+        compile_store(teacher=model_or_path, tokenizer=tokenizer_or_path, data=dataset_or_records_or_paths,
+                      out="STORE", k=32, assistant_only=True, ...)   # any other CompileOptions field
+
+    Args:
+        teacher: a ``transformers`` causal LM (used as it is: its device and dtype, unless ``device`` is given;
+            put in eval mode for the compile and restored after) or a local directory / hub name.
+        tokenizer: a tokenizer object or name (default: the teacher's, when the teacher is a path).
+        data: a path or a list of paths (as ``--data``, ``hf:NAME`` included), a ``datasets`` Dataset /
+            IterableDataset / DatasetDict (``split=``), or a list of records (dicts with ``text``, ``messages``,
+            ``prompt`` + ``completion`` or ``input_ids``). Strings are always paths.
+        out: the store directory.
+
+    Raises:
+        ValueError: an option out of range (its message names the flag).
+        LabelStoreError: bad inputs, teacher, output directory... (nothing written or damaged).
+    """
+    if opts is not None:
+        if not isinstance(opts, CompileOptions):
+            raise TypeError(f"compile_store takes a CompileOptions or keywords, not {type(opts).__name__}")
+        if any(x is not None for x in (teacher, tokenizer, data, out)) or options:
+            raise TypeError("compile_store takes either a CompileOptions or keywords, not both")
+        return _compile(opts, Objects())
+    if teacher is None or data is None or out is None:
+        raise TypeError("compile_store needs teacher=, data= and out=")
+    objs = Objects()
+    teacher_name = name_or_object(teacher, "teacher", objs)
+    tok_name = None if tokenizer is None else name_or_object(tokenizer, "tokenizer", objs)
+    if objs.model is not None and tokenizer is None:
+        raise TypeError("compile_store(teacher=<model object>) needs tokenizer= (an object or a path)")
+    if isinstance(data, (str, os.PathLike)):
+        paths = [os.fspath(data)]
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(d, (str, os.PathLike)) for d in data):
+        paths = [os.fspath(d) for d in data]
+        texts = [i for i, d in enumerate(paths) if not d.startswith("hf:") and not Path(d).exists()
+                 and any(c.isspace() for c in d)]
+        if texts:
+            raise InputDataError(f"data[{texts[0]}] ({paths[texts[0]][:40]!r}) is not a file or folder: strings given "
+                                 "as data= are paths; to compile texts pass data=[{'text': t} for t in texts]")
+    else:
+        paths = []
+        objs.data = data
+    opts = CompileOptions(teacher=teacher_name, tokenizer=tok_name, data=paths, out=os.fspath(out), **options)
+    return _compile(opts, objs)
+
+
+def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
+    from labelstore.store.writer import finalize_store
     from labelstore_kernels import extract, extract_topk
 
     opts.validate()
+    if objs.model is None:
+        check_local_path(opts.teacher, "teacher")
+    if opts.tokenizer is not None and objs.tokenizer is None:
+        check_local_path(opts.tokenizer, "tokenizer")
+    store_there = check_out(opts.out)
     rank, world = rank_world()
-    device = resolve_device(opts.device, local_rank())
-    dtype = resolve_dtype(opts.dtype, device)
+    device = resolve_device(opts.device, local_rank()) if objs.model is None or opts.device != "auto" else \
+        model_device(objs.model)
+    dtype = resolve_dtype(opts.dtype, device) if objs.model is None else model_dtype(objs.model, opts.dtype)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         # ranks may finish far apart (a resumed store, uneven documents): wait long at the final barrier
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(hours=24))
+    was_training = None
     try:
-        tokenizer = load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
-        V = config_vocab_size(opts.teacher, opts.trust_remote_code)
+        tokenizer = objs.tokenizer or load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
+        V = model_vocab(objs.model) if objs.model is not None else \
+            config_vocab_size(opts.teacher, opts.trust_remote_code)
         if len(tokenizer) > V:
             raise ConfigMismatchError(
                 f"the tokenizer has {len(tokenizer):,} tokens but the teacher's output vocabulary is {V:,}: "
@@ -173,11 +258,25 @@ def compile_store(opts: CompileOptions) -> CompileResult:
             )
         codec = get_codec(opts.codec_name)
         k = 1 if opts.hard_labels else min(opts.k, V)
+        if not opts.hard_labels and opts.selection in ("topk", "topp") and opts.k > V and rank == 0:
+            print(f"labelstore compile: note: --k {opts.k} is more than the teacher's vocabulary ({V:,}): every "
+                  f"position keeps at most {V:,} entries", file=sys.stderr)
         in_cfg = InputConfig(max_length=opts.max_length, pack=opts.pack, text_field=opts.text_field,
-                             token_field=opts.token_field, max_samples=opts.max_samples)
+                             token_field=opts.token_field, max_samples=opts.max_samples,
+                             assistant_only=opts.assistant_only, chat_template=read_template(opts.chat_template),
+                             text_glob=tuple(opts.text_glob or ()), split=opts.split, streaming=opts.streaming)
         with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
-            plan = build_plan(opts.data, tokenizer, in_cfg, V, workdir=workdir)  # validates every input
-            model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code)
+            sources = object_sources(objs.data, in_cfg.sources) if objs.data is not None else opts.data
+            plan = build_plan(sources, tokenizer, in_cfg, V, workdir=workdir,  # validates every input
+                              progress_every=PROGRESS_EVERY if opts.progress and rank == 0 else None)
+            _report_truncation(plan, opts, rank)
+            if objs.model is not None:
+                model, was_training = objs.model, objs.model.training
+                model.eval()
+                if opts.device != "auto":
+                    model.to(device)
+            else:
+                model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code)
             if output_vocab_size(model) != V:
                 raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
                                           f"its config says vocab_size {V:,}; fix the model's config.json")
@@ -187,15 +286,9 @@ def compile_store(opts: CompileOptions) -> CompileResult:
             _accept_older_config(opts.out, meta)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
             mine = rank_batches(batches, rank, world)
-            try:
-                writer = StoreWriter(opts.out, meta, rank=rank, world_size=world,
-                                     shard_bytes=max(1, int(opts.shard_mb * (1 << 20))))
-            except OSError as exc:  # e.g. the lock file of a read-only store (the writer wraps its other I/O)
-                raise StoreWriteError(
-                    f"cannot open {opts.out} for writing: {exc.strerror or exc}"
-                    f"{f' ({exc.filename})' if exc.filename else ''}. Nothing was changed; make --out writable "
-                    "(permissions, free space) or choose another directory, then rerun the same command."
-                ) from None
+            writer = open_writer(opts, meta, rank, world, store_there)
+            if plan.label_mask is not None:  # --assistant-only: no entry where the next token is not a target
+                writer = LabelPositionsWriter(writer, plan)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             if meta["selection"]["mode"] in ("topk", "argmax"):
                 def extract_fn(flat, row_ids):
@@ -206,14 +299,29 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                                    seed=opts.seed, row_ids=row_ids)
             result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
                                   pad_id, rank, world)
-        _barrier(world)
+        barrier(world)
         if world > 1 and rank == 0:
             finalize_store(opts.out, world)
-        _barrier(world)
+        barrier(world)
+        result.input_stats = dict(plan.stats)
         return result
     finally:
+        if was_training:
+            objs.model.train()
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:
+    st = plan.stats
+    if rank == 0 and opts.progress and not opts.pack and st.get("truncated_documents"):
+        print(f"labelstore compile: --truncate cut {st['truncated_documents']:,} of {st['documents']:,} documents "
+              f"at --max-length {opts.max_length}, dropping {st['truncated_tokens']:,} of "
+              f"{st['document_tokens']:,} tokens ({st['truncated_tokens'] / max(st['document_tokens'], 1):.1%})"
+              + (f" and {st['truncated_label_positions']:,} assistant label positions (keeping "
+                 f"{plan.labelled_positions:,}); a larger --max-length or --pack keeps them"
+                 if st.get("truncated_label_positions") else ""),
+              file=sys.stderr)
 
 
 def _check_inputs_still_there(out, plan: Plan) -> None:
@@ -232,7 +340,7 @@ def _check_inputs_still_there(out, plan: Plan) -> None:
     if old_sha == plan.fingerprint:
         return
     now = set(plan.files)
-    gone = [f for f in old_files if f not in now and not Path(f).exists()]
+    gone = [f for f in old_files if f not in now and not f.startswith(("hf:", "<")) and not Path(f).exists()]
     if gone:
         raise InputDataError(
             f"{out} was compiled from input file(s) that no longer exist: {', '.join(gone[:5])}"

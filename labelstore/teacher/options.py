@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from labelstore.codecs import CODEC_NAMES, DEFAULT_CODEC
 from labelstore.constants import MAX_SAMPLES
@@ -20,6 +22,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENCODING_NAMES = ("packed", "zstd")
 
 
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 FLAGS = {"k": "--k", "p": "--top-p", "min_k": "--min-k", "samples": "--samples", "k_exact": "--k-exact"}
 
 
@@ -50,7 +53,9 @@ class CompileOptions:
     """The settings of one compile (see ``labelstore compile --help`` for each)."""
 
     teacher: str = _req("teacher model: a local directory (or hub name) for AutoModelForCausalLM")
-    data: list[str] = _req("input files or directories: text, .jsonl, .parquet, .arrow (repeatable)",
+    data: list[str] = _req("inputs (repeatable): text, .jsonl, .json, .parquet, .arrow files (.gz/.bz2/.xz/.zst "
+                           "compressed text, JSON and JSONL too), folders of them, datasets.save_to_disk folders, or "
+                           "hf:NAME for datasets.load_dataset (local files or the local cache)",
                            nargs="+", action="extend", metavar="PATH")
     out: str = _req("store directory (created, or resumed if it exists)")
     tokenizer: str | None = _opt(None, "tokenizer directory or name (default: --teacher)")
@@ -74,6 +79,17 @@ class CompileOptions:
     text_field: str = _opt("text", "JSONL field / table column holding the text")
     token_field: str = _opt("input_ids", "table column of pre-tokenized ids, used when the text column is absent")
     max_samples: int | None = _opt(None, "compile only the first N sequences", type=int)
+    assistant_only: bool = _opt(False, "store labels only at positions whose next token belongs to an assistant turn "
+                                       "('messages' records) or a completion ('prompt'+'completion' records); the "
+                                       "teacher still reads every token")
+    chat_template: str | None = _opt(None, "a Jinja chat template FILE for 'messages' records (default: the "
+                                           "tokenizer's own)", metavar="FILE")
+    text_glob: list[str] | None = _opt(None, "in --data folders, read files matching this pattern as plain text "
+                                             "(e.g. '*.py'; repeatable); other unknown files are refused",
+                                       action="append", metavar="PATTERN")
+    split: str | None = _opt(None, "dataset split for hf:NAME and save_to_disk DatasetDict inputs")
+    streaming: bool = _opt(False, "hf:NAME inputs: stream the dataset (datasets.load_dataset(streaming=True))")
+    overwrite: bool = _opt(False, "discard the store at --out (its committed shards too) and compile it anew")
     hard_labels: bool = _opt(False, "store only the teacher's argmax token per position (no values, no tail)")
     tail_prior: bool = _opt(True, "skip the teacher's mean distribution (the store's tail prior, one extra pass over "
                                   "the logits)", negative=("--no-tail-prior",))
@@ -173,3 +189,27 @@ class CompileOptions:
             raise ValueError(f"--tokens-per-batch must be >= 1, got {self.tokens_per_batch}")
         if not self.shard_mb > 0:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"--max-length must be a positive integer, got {self.max_length!r}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ValueError(f"--max-samples must be a positive integer, got {self.max_samples!r}")
+        check_device(self.device)
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(f"--chat-template {self.chat_template}: no such file (a Jinja template file)")
+
+
+def check_device(name: str) -> None:
+    """Refuse a ``--device`` torch cannot use here, in the CLI's terms (before torch fails deep inside)."""
+    import torch
+
+    if not isinstance(name, str) or not DEVICE_RE.match(name):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here; use --device cpu (or auto)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {name}: {why}; use --device cpu (or auto)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import queue
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ class CompileResult:
     skipped: int  # sequences of this rank's batches already committed before this run
     seconds: float  # wall time of the batch loop (forward, extraction, writes)
     cpu_seconds: float = 0.0  # process CPU time of the same loop, all threads
+    input_stats: dict | None = None  # documents, tokens and (truncate mode) what was cut off: Plan.stats
 
 
 class WriterThread(threading.Thread):
@@ -104,8 +104,8 @@ class WriterThread(threading.Thread):
         if self.bar is not None:
             dt = max(time.perf_counter() - self._t0, 1e-9)
             self.bar.update(int(todo.sum()))
-            self.bar.set_postfix_str(f"{self.tokens / dt:,.0f} tok/s, {self.payload / max(self.tokens, 1):.1f} B/tok",
-                                     refresh=False)
+            self.bar.set_postfix_str(f"{self.tokens:,} tokens, {self.tokens / dt:,.0f} tok/s, "
+                                     f"{self.payload / max(self.tokens, 1):.1f} B/tok", refresh=False)
 
 
 def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world):
@@ -115,10 +115,9 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
     skipped = int(sum(len(b) for b in mine)) - total
     bar = None
     if opts.progress and rank == 0:
-        from tqdm import tqdm
+        from labelstore.teacher.progress import progress_bar  # tqdm on a terminal, timed lines in a log
 
-        bar = tqdm(total=total, unit="seq", desc=f"compile{'' if world == 1 else f' rank 0/{world}'}",
-                   file=sys.stderr, dynamic_ncols=True, disable=None)
+        bar = progress_bar(total, f"compile{'' if world == 1 else f' rank 0/{world}'}")
     thread = WriterThread(writer, plan, opts.hard_labels, codec.bytes_per_value, bar)
     thread.start()
     t0, c0 = time.perf_counter(), time.process_time()

@@ -28,8 +28,8 @@ from _teachers import (
 )
 
 import labelstore.teacher.compile as compile_mod
-import labelstore.teacher.inputs as inputs_mod
 import labelstore.teacher.pipeline as pipeline_mod
+import labelstore.teacher.sources as sources_mod
 from labelstore.cli import main as cli_main
 from labelstore.errors import ConfigMismatchError, InputDataError, InvalidLogitsError, StoreWriteError
 from labelstore.store.manifest import list_commits
@@ -275,14 +275,14 @@ def test_input_file_disappearing_while_planned_is_named(env, tmp_path, monkeypat
     assert cli_main(cli_args(env, out, data=[str(corpus)])) == 0
     before = snapshot(out)
     victim = files[5]
-    real = inputs_mod._read_bytes
+    real = sources_mod._open
 
-    def read_bytes(path):
+    def open_(path):
         if Path(path) == victim:
             victim.unlink()  # deleted between listing the directory and reading the file
         return real(path)
 
-    monkeypatch.setattr(inputs_mod, "_read_bytes", read_bytes)
+    monkeypatch.setattr(sources_mod, "_open", open_)
     assert cli_main(cli_args(env, out, data=[str(corpus)])) == 1
     err = capsys.readouterr().err
     assert f"cannot read input {victim}: No such file or directory" in err, err

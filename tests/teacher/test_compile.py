@@ -271,7 +271,7 @@ def test_a_store_from_before_tokens_per_batch_was_compared_resumes_only_with_its
     """Stores written by 0.1 kept tokens_per_batch under `runtime`: the same value resumes, another is refused."""
     from labelstore.teacher.compile import _accept_older_config
 
-    old = {"compile_config": {"max_length": 64}, "runtime": {"tokens_per_batch": 256}}
+    old = {"format_version": 2, "compile_config": {"max_length": 64}, "runtime": {"tokens_per_batch": 256}}
     (tmp_path / "config.json").write_text(json.dumps(old))
     meta = {"compile_config": {"max_length": 64, "tokens_per_batch": 256}}
     _accept_older_config(tmp_path, meta)

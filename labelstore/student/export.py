@@ -163,20 +163,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("store", help="the store directory to export")
     parser.add_argument("out", help="a new directory for the exported files")
     parser.add_argument("--to", choices=("parquet", "distillkit"), default="parquet",
-                        help="parquet: plain list columns any tool reads; distillkit: DistillKit's compressed layout")
+                        help="parquet: plain list columns for any tool; distillkit: DistillKit's layout (topk only)")
     parser.add_argument("--row-group-tokens", type=int, default=DEFAULT_ROW_GROUP_TOKENS,
                         help="positions per Parquet row group, about (default %(default)s)")
     parser.add_argument("--file-tokens", type=int, default=DEFAULT_FILE_TOKENS,
                         help="positions per output file, about (default %(default)s)")
-    parser.add_argument("--distillkit-exact-k", type=int, default=None,
-                        help="distillkit: leading entries stored exactly (default: all kept entries)")
 
 
 def run(args) -> int:
     if args.to == "distillkit":
         from labelstore.student.distillkit import export_distillkit
 
-        res = export_distillkit(args.store, args.out, exact_k=args.distillkit_exact_k)
+        res = export_distillkit(args.store, args.out)
     else:
         res = export_parquet(args.store, args.out, row_group_tokens=args.row_group_tokens,
                              file_tokens=args.file_tokens)

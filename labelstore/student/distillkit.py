@@ -174,8 +174,8 @@ def export_distillkit(store, out, *, rows_per_group: int = 256) -> dict:
     schema = DISTILLKIT_SCHEMA.with_metadata({b"labelstore.meta": json.dumps(meta, sort_keys=True).encode()})
     path, tmp = out / "data-00000.parquet", out / ".tmp-data-00000.parquet"
     rows = tokens = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
-        group: dict[str, list] = {name: [] for name in schema.names}
+    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=False) as w:
+        group: list[tuple] = []
         for i in range(len(targets.store)):
             it = targets.decode(i)
             x, ids, probs, mask = it["input_ids"], it["teacher_ids"], it["teacher_probs"], it["teacher_mask"]
@@ -186,20 +186,55 @@ def export_distillkit(store, out, *, rows_per_group: int = 256) -> dict:
             order = np.argsort(-probs[:R], axis=1, kind="stable")
             p = np.take_along_axis(probs[:R], order, 1).astype(np.float64)
             lp = np.where(p > 0, np.log(np.maximum(p, 1e-300)), TINY_LOG).astype("<f4")
-            group["input_ids"].append(np.asarray(x, dtype=np.uint64))
-            group["compressed_logprobs"].append(list(lp.view(np.uint8).reshape(R, -1)))
-            group["bytepacked_indices"].append(list(pack_msb(np.take_along_axis(ids[:R], order, 1), bits)))
+            group.append((np.asarray(x, dtype=np.uint64), lp.view(np.uint8).reshape(R, -1),
+                          pack_msb(np.take_along_axis(ids[:R], order, 1), bits)))
             rows += 1
             tokens += len(x)
-            if len(group["input_ids"]) >= rows_per_group:
-                w.write_table(pa.table(group, schema=schema))
-                group = {name: [] for name in schema.names}
-        if group["input_ids"] or rows == 0:
-            w.write_table(pa.table(group, schema=schema))
+            if len(group) >= rows_per_group:
+                w.write_table(_distillkit_table(group, schema))
+                group = []
+        if group or rows == 0:
+            w.write_table(_distillkit_table(group, schema))
     os.replace(tmp, path)
     files = [path, out / CONFIG_NAME]
     return {"files": [str(f) for f in files], "rows": rows, "tokens": tokens,
             "bytes": sum(f.stat().st_size for f in files)}
+
+
+def _ragged(parts: list[np.ndarray], dtype) -> pa.Array:
+    """``[n_i, width]`` numpy blocks -> ``list<list<dtype>>`` (one outer list per block) without Python lists."""
+    width = [p.shape[1] if p.ndim == 2 else 0 for p in parts]
+    rows = np.array([p.shape[0] for p in parts], dtype=np.int64)
+    inner_sizes = np.repeat(width, rows)
+    inner = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(inner_sizes)]).astype(np.int32)),
+                                     pa.array(np.concatenate([p.reshape(-1) for p in parts]) if parts
+                                              else np.zeros(0, dtype), type=dtype))
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)), inner)
+
+
+def _distillkit_table(group: list[tuple], schema: pa.Schema) -> pa.Table:
+    xs = [g[0] for g in group]
+    input_ids = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int32)),
+        pa.array(np.concatenate(xs) if xs else np.zeros(0, np.uint64), type=pa.uint64()))
+    return pa.Table.from_arrays([input_ids, _ragged([g[1] for g in group], pa.uint8()),
+                                 _ragged([g[2] for g in group], pa.uint8())], schema=schema)
+
+
+def _row_blocks(batch: pa.RecordBatch, name: str):
+    """One ``list<list<uint8>>`` column -> per row a uint8 ``[R, width]`` array (a view; widths are fixed)."""
+    col = batch.column(name)
+    outer = col.offsets.to_numpy()
+    inner = col.values
+    ioff = inner.offsets.to_numpy()
+    data = inner.values.to_numpy(zero_copy_only=False)
+    for r in range(len(col)):
+        a, b = outer[r], outer[r + 1]
+        lo, hi = ioff[a], ioff[b]
+        width = (ioff[a + 1] - lo) if b > a else 0
+        if b > a and (hi - lo) != width * (b - a):
+            raise InputDataError(f"column {name} row {r}: positions hold different numbers of bytes")
+        yield data[lo:hi].reshape(b - a, width)
 
 
 # ------------------------------------------------------------------------------------------------- import
@@ -244,28 +279,39 @@ def import_distillkit(src, out, *, codec: str = "log8", encoding: str = "packed"
     with StoreWriter(out, meta) as w:
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(columns=list(DISTILLKIT_SCHEMA.names)):
-                for row in batch.to_pylist():
-                    _import_row(w, rows, row, cfg, bits, c, str(f))
+                xs = batch.column("input_ids")
+                for x, lp, ids in zip(_input_rows(xs), _row_blocks(batch, "compressed_logprobs"),
+                                      _row_blocks(batch, "bytepacked_indices")):
+                    _import_row(w, rows, x, lp, ids, cfg, bits, c, str(f))
                     rows += 1
-                    tokens += len(row["input_ids"])
+                    tokens += len(x)
     return {"rows": rows, "tokens": tokens, "store": str(out)}
 
 
-def _import_row(w, sample_id: int, row: dict, cfg: dict, bits: int, codec, where: str) -> None:
+def _input_rows(col: pa.Array):
+    offs = col.offsets.to_numpy()
+    vals = col.values.to_numpy(zero_copy_only=False)
+    for r in range(len(col)):
+        yield vals[offs[r]: offs[r + 1]]
+
+
+def _import_row(w, sample_id: int, x, lp_bytes: np.ndarray, id_bytes: np.ndarray, cfg: dict, bits: int, codec,
+                where: str) -> None:
     d, k = cfg["d"], cfg["k"]
-    x = np.asarray(row["input_ids"], dtype=np.int64)
-    L, R = len(x), len(row["compressed_logprobs"])
-    if R != len(row["bytepacked_indices"]) or R > L:
-        raise InputDataError(f"{where} row {sample_id}: {R} log-prob rows, {len(row['bytepacked_indices'])} index "
-                             f"rows and {L} input ids (expected at most one row per input id)")
-    if L and (x.min() < 0 or x.max() >= d):
+    x = np.asarray(x)
+    if x.size and x.max() >= d:
         raise InputDataError(f"{where} row {sample_id}: an input id is outside [0, d={d})")
+    x = x.astype(np.int64)
+    L, R = len(x), len(lp_bytes)
+    if R != len(id_bytes) or R > L:
+        raise InputDataError(f"{where} row {sample_id}: {R} log-prob rows, {len(id_bytes)} index "
+                             f"rows and {L} input ids (expected at most one row per input id)")
     counts = np.zeros(L, dtype=np.int64)
     tail = np.zeros(L, dtype=np.float32)
     ids_flat, values = np.zeros(0, np.int64), np.zeros(0, np.uint8)
     if R:
-        lp = decompress_logprobs(np.asarray(row["compressed_logprobs"], dtype=np.uint8), cfg)
-        ids = unpack_msb(np.asarray(row["bytepacked_indices"], dtype=np.uint8), bits, k)
+        lp = decompress_logprobs(lp_bytes, cfg)
+        ids = unpack_msb(id_bytes, bits, k)
         keep = np.isfinite(lp)  # -inf: vLLM returned fewer than k entries; those ids are meaningless
         if (ids[keep] >= d).any():
             raise InputDataError(f"{where} row {sample_id}: a token id is >= d={d}")

@@ -129,7 +129,7 @@ def export_parquet(store, out, *, row_group_tokens: int = DEFAULT_ROW_GROUP_TOKE
         if writer is None:
             tmp = out / f".tmp-part-{len(files):05d}.parquet"
             schema = EXPORT_SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-            writer = pq.ParquetWriter(tmp, schema, compression=compression)
+            writer = pq.ParquetWriter(tmp, schema, compression=compression, use_dictionary=False)
             file_tok = 0
         T = len(it["input_ids"])
         group.append(it)

@@ -381,8 +381,8 @@ def generalized_jsd(
 def hard_label_ce(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
-    position_mask: torch.Tensor | None = None,
     teacher_mask: torch.Tensor | None = None,
+    position_mask: torch.Tensor | None = None,
     *,
     reduction: str = "mean",
     backend: str | None = None,
@@ -390,7 +390,8 @@ def hard_label_ce(
     """Cross-entropy on the teacher's top id ``teacher_ids[..., 0]`` (a hard-label store's only id).
 
     Positions without a teacher (``position_mask``) or whose first kept entry is padding (``teacher_mask``)
-    are skipped. ``teacher_ids`` may be [..., K] or [...].
+    are skipped. ``teacher_ids`` and ``teacher_mask`` may be [..., K] or [...]. Positional order as in
+    ``sparse_kl``: student logits, teacher tensors, then the position mask.
     """
     _check_reduction(reduction)
     logits2d, lead = _as_rows(student_logits)
@@ -601,10 +602,10 @@ class CodistillationLosses(NamedTuple):
 
 
 def codistillation_losses(
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
+    *args,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     alpha: float = 0.5,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
@@ -616,9 +617,17 @@ def codistillation_losses(
       + (1 - alpha) CE(student, labels)``; the KL sees a detached teacher, so the student's loss never
       sends gradient to the teacher.
 
+    Arguments are keyword-only (``student_logits=, teacher_logits=, labels=``): the other losses take the
+    student's logits first, this one took the teacher's first until 0.2, and both have the same shape, so a
+    positional call could swap the two roles without an error. Positional calls are refused.
+
     Both are means over positions whose label is not ``ignore_index``. ``student_kl``/``student_ce`` are
     detached, for logging.
     """
+    if args or student_logits is None or teacher_logits is None or labels is None:
+        raise TypeError("codistillation_losses takes keyword arguments only: codistillation_losses("
+                        "student_logits=..., teacher_logits=..., labels=...) (until 0.2 the first positional "
+                        "argument was the teacher's logits; the keywords make the roles explicit)")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     valid = labels != ignore_index
@@ -650,5 +659,6 @@ class CoDistillation(nn.Module):
         teacher_logits = _logits_of(self.teacher(input_ids, **model_kwargs))
         student_logits = _logits_of(self.student(input_ids, **model_kwargs))
         return codistillation_losses(
-            teacher_logits, student_logits, labels, alpha=self.alpha, temperature=self.temperature
+            student_logits=student_logits, teacher_logits=teacher_logits, labels=labels, alpha=self.alpha,
+            temperature=self.temperature,
         )

@@ -280,7 +280,7 @@ def test_hard_label_ce_uses_the_teacher_top_id_and_skips_masked_positions():
 
     assert_close_value_and_grad(
         lambda x: losses.hard_label_ce(
-            x, batch["teacher_ids"], batch["position_mask"], batch["teacher_mask"]
+            x, batch["teacher_ids"], batch["teacher_mask"], batch["position_mask"]
         ),
         ref,
         z,
@@ -609,6 +609,14 @@ def test_argument_errors():
         losses.sparse_kl(z, batch["teacher_ids"], batch["teacher_probs"], temperature=0.0)
     with pytest.raises(ValueError, match="teacher ids"):
         losses.sparse_kl(z, batch["teacher_ids"][:, :-1], batch["teacher_probs"][:, :-1])
+    # generalized_jsd honours backend where a kernel exists (beta = 0) and refuses it where none does
+    args = [batch[k] for k in ("teacher_ids", "teacher_probs", "teacher_tail", "teacher_mask", "position_mask")]
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        losses.generalized_jsd(z, *args, beta=0.5, backend="triton")
+    with pytest.raises(ValueError, match="loss backend"):
+        losses.generalized_jsd(z, *args, beta=0.5, backend="cuda")
+    torch.testing.assert_close(losses.generalized_jsd(z, *args, beta=0.0, backend="torch"),
+                               losses.sparse_kl(z, *args, backend="torch"))
 
 
 # --------------------------------------------------------------------------------------- co-distillation
@@ -623,7 +631,10 @@ def test_codistillation_losses_values_and_gradient_isolation():
     labels[:, -1] = -100
     h = emb(x).detach()
     t_logits, s_logits = teacher_head(h), student_head(h)
-    out = losses.codistillation_losses(t_logits, s_logits, labels, alpha=0.6, temperature=2.0)
+    out = losses.codistillation_losses(student_logits=s_logits, teacher_logits=t_logits, labels=labels, alpha=0.6,
+                                       temperature=2.0)
+    with pytest.raises(TypeError, match="keyword arguments only"):  # a positional call could swap the roles
+        losses.codistillation_losses(t_logits, s_logits, labels)
 
     # hand reference
     valid = labels != -100

@@ -190,6 +190,28 @@ def test_trainer_accumulation_is_a_token_weighted_mean(env, tmp_path):
     torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------------- also: other loops
+def test_store_loader_under_accelerate_and_the_stateful_protocol(env):
+    """accelerate's prepare() passes a StoreLoader through untouched (it shards by rank itself: no second split),
+    and the loader satisfies torch.distributed.checkpoint's Stateful protocol with a JSON-safe state."""
+    import json
+
+    from accelerate import Accelerator
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    ds = StoreDataset(env["stores"]["topk"])
+    loader = StoreLoader(ds, batch_size=3, seed=1)
+    assert Accelerator(cpu=True).prepare(loader) is loader
+    assert isinstance(loader, Stateful)
+    full = [b["sample_ids"].tolist() for b in loader]
+    it = iter(loader)
+    first = [next(it)["sample_ids"].tolist() for _ in range(2)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = StoreLoader(ds, batch_size=3, seed=1)
+    resumed.load_state_dict(state)
+    assert first + [b["sample_ids"].tolist() for b in resumed] == full
+
+
 def test_label_ce_matches_hf_loss_helper(env):
     batch = first_batch(StoreDataset(env["stores"]["topk"]))
     z = torch.randn(*batch["input_ids"].shape, env["V"])

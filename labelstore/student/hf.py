@@ -10,10 +10,8 @@ arrays over the maps); the shards' bytes are never copied into memory or through
 dataset (DataLoader workers under ``spawn``/``forkserver``, ``map(num_proc=...)``) carries the shard paths, not
 their bytes, as ``datasets.Dataset.from_file`` would. A ``set_transform`` decodes rows on access into the items of
 :mod:`labelstore.student.dataset` (each binary cell passes through one Python ``bytes`` object, as ``datasets``'
-formatter hands it over). Caveats: ``map``/``filter``/``save_to_disk`` write new files (a copy, as for any
-dataset); a dataset sliced by contiguous ``select``/``shard`` holds ``datasets``' own memory-mapped blocks, which
-cannot reopen a shard when pickled (they raise, nothing is silently wrong): slice after pickling, or use
-``shard(contiguous=False)``.
+formatter hands it over). Slices (``select``, ``shard``, ``train_test_split``) stay pickled by reference;
+``map``/``filter``/``save_to_disk`` write new files (a copy, as for any dataset).
 
 ``transformers``
 ----------------
@@ -100,6 +98,27 @@ class ShardTable(MemoryMappedTable):
     def __setstate__(self, state):
         table = self._apply_replays(open_shard(state["path"]), state["replays"])
         MemoryMappedTable.__init__(self, table, path=state["path"], replays=state["replays"])
+
+
+def _keep_class(name: str):
+    """``MemoryMappedTable``'s transforms return the base class, which would reopen the shard as an IPC stream when
+    unpickled: keep them ShardTables."""
+
+    def method(self, *args, **kwargs):
+        out = getattr(MemoryMappedTable, name)(self, *args, **kwargs)
+        if type(out) is MemoryMappedTable:
+            out.__class__ = ShardTable
+        return out
+
+    method.__name__ = name
+    return method
+
+
+if MemoryMappedTable is not object:
+    for _name in ("slice", "filter", "flatten", "combine_chunks", "cast", "replace_schema_metadata", "add_column",
+                  "append_column", "remove_column", "set_column", "rename_columns", "drop", "select"):
+        if hasattr(MemoryMappedTable, _name):
+            setattr(ShardTable, _name, _keep_class(_name))
 
 
 class HFDecoder:

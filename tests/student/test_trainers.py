@@ -152,9 +152,14 @@ def test_spawn_and_forkserver_workers_on_packed_zstd_and_hf(env, context):
     sets = [StoreDataset(packed), StoreDataset(coded), to_hf_dataset(coded)]
     for ds in sets:
         ds[0]  # read in the main process first: a zstd reader then holds a decompressor
-    hf_bytes = len(pickle.dumps(sets[2]))
     shard_bytes = sum(p.stat().st_size for p in (coded / "shards").iterdir())
-    assert hf_bytes < shard_bytes / 4, (hf_bytes, shard_bytes)  # by reference, not the store's bytes
+    part = sets[2].select(range(2, 7))  # a contiguous slice stays a reference too
+    for hf in (sets[2], part):
+        blob = pickle.dumps(hf)
+        assert len(blob) < shard_bytes / 4, (len(blob), shard_bytes)  # by reference, not the store's bytes
+        back = pickle.loads(blob)
+        for key, val in hf[len(hf) - 1].items():
+            np.testing.assert_array_equal(np.asarray(back[len(hf) - 1][key]), np.asarray(val))
     both = torch.utils.data.ConcatDataset(sets)
     collate = sets[0].collator()
     ref = [collate([both[i] for i in range(j, min(j + 5, len(both)))]) for j in range(0, len(both), 5)]

@@ -347,9 +347,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     tok = None
     if args.tokenizer:
-        from labelstore.teacher.model import load_tokenizer
+        from transformers import AutoTokenizer
 
-        tok = load_tokenizer(args.tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as exc:
+            raise InputDataError(f"cannot load tokenizer {args.tokenizer!r}: {exc}") from None
     res = import_distillkit(args.src, args.out, codec=args.codec, encoding=args.encoding,
                             temperature=args.temperature, tokenizer=tok)
     print(f"imported {res['rows']:,} sequences ({res['tokens']:,} tokens) into {res['store']}")

@@ -43,6 +43,7 @@ from labelstore.store.format import PAYLOAD_COLUMNS, build_schema, meta_from_sch
 from labelstore.store.manifest import safe_shard_path
 from labelstore.student.collate import TEACHER_KEYS, Collator
 from labelstore.student.dataset import TargetDecoder, as_store
+from labelstore.student.targets import model_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class DistillationTrainer(Trainer):
         if kwargs.get("data_collator") is None and train is not None:
             kwargs["data_collator"] = store_collator(train)
         want = _student_vocab(train) if train is not None else None
-        have = _model_vocab(model)
+        have = model_vocab_size(model) if model is not None else None
         if want is not None and have is not None and have != want:
             raise ConfigMismatchError(
                 f"the student model outputs {have} logits per position but the dataset's targets are over {want} "
@@ -285,11 +286,3 @@ class DistillationTrainer(Trainer):
             steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1) if model.training else 1
             loss = self.loss_fn(logits, inputs, **self.loss_kwargs) / steps
         return (loss, outputs) if return_outputs else loss
-
-
-def _model_vocab(model) -> int | None:
-    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and hasattr(emb, "weight"):
-        return int(emb.weight.shape[0])
-    v = getattr(getattr(model, "config", None), "vocab_size", None)
-    return None if v is None else int(v)

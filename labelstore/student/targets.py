@@ -64,6 +64,15 @@ def tokenizer_hash(tokenizer) -> str:
     return tokenizer_fingerprint(tokenizer)
 
 
+def model_vocab_size(model) -> int | None:
+    """A model's output vocabulary: its output layer's rows (a padded head counts), else its config's size."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return None if v is None else int(v)
+
+
 def _is_tokenizer(obj) -> bool:
     return hasattr(obj, "get_vocab") and (hasattr(obj, "backend_tokenizer") or hasattr(obj, "convert_tokens_to_ids"))
 
@@ -88,9 +97,7 @@ def describe_student(student) -> tuple[int | None, str | None]:
     if _is_tokenizer(student):
         return None, tokenizer_hash(student)
     if isinstance(student, torch.nn.Module):
-        from labelstore.teacher.model import output_vocab_size
-
-        return output_vocab_size(student), None
+        return model_vocab_size(student), None
     cfg = student.get_text_config() if hasattr(student, "get_text_config") else student
     if getattr(cfg, "vocab_size", None) is not None:
         return int(cfg.vocab_size), None

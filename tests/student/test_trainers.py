@@ -6,19 +6,24 @@ stores under reverse KL / JSD, the student's vocabulary and tokenizer, DataLoade
 ``forkserver``, and gradient accumulation in :class:`DistillationTrainer`.
 """
 
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from _teachers import make_documents, make_tokenizer, save_teacher, write_corpus
+from _trainer_step import tiny_student as student
+from _trainer_step import train_one_step
 
 from labelstore.errors import ConfigMismatchError
 from labelstore.student.collate import shift_labels
 from labelstore.student.dataset import StoreDataset
-from labelstore.student.hf import DistillationTrainer, to_hf_dataset
+from labelstore.student.hf import to_hf_dataset
 from labelstore.student.loader import StoreLoader
 from labelstore.student.losses import distillation_loss, label_ce, sparse_kl
 from labelstore.student.targets import tokenizer_hash
@@ -43,13 +48,6 @@ def env(tmp_path_factory):
         compile_store(opts)
         stores[name] = base / name
     return {"tok": tok, "V": len(tok) + PAD, "stores": stores, "base": base}
-
-
-def student(vocab, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def first_batch(ds, batch_size=4):
@@ -149,12 +147,14 @@ def test_student_vocabulary_and_tokenizer_checked(env):
 @pytest.mark.parametrize("context", ["spawn", "forkserver"])
 def test_spawn_and_forkserver_workers_on_packed_zstd_and_hf(env, context):
     packed, coded = env["stores"]["topk"], env["stores"]["zstd"]
-    sets = [StoreDataset(packed), StoreDataset(coded), to_hf_dataset(coded)]
+    hf_set = to_hf_dataset(coded)
+    # the HF dataset's workers import transformers (slow): one start method is enough for it
+    sets = [StoreDataset(packed), StoreDataset(coded)] + ([hf_set] if context == "spawn" else [])
     for ds in sets:
         ds[0]  # read in the main process first: a zstd reader then holds a decompressor
     shard_bytes = sum(p.stat().st_size for p in (coded / "shards").iterdir())
-    part = sets[2].select(range(2, 7))  # a contiguous slice stays a reference too
-    for hf in (sets[2], part):
+    part = hf_set.select(range(2, 7))  # a contiguous slice stays a reference too
+    for hf in (hf_set, part):
         blob = pickle.dumps(hf)
         assert len(blob) < shard_bytes / 4, (len(blob), shard_bytes)  # by reference, not the store's bytes
         back = pickle.loads(blob)
@@ -172,27 +172,25 @@ def test_spawn_and_forkserver_workers_on_packed_zstd_and_hf(env, context):
 
 
 # ---------------------------------------------------------------------------------- 6. accumulation
-def test_trainer_accumulation_is_a_token_weighted_mean(env, tmp_path):
-    """Two micro-batches of 2 accumulated equal one batch of 4 (same samples, same order, SGD): the step's loss is
-    the mean over all its teacher positions and labels, not the mean of the micro-batch means."""
-    ds = StoreDataset(env["stores"]["topk"], student=(student(env["V"]), env["tok"]))
-    lengths = {len(ds[i]["input_ids"]) for i in range(len(ds))}
-    assert len(lengths) > 3  # unpacked documents: micro-batches hold different numbers of tokens
-    params, losses = [], []
-    for bs, ga in ((4, 1), (2, 2)):
-        model = student(env["V"], seed=1)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / f"o{ga}"), max_steps=1, per_device_train_batch_size=bs,
-            gradient_accumulation_steps=ga, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
-            report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True,
-            weight_decay=0.0, max_grad_norm=0.0, seed=0, data_seed=0,
-        )
-        trainer = DistillationTrainer(model=model, args=args, train_dataset=ds, loss_kwargs={"alpha": 0.7})
-        trainer.train()
-        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h][0])
-        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+@pytest.mark.slow
+def test_trainer_step_is_a_token_weighted_mean_over_accumulation_and_devices(env, tmp_path):
+    """One batch of 4 = two accumulated micro-batches of 2 = two ranks of 2 (torchrun, gloo): same samples, SGD,
+    same parameters after the step. The step's loss is the mean over all its teacher positions and labels; a mean
+    of micro-batch (or device) means differs here, since the sequences have different lengths."""
+    store = env["stores"]["topk"]
+    ds = StoreDataset(store)
+    assert len({len(ds[i]["input_ids"]) for i in range(len(ds))}) > 3  # unpacked: different token counts
+    one, loss_one = train_one_step(store, tmp_path / "one", 4, 1)
+    accumulated, loss_acc = train_one_step(store, tmp_path / "acc", 2, 2)
+    assert loss_one == pytest.approx(loss_acc, rel=1e-5)
+    torch.testing.assert_close(one, accumulated, rtol=1e-5, atol=1e-6)
+    script = Path(__file__).resolve().parents[1] / "_trainer_step.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(store), str(tmp_path / "ranks.pt"), "2", "1"]
+    p = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    torch.testing.assert_close(one, torch.load(tmp_path / "ranks.pt"), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- also: other loops

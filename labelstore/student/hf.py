@@ -202,6 +202,9 @@ def _student_vocab(dataset) -> int | None:
     return transform.vocab_size if isinstance(transform, HFDecoder) else None
 
 
+_SCALES_ITSELF = "loss_is_scaled_for_ga" in vars(Trainer)  # this transformers honours a subclass's flag
+
+
 class DistillationTrainer(Trainer):
     """``transformers.Trainer`` that trains a student on a label store's teacher targets.
 
@@ -219,10 +222,14 @@ class DistillationTrainer(Trainer):
     mean over all its micro-batches (and, with ``average_tokens_across_devices``, all devices), as transformers'
     own losses compute it with ``num_items_in_batch``: the distillation term over every teacher position and the CE
     term over every next-token label of the step, not a mean of micro-batch means. A custom ``loss_fn`` without a
-    ``num_items`` argument gets the per-micro-batch mean divided by the accumulation steps.
+    ``num_items`` argument gets the per-micro-batch mean divided by the accumulation steps. transformers releases
+    whose ``Trainer`` has no ``loss_is_scaled_for_ga`` (it scales every loss by the steps itself) get the old mean
+    of micro-batch means, correctly scaled.
     """
 
-    # compute_loss normalises by the counts of the whole accumulation step (or divides by its length itself)
+    # compute_loss normalises by the counts of the whole accumulation step (or divides by its length itself).
+    # transformers releases without this flag divide every loss by the accumulation steps themselves: there
+    # compute_loss returns the per-micro-batch mean and lets them (see _SCALES_ITSELF).
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, *, loss_fn=None, loss_kwargs=None, **kwargs):
@@ -256,6 +263,8 @@ class DistillationTrainer(Trainer):
     def _get_num_items_in_batch(self, batch_samples: list, device) -> dict | None:
         """Teacher positions and next-token labels over every micro-batch of this optimizer step (summed over the
         devices with ``average_tokens_across_devices``): the denominators of the step's token-weighted means."""
+        if not _SCALES_ITSELF:  # an older transformers: it scales by the accumulation steps (see compute_loss)
+            return super()._get_num_items_in_batch(batch_samples, device)
         if not batch_samples or not all(isinstance(b, Mapping) and "position_mask" in b for b in batch_samples):
             return None
         counts = torch.zeros(2, dtype=torch.int64)
@@ -278,11 +287,12 @@ class DistillationTrainer(Trainer):
             )
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        if self._token_weighted and isinstance(num_items_in_batch, Mapping):
+        if _SCALES_ITSELF and self._token_weighted and isinstance(num_items_in_batch, Mapping):
             loss = self.loss_fn(logits, inputs, **self.loss_kwargs, num_items=num_items_in_batch)
             # devices' gradients are averaged: a sum over devices of (local sum / global count) needs x world
             loss = loss * num_items_in_batch.get("world", 1)
         else:
-            steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1) if model.training else 1
-            loss = self.loss_fn(logits, inputs, **self.loss_kwargs) / steps
+            steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+            scale = steps if (_SCALES_ITSELF and model.training) else 1
+            loss = self.loss_fn(logits, inputs, **self.loss_kwargs) / scale
         return (loss, outputs) if return_outputs else loss

@@ -287,7 +287,7 @@ def lr_at(step: int, cfg: BenchConfig) -> float:
 
 def step_loss(method: Method, logits: torch.Tensor, batch: dict, teacher, cfg: BenchConfig) -> torch.Tensor:
     if method.loss == "ce":
-        return label_ce(logits, batch["labels"])
+        return label_ce(logits, batch["shift_labels"])
     if method.loss == "hard":
         return distillation_loss(logits, batch, method="hard", alpha=cfg.alpha)
     if method.loss == "soft":
@@ -296,7 +296,7 @@ def step_loss(method: Method, logits: torch.Tensor, batch: dict, teacher, cfg: B
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kl = dense_kl(logits, t_logits.float(), batch["attention_mask"].bool())
-        return cfg.alpha * kl + (1.0 - cfg.alpha) * label_ce(logits, batch["labels"])
+        return cfg.alpha * kl + (1.0 - cfg.alpha) * label_ce(logits, batch["shift_labels"])
     raise ValueError(f"unknown loss {method.loss!r}")
 
 

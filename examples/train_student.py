@@ -102,7 +102,7 @@ def main(argv=None):
         ap.error(f"--store {store}: not a label store (no manifest.json there); compile one with `labelstore "
                  "compile`, or leave --store out to train on a demo store")
 
-    ds = StoreDataset(store)  # a student with another vocabulary would pass student_vocab_size / id_map here
+    ds = StoreDataset(store)  # a real student: StoreDataset(store, student=(model, tokenizer)) checks it
     cfg = LlamaConfig(vocab_size=ds.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
     model = LlamaForCausalLM(cfg).to(args.device)

@@ -56,6 +56,10 @@ _EXPORTS = {
     "codistillation_losses": "labelstore.student.losses",
     "CoDistillation": "labelstore.student.losses",
     "to_dense": "labelstore.student.targets",
+    "tokenizer_hash": "labelstore.student.targets",
+    "export_parquet": "labelstore.student.export",
+    "export_distillkit": "labelstore.student.distillkit",
+    "import_distillkit": "labelstore.student.distillkit",
 }
 
 __all__ = [
@@ -93,6 +97,10 @@ __all__ = [
     "codistillation_losses",
     "CoDistillation",
     "to_dense",
+    "tokenizer_hash",
+    "export_parquet",
+    "export_distillkit",
+    "import_distillkit",
 ]
 
 
@@ -128,6 +136,8 @@ if TYPE_CHECKING:  # static tools see the real names
     from labelstore.store.writer import StoreWriter
     from labelstore.student.collate import Collator
     from labelstore.student.dataset import StoreDataset, StoreIterableDataset
+    from labelstore.student.distillkit import export_distillkit, import_distillkit
+    from labelstore.student.export import export_parquet
     from labelstore.student.loader import StoreLoader
     from labelstore.student.losses import (
         CoDistillation,
@@ -142,7 +152,7 @@ if TYPE_CHECKING:  # static tools see the real names
     )
     from labelstore.student.mixture import StoreMixture
     from labelstore.student.sampler import StoreSampler
-    from labelstore.student.targets import to_dense
+    from labelstore.student.targets import to_dense, tokenizer_hash
     from labelstore.teacher.compile import compile_store
     from labelstore.teacher.options import CompileOptions
     from labelstore.teacher.pipeline import CompileResult

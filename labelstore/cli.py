@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("labelstore.store.info", "summarise a store: samples, tokens, bytes per token, compression ratios"),
     "verify": ("labelstore.store.verify", "check every checksum, the schema and that every row decodes"),
     "bench": ("labelstore.tools.bench", "measure bytes per token against fidelity for every setting"),
+    "export": ("labelstore.student.export", "write a store as plain Parquet columns (or DistillKit's layout)"),
+    "import": ("labelstore.student.distillkit", "read a DistillKit capture directory into a new store"),
 }
 
 

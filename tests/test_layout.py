@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "labelstore"
-BASE = {"errors", "constants", "codecs", "selection", "reconstruction", "distributed"}
+BASE = {"errors", "constants", "codecs", "selection", "reconstruction", "distributed", "fingerprints"}
 
 
 def _module_name(path: Path) -> str:
@@ -98,6 +98,7 @@ FACTS = {
     r"def pad_row\(": "labelstore/reconstruction.py",
     r"def reconstruct\(": "labelstore/reconstruction.py",
     r"def row_crc32\(": "labelstore/store/format.py",
+    r"def tokenizer_fingerprint\(": "labelstore/fingerprints.py",
     r"def rank_world\(|def dist_rank_world\(|def _dist_env\(": "labelstore/distributed.py",
     r"def parse_selection\(|def check_selection\(|def _validate_selection\(": None,  # see below
 }

@@ -218,6 +218,7 @@ class LabelStore:
     def __getstate__(self):  # picklable for DataLoader workers: each reopens its own memory maps
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_dec"] = None  # the zstd decompressor does not pickle; each process makes its own
         return state
 
     def __repr__(self) -> str:

@@ -4,10 +4,14 @@ A batch is a dict of tensors (B sequences, padded to the longest, T; K = the sto
 
     input_ids       int64   [B, T]     pad_id on padding
     attention_mask  int64   [B, T]     1 on real tokens
-    labels          int64   [B, T]     labels[:, t] = input_ids[:, t + 1]; ignore_index on padding, on each
-                                       sequence's last position (its next token is not in the sample) and where
-                                       position_mask is False (positions an --assistant-only store has no
-                                       label for: prompts, user turns)
+    labels          int64   [B, T]     Hugging Face convention, NOT shifted: labels[:, t] = input_ids[:, t],
+                                       ignore_index on padding. ``model(**batch)`` (and Trainer) shift it internally.
+    shift_labels    int64   [B, T]     pre-shifted: shift_labels[:, t] = input_ids[:, t + 1]; ignore_index on
+                                       padding and on each sequence's last position (its next token is not in the
+                                       sample). Aligned with the logits and the teacher targets: what labelstore's
+                                       losses read (Hugging Face's name for pre-shifted labels). Both are
+                                       ignore_index where the store has no label (position_mask False: the prompts
+                                       and user turns of an --assistant-only store), so no CE trains on them.
     teacher_ids     int64   [B, T, K]  0 on padding entries
     teacher_probs   float32 [B, T, K]  0 on padding entries
     teacher_tail    float32 [B, T]
@@ -15,6 +19,13 @@ A batch is a dict of tensors (B sequences, padded to the longest, T; K = the sto
     position_mask   bool    [B, T]     True where a teacher distribution exists (the last position has one too:
                                        the teacher's prediction past the window needs no label)
     sample_ids      int64   [B]        store sample ids, for bookkeeping
+    teacher_info    dict               what the targets are (not a tensor; present when the collator was built by a
+                                       dataset): ``selection`` (the store's mode), ``estimator`` (``"exact"``: kept
+                                       probabilities + exact tail; ``"sampled"``: unbiased sample estimates;
+                                       ``"hard"``: the teacher's top id), ``temperature`` (of the targets, after any
+                                       re-tempering on read) and ``vocab_size`` (the width the targets index).
+                                       :func:`labelstore.student.losses.distillation_loss` uses it and refuses a
+                                       mismatch.
     teacher_dense   float32 [B, T, V]  dense mode only (added; the sparse fields stay), by the uniform-tail rule
                                        of :mod:`labelstore.student.targets`
 
@@ -36,9 +47,36 @@ from labelstore.student.targets import DEFAULT_DENSE_BUDGET_BYTES, check_dense_b
 
 ITEM_KEYS = ("sample_id", "input_ids", "teacher_ids", "teacher_probs", "teacher_tail", "teacher_mask",
              "position_mask")
-BATCH_KEYS = ("input_ids", "attention_mask", "labels", "teacher_ids", "teacher_probs", "teacher_tail",
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "shift_labels", "teacher_ids", "teacher_probs", "teacher_tail",
               "teacher_mask", "position_mask")
 TEACHER_KEYS = ("teacher_ids", "teacher_probs", "teacher_tail", "teacher_mask", "position_mask")
+INFO_KEYS = ("selection", "estimator", "temperature", "vocab_size")
+
+
+class TeacherInfo(dict):
+    """A batch's ``teacher_info``: a plain dict of facts (see the module docstring) that rides along with the
+    tensors. ``to``/``cuda``/``cpu``/``pin_memory`` return it unchanged, so loops that move every value of a batch
+    (``{k: v.to(device) for k, v in batch.items()}``) keep working."""
+
+    def to(self, *args, **kwargs) -> TeacherInfo:
+        return self
+
+    def cuda(self, *args, **kwargs) -> TeacherInfo:
+        return self
+
+    def cpu(self) -> TeacherInfo:
+        return self
+
+    def pin_memory(self, *args, **kwargs) -> TeacherInfo:
+        return self
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Hugging Face-convention ``labels`` [..., T] (unshifted) -> pre-shifted ``shift_labels`` [..., T]:
+    ``out[..., t] = labels[..., t + 1]`` and ``ignore_index`` at the last position (what HF's causal-LM loss does)."""
+    out = torch.full_like(labels, ignore_index)
+    out[..., :-1] = labels[..., 1:]
+    return out
 
 
 def new_tensor(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -61,11 +99,15 @@ class Collator:
         pad_id: input id written on padding positions.
         ignore_index: label on positions without a next token.
         pad_to_multiple_of: round T up to a multiple of this.
+        teacher_info: the ``teacher_info`` dict every batch carries (see the module docstring); datasets fill it
+            (:meth:`labelstore.student.dataset.StoreDataset.collator`). None: batches carry none, and the losses
+            cannot check them against the store.
     """
 
     def __init__(self, k: int, vocab_size: int, *, dense: bool = False,
                  dense_budget_bytes: int = DEFAULT_DENSE_BUDGET_BYTES, pad_id: int = 0,
-                 ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
+                 ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None,
+                 teacher_info: dict | None = None):
         self.k = int(k)
         self.vocab_size = int(vocab_size)
         self.dense = bool(dense)
@@ -73,13 +115,19 @@ class Collator:
         self.pad_id = int(pad_id)
         self.ignore_index = int(ignore_index)
         self.multiple = int(pad_to_multiple_of or 1)
+        if teacher_info is not None:
+            missing = [key for key in INFO_KEYS if key not in teacher_info]
+            if missing:
+                raise ValueError(f"teacher_info lacks {missing}; build it with TargetDecoder.teacher_info()")
+            teacher_info = {key: teacher_info[key] for key in INFO_KEYS}
+        self.teacher_info = teacher_info
 
     def check_dense(self, batch_size: int, seq_len: int) -> None:
         """Raise now, rather than mid-epoch, if dense batches of this shape would exceed the budget."""
         if self.dense:
             check_dense_budget(batch_size, seq_len, self.vocab_size, self.dense_budget_bytes)
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
         missing = [key for key in ITEM_KEYS if items and key not in items[0]]
         if missing:
             raise ConfigMismatchError(
@@ -100,19 +148,22 @@ class Collator:
                   "position_mask": torch.bool}
         batch = {k: new_tensor(shapes.get(k, (B, T)), dtypes.get(k, torch.int64), shared) for k in BATCH_KEYS}
         # numpy views of the tensors; every element is written exactly once below (the row, then its padding)
-        input_ids, attn, labels, ids, probs, tail, mask, pos = (batch[k].numpy() for k in BATCH_KEYS)
+        input_ids, attn, labels, shifted, ids, probs, tail, mask, pos = (batch[k].numpy() for k in BATCH_KEYS)
         for b, (it, L) in enumerate(zip(items, lens)):
             x = it["input_ids"]
             input_ids[b, :L] = x
             input_ids[b, L:] = self.pad_id
             attn[b, :L] = 1
             attn[b, L:] = 0
+            labels[b, :L] = x
+            labels[b, L:] = self.ignore_index
             n = max(L - 1, 0)
-            labels[b, :n] = x[1:L]
-            labels[b, n:] = self.ignore_index
+            shifted[b, :n] = x[1:L]
+            shifted[b, n:] = self.ignore_index
             unlabelled = ~it["position_mask"][:n]
             if unlabelled.any():  # an --assistant-only store: no CE on the tokens the teacher has no label for
-                labels[b, :n][unlabelled] = self.ignore_index
+                shifted[b, :n][unlabelled] = self.ignore_index
+                labels[b, 1:L][unlabelled] = self.ignore_index
             ids[b, :L] = it["teacher_ids"]
             probs[b, :L] = it["teacher_probs"]
             mask[b, :L] = it["teacher_mask"]
@@ -125,6 +176,8 @@ class Collator:
                 tail[b, L:] = 0
                 pos[b, L:] = False
         batch["sample_ids"] = torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.int64)
+        if self.teacher_info is not None:
+            batch["teacher_info"] = TeacherInfo(self.teacher_info)
         if self.dense:
             dense = new_tensor((B, T, self.vocab_size), torch.float32, shared)
             batch["teacher_dense"] = to_dense(batch["teacher_ids"], batch["teacher_probs"], batch["teacher_tail"],

@@ -17,34 +17,82 @@ rounding). A position is valid when it stores any mass at all; a position whose 
 Arrays may be read-only views (of the memory map, or broadcast): copy before writing in place. Batches come from
 :class:`labelstore.student.collate.Collator`; :meth:`StoreDataset.collator` builds one with the right K and vocabulary.
 
-Both datasets are picklable (each DataLoader worker reopens its own memory maps).
+Both datasets are picklable by reference: pickling holds the store's path and reader options, never its bytes or
+its decoders, and each DataLoader worker (``fork``, ``spawn`` or ``forkserver``) reopens the store and its own
+memory maps, refusing (StoreCorruptError) a store whose manifest changed in between.
+
+The student is checked when the dataset is built (``student=``: a model, a config, a tokenizer, or a tuple such as
+``(model, tokenizer)``; see :func:`labelstore.student.targets.check_student`), and every batch carries the targets'
+``teacher_info`` (mode, estimator, temperature, vocabulary), which the losses check against the student's logits.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 import torch
 
 from labelstore.distributed import rank_world
+from labelstore.errors import StoreCorruptError
 from labelstore.reconstruction import TAIL_RULES, pad_row
 from labelstore.store.reader import LabelStore, RawRow
 from labelstore.student.collate import Collator
-from labelstore.student.targets import DEFAULT_DENSE_BUDGET_BYTES, check_student, map_ids, retemper, temper_exponent
+from labelstore.student.targets import (
+    DEFAULT_DENSE_BUDGET_BYTES,
+    check_student,
+    describe_student,
+    map_ids,
+    retemper,
+    teacher_info,
+    temper_exponent,
+)
 
 
 def as_store(store, verify_rows: bool) -> LabelStore:
     return store if isinstance(store, LabelStore) else LabelStore(store, verify_rows=verify_rows)
 
 
+def manifest_digest(store: LabelStore) -> str:
+    return hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()
+
+
+class StoreRef:
+    """A :class:`LabelStore` pickled by reference: its path, reader options and manifest digest. ``open()`` reopens
+    it (in a DataLoader worker) and refuses a store whose manifest is no longer the one pickled."""
+
+    def __init__(self, store: LabelStore):
+        self.path = str(store.path)
+        self.options = {"verify_rows": store.verify_rows, "normalize": store.normalize,
+                        "max_open_shards": store.max_open_shards}
+        self.digest = manifest_digest(store)
+
+    def open(self) -> LabelStore:
+        store = LabelStore(self.path, **self.options)
+        if manifest_digest(store) != self.digest:
+            raise StoreCorruptError(f"store {self.path} changed since this dataset was pickled (its manifest differs); "
+                                    "rebuild the dataset from the store as it is now")
+        return store
+
+
 class TargetDecoder:
     """Decoding options shared by both datasets: the student check, id mapping and re-tempering."""
 
-    def __init__(self, store, *, student_vocab_size=None, student_tokenizer_hash=None, id_map=None,
+    def __init__(self, store, *, student=None, student_vocab_size=None, student_tokenizer_hash=None, id_map=None,
                  temperature=None, tail_rule="uniform", verify_rows=True):
         self.store = as_store(store, verify_rows)
         meta = self.store.meta
-        self.vocab_size, self.id_map = check_student(meta, student_vocab_size, student_tokenizer_hash, id_map)
+        vocab, thash = describe_student(student)
+        for name, given, found in (("student_vocab_size", student_vocab_size, vocab),
+                                   ("student_tokenizer_hash", student_tokenizer_hash, thash)):
+            if given is not None and found is not None and given != found:
+                raise ValueError(f"{name}={given!r} contradicts the student passed ({found!r}); pass one of them")
+        vocab = student_vocab_size if student_vocab_size is not None else vocab
+        thash = student_tokenizer_hash if student_tokenizer_hash is not None else thash
+        self.vocab_size, self.id_map = check_student(meta, vocab, thash, id_map)
         self.exponent = temper_exponent(meta, temperature)
+        self.info = teacher_info(meta, temperature, self.vocab_size)
         self.tail_rule = tail_rule
         if tail_rule not in TAIL_RULES:
             raise ValueError(f"tail_rule must be one of {TAIL_RULES}, got {tail_rule!r}")
@@ -53,6 +101,19 @@ class TargetDecoder:
     @property
     def meta(self) -> dict:
         return self.store.meta
+
+    def __getstate__(self):  # by reference: never the store's bytes, nor its (unpicklable) decoders
+        state = self.__dict__.copy()
+        state["store"] = StoreRef(self.store)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.store = state["store"].open()
+
+    def teacher_info(self) -> dict:
+        """The ``teacher_info`` of this dataset's batches (:mod:`labelstore.student.collate`)."""
+        return dict(self.info)
 
     def decode(self, i: int) -> dict:
         return self.finish_raw(self.store.get_raw(i))
@@ -90,6 +151,7 @@ class TargetDecoder:
     def collator(self, *, dense: bool = False, dense_budget_bytes: int = DEFAULT_DENSE_BUDGET_BYTES,
                  **kwargs) -> Collator:
         """A :class:`Collator` for this dataset's items (K = the store's k, V = the student's vocabulary)."""
+        kwargs.setdefault("teacher_info", self.teacher_info())
         return Collator(self.k, self.vocab_size, dense=dense, dense_budget_bytes=dense_budget_bytes, **kwargs)
 
 
@@ -98,9 +160,14 @@ class StoreDataset(torch.utils.data.Dataset):
 
     Args:
         store: a store directory or an open :class:`LabelStore`.
-        student_vocab_size, student_tokenizer_hash, id_map: the student's vocabulary; a mismatch with the
-            teacher's refuses (ConfigMismatchError) unless ``id_map`` is given (see
-            :func:`labelstore.student.targets.check_student`). ``None`` skips a comparison.
+        student: the student model, its config, its tokenizer, or a tuple of these (e.g. ``(model, tokenizer)``):
+            its vocabulary size and tokenizer hash are checked against the store's (ConfigMismatchError on a
+            mismatch, with what to do). Give it: without it only the losses' check of the logits' width remains.
+        student_vocab_size, student_tokenizer_hash: the same facts given directly (the hash as
+            :func:`labelstore.student.targets.tokenizer_hash` computes it). ``None`` skips a comparison.
+        id_map: ``"shared_prefix"`` for a student with the teacher's tokenizer and another vocabulary size (a
+            padded head, e.g. Qwen's); or an explicit teacher id -> student id array for another tokenizer (see
+            :func:`labelstore.student.targets.check_student`).
         temperature: re-temper targets to this absolute temperature (None: as stored); see
             :mod:`labelstore.student.targets` for what this can and cannot recover.
         tail_rule: how re-tempering treats the tail, ``"uniform"`` or ``"bucket"``.

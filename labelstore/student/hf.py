@@ -4,13 +4,14 @@
 ------------
 A store's shards are Arrow IPC *file* format (random access, a footer). ``datasets.Dataset.from_file`` reads the
 IPC *stream* format (it calls ``pyarrow.ipc.open_stream``), so it cannot open them. :func:`to_hf_dataset`
-memory-maps every shard with ``pyarrow.ipc.open_file``, concatenates the tables (no copy: the columns become
-chunked arrays over the maps) and wraps the result in ``datasets.Dataset``; the shards' bytes are never copied
-into memory or through Python objects. A ``set_transform`` decodes rows on access into the items of
+memory-maps every shard with ``pyarrow.ipc.open_file`` as a :class:`ShardTable` (a ``datasets``
+``MemoryMappedTable`` that reopens the *file* format) and concatenates them (no copy: the columns become chunked
+arrays over the maps); the shards' bytes are never copied into memory or through Python objects. Pickling the
+dataset (DataLoader workers under ``spawn``/``forkserver``, ``map(num_proc=...)``) carries the shard paths, not
+their bytes, as ``datasets.Dataset.from_file`` would. A ``set_transform`` decodes rows on access into the items of
 :mod:`labelstore.student.dataset` (each binary cell passes through one Python ``bytes`` object, as ``datasets``'
-formatter hands it over). Caveats: the table is held as an in-memory table over the maps, so pickling the
-dataset (``spawn`` workers, ``save_to_disk``) serialises the bytes; ``map``/``filter`` would write new cache files
-in the stream format, which is fine but is a copy.
+formatter hands it over). Slices (``select``, ``shard``, ``train_test_split``) stay pickled by reference;
+``map``/``filter``/``save_to_disk`` write new files (a copy, as for any dataset).
 
 ``transformers``
 ----------------
@@ -29,41 +30,96 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
+import torch
 from transformers import Trainer, TrainingArguments
 
+from labelstore.constants import IGNORE_INDEX
 from labelstore.errors import ConfigMismatchError, StoreCorruptError
 from labelstore.store.format import PAYLOAD_COLUMNS, build_schema, meta_from_schema
 from labelstore.store.manifest import safe_shard_path
 from labelstore.student.collate import TEACHER_KEYS, Collator
 from labelstore.student.dataset import TargetDecoder, as_store
+from labelstore.student.targets import model_vocab_size
 
 logger = logging.getLogger(__name__)
 
 _DECODE_COLUMNS = ("sample_id", "num_tokens", *PAYLOAD_COLUMNS, "crc32")
 
 
+def open_shard(path: str, meta: dict | None = None, rows: int | None = None) -> pa.Table:
+    """One shard as a memory-mapped ``pyarrow.Table`` (zero-copy) with nullable fields (as ``datasets`` declares
+    them; otherwise it would cast, i.e. copy, every column). ``meta``/``rows``: what the manifest says it holds."""
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        t = reader.read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreCorruptError(f"shard {path} cannot be read as an Arrow IPC file ({exc})") from None
+    shard_meta = meta_from_schema(reader.schema, str(path))
+    if (meta is not None and shard_meta != meta) or (rows is not None and t.num_rows != rows):
+        raise StoreCorruptError(f"shard {path} disagrees with the manifest (metadata or row count)")
+    schema = pa.schema([f.with_nullable(True) for f in build_schema(shard_meta)])
+    return pa.Table.from_arrays([pa.chunked_array(t.column(j).chunks, type=f.type) for j, f in enumerate(schema)],
+                                schema=schema)
+
+
 def store_table(store) -> pa.Table:
     """All shards of a store as one memory-mapped ``pyarrow.Table`` (zero-copy), in store order."""
+    return pa.concat_tables([b.table for b in shard_tables(store)]) if len(as_store(store, True)) else _empty(store)
+
+
+def _empty(store) -> pa.Table:
     s = as_store(store, True)
-    tables = []
+    return pa.schema([f.with_nullable(True) for f in build_schema(s.meta)]).empty_table()
+
+
+def shard_tables(store) -> list:
+    """One :class:`ShardTable` per shard of the store, in store order."""
+    s = as_store(store, True)
+    out = []
     for rec in s.manifest["shards"]:
         path = safe_shard_path(s.path, rec["path"], str(s.path / "manifest.json"))
-        try:
-            reader = pa.ipc.open_file(pa.memory_map(str(path)))
-            t = reader.read_all()
-        except (pa.ArrowException, OSError) as exc:
-            raise StoreCorruptError(f"shard {path} cannot be read as an Arrow IPC file ({exc})") from None
-        if meta_from_schema(reader.schema, str(path)) != s.meta or t.num_rows != rec["rows"]:
-            raise StoreCorruptError(f"shard {path} disagrees with the manifest (metadata or row count)")
-        tables.append(t)
-    # datasets' features are nullable: declare the fields so up front, or it would cast (copy) every column
-    schema = pa.schema([f.with_nullable(True) for f in build_schema(s.meta)])
-    cols = [pa.chunked_array([c for t in tables for c in t.column(j).chunks], type=f.type)
-            for j, f in enumerate(schema)]
-    return pa.Table.from_arrays(cols, schema=schema)
+        out.append(ShardTable(open_shard(str(path), s.meta, rec["rows"]), str(path)))
+    return out
+
+
+try:  # the `hf` extra
+    from datasets.table import MemoryMappedTable
+except ImportError:  # pragma: no cover - to_hf_dataset says what to install
+    MemoryMappedTable = object
+
+
+class ShardTable(MemoryMappedTable):
+    """A ``datasets`` memory-mapped table over one shard (Arrow IPC *file* format), pickled by path: unpickling
+    reopens the shard's memory map (``datasets``' own ``MemoryMappedTable`` reopens only the stream format)."""
+
+    def __setstate__(self, state):
+        table = self._apply_replays(open_shard(state["path"]), state["replays"])
+        MemoryMappedTable.__init__(self, table, path=state["path"], replays=state["replays"])
+
+
+def _keep_class(name: str):
+    """``MemoryMappedTable``'s transforms return the base class, which would reopen the shard as an IPC stream when
+    unpickled: keep them ShardTables."""
+
+    def method(self, *args, **kwargs):
+        out = getattr(MemoryMappedTable, name)(self, *args, **kwargs)
+        if type(out) is MemoryMappedTable:
+            out.__class__ = ShardTable
+        return out
+
+    method.__name__ = name
+    return method
+
+
+if MemoryMappedTable is not object:
+    for _name in ("slice", "filter", "flatten", "combine_chunks", "cast", "replace_schema_metadata", "add_column",
+                  "append_column", "remove_column", "set_column", "rename_columns", "drop", "select"):
+        if hasattr(MemoryMappedTable, _name):
+            setattr(ShardTable, _name, _keep_class(_name))
 
 
 class HFDecoder:
@@ -113,8 +169,11 @@ def to_hf_dataset(store, *, decode: bool = True, **options):
         import datasets
     except ImportError:
         raise ImportError("to_hf_dataset needs the `datasets` package: pip install 'labelstore[hf]'") from None
+    from datasets.table import ConcatenationTable, InMemoryTable
+
     targets = TargetDecoder(store, **options)
-    table = store_table(targets.store)
+    blocks = shard_tables(targets.store)
+    table = ConcatenationTable.from_blocks([[b] for b in blocks]) if blocks else InMemoryTable(_empty(targets.store))
     digest = hashlib.sha256(json.dumps(targets.store.manifest, sort_keys=True).encode()).hexdigest()[:16]
     info = datasets.DatasetInfo(description=json.dumps(targets.store.meta, sort_keys=True))
     ds = datasets.Dataset(table, info=info, fingerprint=f"labelstore-{digest}")
@@ -143,21 +202,35 @@ def _student_vocab(dataset) -> int | None:
     return transform.vocab_size if isinstance(transform, HFDecoder) else None
 
 
+_SCALES_ITSELF = "loss_is_scaled_for_ga" in vars(Trainer)  # this transformers honours a subclass's flag
+
+
 class DistillationTrainer(Trainer):
     """``transformers.Trainer`` that trains a student on a label store's teacher targets.
 
     Args (besides Trainer's):
         loss_fn: ``loss_fn(student_logits, batch, **loss_kwargs) -> scalar``; default
             :func:`labelstore.student.losses.distillation_loss` (forward sparse KL with the tail).
-        loss_kwargs: e.g. ``{"alpha": 0.9, "temperature": 2.0, "method": "forward_kl"}``.
+        loss_kwargs: e.g. ``{"alpha": 0.9, "method": "forward_kl"}`` (the temperature comes from the batches:
+            re-temper the targets with the dataset's ``temperature=``).
 
     ``remove_unused_columns`` is turned off on a copy of ``args`` (a warning says so), the default collator is the
     store's, and the model's output vocabulary must equal the dataset's student vocabulary (ConfigMismatchError
     otherwise).
+
+    Gradient accumulation and many devices: with the default loss, each optimizer step's loss is the token-weighted
+    mean over all its micro-batches (and, with ``average_tokens_across_devices``, all devices), as transformers'
+    own losses compute it with ``num_items_in_batch``: the distillation term over every teacher position and the CE
+    term over every next-token label of the step, not a mean of micro-batch means. A custom ``loss_fn`` without a
+    ``num_items`` argument gets the per-micro-batch mean divided by the accumulation steps. transformers releases
+    whose ``Trainer`` has no ``loss_is_scaled_for_ga`` (it scales every loss by the steps itself) get the old mean
+    of micro-batch means, correctly scaled.
     """
 
-    # compute_loss returns a per-batch mean: Trainer divides it by the gradient accumulation steps
-    loss_is_scaled_for_ga = False
+    # compute_loss normalises by the counts of the whole accumulation step (or divides by its length itself).
+    # transformers releases without this flag divide every loss by the accumulation steps themselves: there
+    # compute_loss returns the per-micro-batch mean and lets them (see _SCALES_ITSELF).
+    loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, *, loss_fn=None, loss_kwargs=None, **kwargs):
         if args is None:
@@ -171,18 +244,39 @@ class DistillationTrainer(Trainer):
         if kwargs.get("data_collator") is None and train is not None:
             kwargs["data_collator"] = store_collator(train)
         want = _student_vocab(train) if train is not None else None
-        have = _model_vocab(model)
+        have = model_vocab_size(model) if model is not None else None
         if want is not None and have is not None and have != want:
             raise ConfigMismatchError(
                 f"the student model outputs {have} logits per position but the dataset's targets are over {want} "
-                "tokens; build the dataset with the student's vocabulary (student_vocab_size, or an id_map)"
+                "tokens; build the dataset with the student: StoreDataset(store, student=(model, tokenizer)) or "
+                "to_hf_dataset(store, student=...), adding id_map='shared_prefix' for a padded head of the same "
+                "tokenizer"
             )
         super().__init__(model=model, args=args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # older transformers: divide our per-batch mean by the GA steps
-        if loss_fn is None:
-            from labelstore.student.losses import distillation_loss as loss_fn
-        self.loss_fn = loss_fn
+        self.model_accepts_loss_kwargs = False  # the model computes no loss here; compute_loss does
+        from labelstore.student.losses import distillation_loss
+
+        self.loss_fn = loss_fn or distillation_loss
         self.loss_kwargs = dict(loss_kwargs or {})
+        self._token_weighted = self.loss_fn is distillation_loss and self.loss_kwargs.get("reduction", "mean") == "mean"
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> dict | None:
+        """Teacher positions and next-token labels over every micro-batch of this optimizer step (summed over the
+        devices with ``average_tokens_across_devices``): the denominators of the step's token-weighted means."""
+        if not _SCALES_ITSELF:  # an older transformers: it scales by the accumulation steps (see compute_loss)
+            return super()._get_num_items_in_batch(batch_samples, device)
+        if not batch_samples or not all(isinstance(b, Mapping) and "position_mask" in b for b in batch_samples):
+            return None
+        counts = torch.zeros(2, dtype=torch.int64)
+        for b in batch_samples:
+            counts[0] += int(b["position_mask"].sum())
+            if b.get("shift_labels") is not None:
+                counts[1] += int((b["shift_labels"] != IGNORE_INDEX).sum())
+        world = 1
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts.to(device)).reshape(-1, 2).sum(0)
+            world = self.args.world_size
+        return {"distill": counts[0].to(device), "ce": counts[1].to(device), "world": world}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         missing = [k for k in TEACHER_KEYS if k not in inputs]
@@ -193,13 +287,12 @@ class DistillationTrainer(Trainer):
             )
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss = self.loss_fn(logits, inputs, **self.loss_kwargs)
+        if _SCALES_ITSELF and self._token_weighted and isinstance(num_items_in_batch, Mapping):
+            loss = self.loss_fn(logits, inputs, **self.loss_kwargs, num_items=num_items_in_batch)
+            # devices' gradients are averaged: a sum over devices of (local sum / global count) needs x world
+            loss = loss * num_items_in_batch.get("world", 1)
+        else:
+            steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+            scale = steps if (_SCALES_ITSELF and model.training) else 1
+            loss = self.loss_fn(logits, inputs, **self.loss_kwargs) / scale
         return (loss, outputs) if return_outputs else loss
-
-
-def _model_vocab(model) -> int | None:
-    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and hasattr(emb, "weight"):
-        return int(emb.weight.shape[0])
-    v = getattr(getattr(model, "config", None), "vocab_size", None)
-    return None if v is None else int(v)

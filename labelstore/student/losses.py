@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labelstore.constants import IGNORE_INDEX
+from labelstore.errors import ConfigMismatchError
 from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch, student_bucket_logprobs_torch
 
 __all__ = [
@@ -164,7 +165,8 @@ def _teacher_rows(logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teac
     return ids, probs, t, mask
 
 
-def _label_term(labels: torch.Tensor, lead, device, reduction, scale, ignore_index, dtype) -> SparseKLTerm:
+def _label_term(labels: torch.Tensor, lead, device, reduction, scale, ignore_index, dtype,
+                denominator: torch.Tensor | None = None) -> SparseKLTerm:
     """Cross-entropy on one label per row as a sparse term (S = {y}, p_y = 1, t = 0)."""
     if tuple(labels.shape) != lead:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match the logits' leading dims {lead}")
@@ -172,7 +174,60 @@ def _label_term(labels: torch.Tensor, lead, device, reduction, scale, ignore_ind
     valid = y != ignore_index
     ids = torch.where(valid, y, 0)[:, None]
     ones = torch.ones(ids.shape, device=device, dtype=dtype)
-    return SparseKLTerm(ids, ones, None, valid[:, None], _row_weights(valid, reduction, scale, dtype), 1.0)
+    if denominator is None:
+        weights = _row_weights(valid, reduction, scale, dtype)
+    else:
+        weights = valid.to(dtype) * scale / denominator.to(device, dtype)
+    return SparseKLTerm(ids, ones, None, valid[:, None], weights, 1.0)
+
+
+def _denominator(num_items, key: str) -> torch.Tensor | None:
+    """``num_items[key]`` as a positive tensor (None when ``num_items`` is None)."""
+    if num_items is None:
+        return None
+    if key not in num_items:
+        raise ValueError(f"num_items must give the denominator of each term ('distill', 'ce'); {key!r} is missing")
+    return torch.as_tensor(num_items[key], dtype=torch.float64).clamp(min=1)
+
+
+def _items_weights(valid, reduction, scale, dtype, num_items, key):
+    den = _denominator(num_items, key)
+    if den is None:
+        return _row_weights(valid, reduction, scale, dtype)
+    return valid.to(dtype) * scale / den.to(valid.device, dtype)
+
+
+def _check_batch_info(student_logits, batch, method, alpha, beta, temperature) -> float:
+    """Check the batch's ``teacher_info`` against the loss's arguments; return the temperature to use."""
+    info = batch.get("teacher_info")
+    if not isinstance(info, Mapping):
+        return 1.0 if temperature is None else float(temperature)
+    tv = info.get("vocab_size")
+    if tv is not None and student_logits.shape[-1] != int(tv):
+        raise ConfigMismatchError(
+            f"the student's logits have {student_logits.shape[-1]} entries per position but the batch's teacher "
+            f"targets index a vocabulary of {tv}: the student does not use the store's tokenizer, or its head has "
+            "another size. Build the dataset with the student (StoreDataset(store, student=(model, tokenizer))): "
+            "a student with the teacher's tokenizer and a padded or smaller head then works with "
+            "id_map='shared_prefix', another tokenizer needs an explicit id_map"
+        )
+    tt = float(info.get("temperature", 1.0))
+    if temperature is not None and float(temperature) != tt and alpha > 0 and method != "hard":
+        raise ConfigMismatchError(
+            f"temperature={temperature} tempers only the student, but the batch's teacher targets are at "
+            f"temperature {tt}: teacher and student would be compared at different temperatures. Re-temper the "
+            f"targets on read (StoreDataset(store, temperature={temperature})) or leave temperature unset (the "
+            "targets' own is used)"
+        )
+    sampled = info.get("estimator") == "sampled"
+    if sampled and alpha > 0 and (method == "reverse_kl" or (method == "jsd" and beta > 0)):
+        raise ConfigMismatchError(
+            f"method {method!r} on a sampled store (selection {info.get('selection')!r}): its values are unbiased "
+            "estimates of the teacher only inside terms linear in p (the forward KL's cross-entropy); reverse KL and "
+            "JSD take log p of the estimate, which is 0 off the drawn ids, and would optimise something else. Use "
+            "method='forward_kl' (unbiased here), or compile a topk/topp store for reverse KL or JSD"
+        )
+    return tt if temperature is None else float(temperature)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -296,9 +351,16 @@ def generalized_jsd(
 
     ``P`` is the teacher, ``Q`` the student (TRL GKD's convention); ``beta = 0`` is the forward KL
     (``sparse_kl``), ``beta = 1`` the reverse KL (``reverse_kl``), as in TRL. Arguments as in ``sparse_kl``.
+    ``backend`` applies to ``beta = 0`` (the fused forward KL); any other beta runs on the chunked torch op, and an
+    explicit ``backend="triton"`` there is refused rather than ignored.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta > 0.0 and backend is not None and backend.lower() == "triton":
+        raise ValueError(f"generalized_jsd with beta={beta} has no Triton kernel (only beta=0, the forward KL, "
+                         "does); pass backend=None or 'torch'")
+    if backend is not None:
+        resolve_backend(student_logits, backend)  # validates the name
     args = (student_logits, teacher_ids, teacher_probs, teacher_tail, teacher_mask, position_mask)
     if beta == 0.0:
         return sparse_kl(*args, temperature=temperature, tail=tail, reduction=reduction, backend=backend)
@@ -319,8 +381,8 @@ def generalized_jsd(
 def hard_label_ce(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
-    position_mask: torch.Tensor | None = None,
     teacher_mask: torch.Tensor | None = None,
+    position_mask: torch.Tensor | None = None,
     *,
     reduction: str = "mean",
     backend: str | None = None,
@@ -328,7 +390,8 @@ def hard_label_ce(
     """Cross-entropy on the teacher's top id ``teacher_ids[..., 0]`` (a hard-label store's only id).
 
     Positions without a teacher (``position_mask``) or whose first kept entry is padding (``teacher_mask``)
-    are skipped. ``teacher_ids`` may be [..., K] or [...].
+    are skipped. ``teacher_ids`` and ``teacher_mask`` may be [..., K] or [...]. Positional order as in
+    ``sparse_kl``: student logits, teacher tensors, then the position mask.
     """
     _check_reduction(reduction)
     logits2d, lead = _as_rows(student_logits)
@@ -378,7 +441,7 @@ def distillation_loss(
     *,
     method: str = "forward_kl",
     alpha: float = 1.0,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     tail: bool = True,
     beta: float = 0.5,
     eps: float = 1e-8,
@@ -386,32 +449,58 @@ def distillation_loss(
     ignore_index: int = IGNORE_INDEX,
     backend: str | None = None,
     return_components: bool = False,
+    num_items: Mapping[str, int | torch.Tensor] | None = None,
 ) -> torch.Tensor | DistillationLoss:
-    """``alpha * distillation + (1 - alpha) * CE(student, labels)`` on a loader batch.
+    """``alpha * distillation + (1 - alpha) * CE(student, shift_labels)`` on a loader batch.
 
     Args:
-        student_logits: [B, T, V], aligned with the batch (position t predicts ``labels[:, t]``).
+        student_logits: [B, T, V], aligned with the batch (position t predicts ``shift_labels[:, t]``, the
+            token at t + 1, and is compared with the teacher's distribution at t).
         batch: mapping with ``teacher_ids`` [B, T, K] and, as available, ``teacher_probs``, ``teacher_tail``,
-            ``teacher_mask``, ``position_mask`` and ``labels`` (needed when ``alpha < 1``).
+            ``teacher_mask``, ``position_mask``, ``shift_labels`` (needed when ``alpha < 1``; a batch with only
+            Hugging Face-convention ``labels`` is refused, see :func:`labelstore.student.collate.shift_labels`) and
+            ``teacher_info`` (the store's mode, estimator, temperature and vocabulary: checked, see below).
         method: "forward_kl" (``sparse_kl``), "reverse_kl", "jsd" (``generalized_jsd`` with ``beta``) or
             "hard" (``hard_label_ce`` on ``teacher_ids[..., 0]``; temperature unused).
         alpha: weight of the distillation term, in [0, 1].
+        temperature: divides the student logits (T^2-scaled loss). None: the targets' own temperature
+            (``teacher_info``; 1 without it). A value that differs from the targets' is refused: the teacher and
+            the student would be compared at different temperatures. Re-temper the targets when reading the store
+            (``StoreDataset(..., temperature=T)``) to distil at another temperature.
         reduction: each term is reduced over its own valid positions ("mean": teacher positions for the
-            distillation term, labels != ignore_index for the CE), then mixed.
+            distillation term, shift_labels != ignore_index for the CE), then mixed.
         return_components: return a ``DistillationLoss`` (loss, detached unweighted terms) instead.
+        num_items: with ``reduction="mean"``, the denominators of the means, ``{"distill": n, "ce": m}``
+            (e.g. counted over every micro-batch of a gradient-accumulation step and every device:
+            :class:`labelstore.student.hf.DistillationTrainer` does); default: this batch's own counts.
+
+    With ``teacher_info`` in the batch, refused (ConfigMismatchError): logits whose width is not the targets'
+    vocabulary; a temperature other than the targets'; ``reverse_kl`` and ``jsd`` (beta > 0) on sampled stores
+    (their values are unbiased estimates of the teacher only inside expectations linear in p, as the forward KL's
+    cross-entropy; reverse KL and JSD take log p of the estimate, which is 0 off the drawn ids).
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     _check_reduction(reduction)
+    temperature = _check_batch_info(student_logits, batch, method, alpha, beta, temperature)
     _check_temperature(temperature)
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"num_items sets the denominators of reduction='mean', not of {reduction!r}")
     logits2d, lead = _as_rows(student_logits)
     dev = logits2d.device
     fused_reduction = "none" if reduction == "none" else "sum"
-    labels = batch.get("labels")
+    labels = batch.get("shift_labels")
     if alpha < 1.0 and labels is None:
-        raise ValueError("alpha < 1 mixes in CE on true labels, but the batch has no 'labels'")
+        if batch.get("labels") is not None:
+            raise ConfigMismatchError(
+                "alpha < 1 mixes in CE on the next tokens, read from the batch's 'shift_labels' (pre-shifted: "
+                "shift_labels[:, t] is the token at t + 1); this batch has only 'labels', which in the Hugging Face "
+                "convention are unshifted. labelstore's collator emits both; for your own batch add "
+                "batch['shift_labels'] = labelstore.student.collate.shift_labels(batch['labels'])"
+            )
+        raise ValueError("alpha < 1 mixes in CE on true labels, but the batch has no 'shift_labels'")
     position_mask = batch.get("position_mask")
     teacher_mask = batch.get("teacher_mask")
     if alpha > 0.0 and method != "hard" and batch.get("teacher_probs") is None:
@@ -429,15 +518,17 @@ def distillation_loss(
                 teacher_mask, tail,
             )
             valid = _row_mask(position_mask, lead, dev)
-            weights = _row_weights(valid, reduction, alpha, probs.dtype)
+            weights = _items_weights(valid, reduction, alpha, probs.dtype, num_items, "distill")
             terms.append(SparseKLTerm(ids, probs, t, mask, weights, temperature))
             names.append("distill")
         elif method == "hard":
             hard = _hard_labels(batch["teacher_ids"], position_mask, teacher_mask, lead, dev)
-            terms.append(_label_term(hard, lead, dev, reduction, alpha, IGNORE_INDEX, _cdt(logits2d)))
+            terms.append(_label_term(hard, lead, dev, reduction, alpha, IGNORE_INDEX, _cdt(logits2d),
+                                     _denominator(num_items, "distill")))
             names.append("distill")
         else:
-            fn_kwargs = dict(temperature=temperature, tail=tail, reduction=reduction, eps=eps)
+            red = "sum" if num_items is not None else reduction
+            fn_kwargs = dict(temperature=temperature, tail=tail, reduction=red, eps=eps)
             if method == "jsd":
                 fn_kwargs.update(beta=beta, backend=backend)
             fn = reverse_kl if method == "reverse_kl" else generalized_jsd
@@ -445,8 +536,11 @@ def distillation_loss(
                 student_logits, batch["teacher_ids"], batch["teacher_probs"], batch.get("teacher_tail"),
                 teacher_mask, position_mask, **fn_kwargs,
             )
+            if num_items is not None:
+                distill_unfused = distill_unfused / _denominator(num_items, "distill").to(distill_unfused)
     if alpha < 1.0:
-        terms.append(_label_term(labels, lead, dev, reduction, 1.0 - alpha, ignore_index, _cdt(logits2d)))
+        terms.append(_label_term(labels, lead, dev, reduction, 1.0 - alpha, ignore_index, _cdt(logits2d),
+                                 _denominator(num_items, "ce")))
         names.append("ce")
 
     total = None
@@ -508,10 +602,10 @@ class CodistillationLosses(NamedTuple):
 
 
 def codistillation_losses(
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
+    *args,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     alpha: float = 0.5,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
@@ -523,9 +617,17 @@ def codistillation_losses(
       + (1 - alpha) CE(student, labels)``; the KL sees a detached teacher, so the student's loss never
       sends gradient to the teacher.
 
+    Arguments are keyword-only (``student_logits=, teacher_logits=, labels=``): the other losses take the
+    student's logits first, this one took the teacher's first until 0.2, and both have the same shape, so a
+    positional call could swap the two roles without an error. Positional calls are refused.
+
     Both are means over positions whose label is not ``ignore_index``. ``student_kl``/``student_ce`` are
     detached, for logging.
     """
+    if args or student_logits is None or teacher_logits is None or labels is None:
+        raise TypeError("codistillation_losses takes keyword arguments only: codistillation_losses("
+                        "student_logits=..., teacher_logits=..., labels=...) (until 0.2 the first positional "
+                        "argument was the teacher's logits; the keywords make the roles explicit)")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     valid = labels != ignore_index
@@ -557,5 +659,6 @@ class CoDistillation(nn.Module):
         teacher_logits = _logits_of(self.teacher(input_ids, **model_kwargs))
         student_logits = _logits_of(self.student(input_ids, **model_kwargs))
         return codistillation_losses(
-            teacher_logits, student_logits, labels, alpha=self.alpha, temperature=self.temperature
+            student_logits=student_logits, teacher_logits=teacher_logits, labels=labels, alpha=self.alpha,
+            temperature=self.temperature,
         )

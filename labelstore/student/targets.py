@@ -52,32 +52,110 @@ DEFAULT_DENSE_BUDGET_BYTES = 2 << 30
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary
+SHARED_PREFIX = "shared_prefix"  # id_map shorthand: same tokenizer, only the vocabulary sizes differ
+ESTIMATORS = ("exact", "sampled", "hard")  # what a store's values are (the ``estimator`` of a batch's teacher_info)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """The tokenizer identity a store records (``meta["tokenizer"]["hash"]``), computed as ``labelstore compile``
+    computes it (:func:`labelstore.fingerprints.tokenizer_fingerprint`)."""
+    from labelstore.fingerprints import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(tokenizer)
+
+
+def model_vocab_size(model) -> int | None:
+    """A model's output vocabulary: its output layer's rows (a padded head counts), else its config's size."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return None if v is None else int(v)
+
+
+def _is_tokenizer(obj) -> bool:
+    return hasattr(obj, "get_vocab") and (hasattr(obj, "backend_tokenizer") or hasattr(obj, "convert_tokens_to_ids"))
+
+
+def describe_student(student) -> tuple[int | None, str | None]:
+    """(vocabulary size, tokenizer hash) of a student given as a model, a config, a tokenizer, a vocabulary size, or
+    a tuple of these (e.g. ``(model, tokenizer)``); None where the object does not say.
+
+    A model's vocabulary is its output layer's width, a config's its (text) ``vocab_size``. A tokenizer gives its
+    hash only: its length may be smaller than the model's padded head, so it does not fix the vocabulary.
+    """
+    if student is None:
+        return None, None
+    if isinstance(student, (tuple, list)):
+        vocab = thash = None
+        for part in student:
+            v, h = describe_student(part)
+            vocab, thash = (v if v is not None else vocab), (h if h is not None else thash)
+        return vocab, thash
+    if isinstance(student, (int, np.integer)) and not isinstance(student, bool):
+        return int(student), None
+    if _is_tokenizer(student):
+        return None, tokenizer_hash(student)
+    if isinstance(student, torch.nn.Module):
+        return model_vocab_size(student), None
+    cfg = student.get_text_config() if hasattr(student, "get_text_config") else student
+    if getattr(cfg, "vocab_size", None) is not None:
+        return int(cfg.vocab_size), None
+    raise TypeError(f"student must be a model, a config, a tokenizer, a vocabulary size or a tuple of these, got "
+                    f"{type(student).__name__}")
+
+
+def _vocab_hint(tv: int, sv: int) -> str:
+    if sv < tv:
+        return (f"If the student uses the teacher's tokenizer and only its output layer is smaller (a teacher head "
+                f"padded past the tokenizer, as Qwen's 151,936 rows for 151,646 tokens), pass "
+                f"id_map='{SHARED_PREFIX}': teacher ids >= {sv} then join the tail. ")
+    return (f"If the student uses the teacher's tokenizer and only pads its embedding beyond {tv}, pass "
+            f"id_map='{SHARED_PREFIX}'. ")
+
+
 def check_student(meta: dict, vocab_size: int | None = None, tokenizer_hash: str | None = None,
                   id_map=None) -> tuple[int, np.ndarray | None]:
     """Check that a student can learn from a store's teacher; return (student vocab size, id map or None).
 
     Without ``id_map`` the student must use the teacher's tokenizer: a ``vocab_size`` or ``tokenizer_hash`` that
-    differs from the store's refuses with :class:`ConfigMismatchError` (``None`` skips that comparison). With
-    ``id_map`` (integer array ``[teacher_vocab]``, ``id_map[teacher_id] = student_id`` or ``-1`` for "no
-    counterpart"; injective on its non-negative entries), any tokenizer is accepted: the caller vouches for the
-    mapping.
+    differs from the store's refuses with :class:`ConfigMismatchError` (``None`` skips that comparison).
+    ``id_map="shared_prefix"`` says the student uses the teacher's tokenizer but a different vocabulary size (a
+    padded head): ids below ``min(teacher, student)`` keep their number, teacher ids past the student's vocabulary
+    join the tail; the tokenizer hash is still compared. With an explicit ``id_map`` (integer array
+    ``[teacher_vocab]``, ``id_map[teacher_id] = student_id`` or ``-1`` for "no counterpart"; injective on its
+    non-negative entries), any tokenizer is accepted: the caller vouches for the mapping.
     """
     tv = int(meta["vocab_size"])
-    th = (meta.get("tokenizer") or {}).get("hash")
-    if id_map is None:
-        if vocab_size is not None and int(vocab_size) != tv:
-            raise ConfigMismatchError(
-                f"student vocabulary size {vocab_size} differs from the store's teacher ({tv}, tokenizer "
-                f"{(meta.get('tokenizer') or {}).get('name')!r}): the stored token ids would index the wrong "
-                "tokens. Use the teacher's tokenizer, or pass id_map (teacher id -> student id, -1 for none); if the "
-                f"student only pads its embedding beyond {tv}, id_map=numpy.arange({tv}) states that"
-            )
+    tok = meta.get("tokenizer") or {}
+    th = tok.get("hash")
+    if id_map is None or (isinstance(id_map, str) and id_map == SHARED_PREFIX):
         if tokenizer_hash is not None and th is not None and str(tokenizer_hash) != str(th):
             raise ConfigMismatchError(
-                f"student tokenizer hash {tokenizer_hash!r} differs from the store's teacher tokenizer hash {th!r}: "
-                "the same ids may mean different tokens. Use the teacher's tokenizer, or pass an explicit id_map"
+                f"student tokenizer hash {tokenizer_hash!r} differs from the store's teacher tokenizer hash {th!r} "
+                f"({tok.get('name')!r}): the same ids may mean different tokens. Use the teacher's tokenizer "
+                "(labelstore.student.targets.tokenizer_hash(tokenizer) must equal the store's), or pass an explicit "
+                "id_map (teacher id -> student id, -1 for none)"
             )
-        return tv, None
+        if id_map is None:
+            if vocab_size is not None and int(vocab_size) != tv:
+                raise ConfigMismatchError(
+                    f"student vocabulary size {vocab_size} differs from the store's teacher ({tv}, tokenizer "
+                    f"{tok.get('name')!r}): the stored token ids would index the wrong tokens. "
+                    + _vocab_hint(tv, int(vocab_size))
+                    + "A student with another tokenizer needs an explicit id_map (teacher id -> student id, -1 for "
+                    "none)"
+                )
+            return tv, None
+        if vocab_size is None:
+            raise ConfigMismatchError(f"id_map='{SHARED_PREFIX}' needs the student's vocabulary size: pass "
+                                      "student=model (or its config) or student_vocab_size")
+        sv = int(vocab_size)
+        m = np.arange(tv, dtype=np.int64)
+        m[m >= sv] = -1
+        return sv, m
+    if isinstance(id_map, str):
+        raise ConfigMismatchError(f"id_map must be an integer array or '{SHARED_PREFIX}', got {id_map!r}")
     m = torch.as_tensor(id_map).numpy() if isinstance(id_map, torch.Tensor) else np.asarray(id_map)
     if m.ndim != 1 or m.shape[0] != tv or not np.issubdtype(m.dtype, np.integer):
         raise ConfigMismatchError(
@@ -92,6 +170,16 @@ def check_student(meta: dict, vocab_size: int | None = None, tokenizer_hash: str
     if np.unique(valid).size != valid.size:
         raise ConfigMismatchError("id_map maps two teacher ids to the same student id; it must be injective")
     return sv, m
+
+
+def teacher_info(meta: dict, temperature: float | None, vocab_size: int) -> dict:
+    """What a batch's teacher targets are (a batch's ``teacher_info``, :mod:`labelstore.student.collate`): the
+    store's selection mode, the estimator kind its values are, the targets' temperature (``temperature`` if they were
+    re-tempered on read, else the store's) and the vocabulary width they index."""
+    mode = (meta.get("selection") or {}).get("mode")
+    estimator = "hard" if meta.get("label_kind") == "hard" else ("sampled" if is_sampled(mode) else "exact")
+    t = float(meta["temperature"]) if temperature is None else float(temperature)
+    return {"selection": mode, "estimator": estimator, "temperature": t, "vocab_size": int(vocab_size)}
 
 
 def map_ids(id_map: np.ndarray, input_ids, ids, probs, tail, mask):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from labelstore.errors import LabelStoreError
+from labelstore.fingerprints import tokenizer_fingerprint  # noqa: F401 (the compile's import)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLE_VALUES = 4096  # values per parameter tensor hashed into the teacher fingerprint
@@ -86,16 +87,6 @@ def teacher_fingerprint(model) -> str:
         h.update(f"{name}:{tuple(p.shape)}".encode())
         h.update(sample.tobytes())
     return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        data = backend.to_str()
-    else:
-        data = json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps([tokenizer.eos_token, tokenizer.bos_token, type(tokenizer).__name__])
-    return hashlib.sha256((data + extra).encode()).hexdigest()
 
 
 def display_name(name: str) -> str:

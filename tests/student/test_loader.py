@@ -122,7 +122,8 @@ def check_batch(batch, ref, k=K, vocab=V):
         L = len(x)
         assert batch["input_ids"][b, :L].tolist() == x.tolist() and (batch["input_ids"][b, L:] == 0).all()
         assert batch["attention_mask"][b].tolist() == [1] * L + [0] * (T - L)
-        assert batch["labels"][b].tolist() == x[1:].tolist() + [-100] * (T - max(L - 1, 0))
+        assert batch["labels"][b].tolist() == x.tolist() + [-100] * (T - L)  # Hugging Face convention: unshifted
+        assert batch["shift_labels"][b].tolist() == x[1:].tolist() + [-100] * (T - max(L - 1, 0))
         np.testing.assert_array_equal(batch["teacher_ids"][b, :L].numpy(), ids)
         np.testing.assert_array_equal(batch["teacher_mask"][b, :L].numpy(), mask)
         np.testing.assert_allclose(batch["teacher_probs"][b, :L].numpy(), probs, rtol=2e-5, atol=1e-7)
@@ -243,7 +244,7 @@ def test_num_workers_two_gives_the_same_batches_as_zero(store):
     for a, b in zip(*runs):
         assert a.keys() == b.keys()
         for key in a:
-            assert torch.equal(a[key], b[key]), key
+            assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 
 def dense_reference(ids, probs, tail, mask, valid, vocab):
@@ -418,9 +419,10 @@ def test_trainer_three_steps_with_loss_from_the_store(store, tmp_path, source):
 
     class Recording(DistillationTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, out = super().compute_loss(model, inputs, return_outputs=True)
-            record.append(({k: v.detach().clone() for k, v in inputs.items()}, out.logits.detach().clone(),
-                           loss.item()))
+            loss, out = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+            record.append(({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in inputs.items()},
+                           out.logits.detach().clone(), loss.item()))
             return (loss, out) if return_outputs else loss
 
     trainer = Recording(model=model, args=args, train_dataset=train)

@@ -63,7 +63,7 @@ def make_batch(B=2, T=5, V=23, K=4, seed=0, full=False, dtype=torch.float64, min
         teacher_tail=tail.float(),
         teacher_mask=mask,
         position_mask=position_mask,
-        labels=labels,
+        shift_labels=labels,
     )
     return student, batch, teacher, kept
 
@@ -280,7 +280,7 @@ def test_hard_label_ce_uses_the_teacher_top_id_and_skips_masked_positions():
 
     assert_close_value_and_grad(
         lambda x: losses.hard_label_ce(
-            x, batch["teacher_ids"], batch["position_mask"], batch["teacher_mask"]
+            x, batch["teacher_ids"], batch["teacher_mask"], batch["position_mask"]
         ),
         ref,
         z,
@@ -314,7 +314,7 @@ def test_distillation_loss_mixes_with_label_ce(method, alpha):
         else:
             valid = batch["position_mask"] & batch["teacher_mask"][..., 0]
             d = ref_ce(x, torch.where(valid, batch["teacher_ids"][..., 0], -100))
-        return alpha * d + (1 - alpha) * ref_ce(x, batch["labels"])
+        return alpha * d + (1 - alpha) * ref_ce(x, batch["shift_labels"])
 
     def ours(x):
         return losses.distillation_loss(x, batch, method=method, alpha=alpha, temperature=temperature)
@@ -324,7 +324,7 @@ def test_distillation_loss_mixes_with_label_ce(method, alpha):
         z, batch, method=method, alpha=alpha, temperature=temperature, return_components=True
     )
     if alpha < 1:
-        torch.testing.assert_close(parts.ce.double(), ref_ce(z, batch["labels"]))
+        torch.testing.assert_close(parts.ce.double(), ref_ce(z, batch["shift_labels"]))
     else:
         assert parts.ce is None
     if alpha > 0:
@@ -334,7 +334,7 @@ def test_distillation_loss_mixes_with_label_ce(method, alpha):
 
 def test_masked_positions_get_no_loss_and_no_gradient():
     z, batch, _, _ = make_batch(seed=9)
-    pm, labels = batch["position_mask"], batch["labels"]
+    pm, labels = batch["position_mask"], batch["shift_labels"]
     dead = ~pm & (labels == -100)
     assert dead.any()
     z_a = z.clone().requires_grad_(True)
@@ -386,7 +386,7 @@ def test_padding_id_zero_beside_a_real_token_zero(fn):
 def test_all_positions_masked_gives_zero_not_nan():
     z, batch, _, _ = make_batch(seed=10)
     batch["position_mask"][:] = False
-    batch["labels"][:] = -100
+    batch["shift_labels"][:] = -100
     z.requires_grad_(True)
     loss = losses.distillation_loss(z, batch, alpha=0.5)
     loss.backward()
@@ -600,7 +600,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="alpha"):
         losses.distillation_loss(z, batch, alpha=1.5)
     with pytest.raises(ValueError, match="labels"):
-        losses.distillation_loss(z, {k: v for k, v in batch.items() if k != "labels"}, alpha=0.5)
+        losses.distillation_loss(z, {k: v for k, v in batch.items() if k != "shift_labels"}, alpha=0.5)
     with pytest.raises(ValueError, match="method='hard'"):
         losses.distillation_loss(z, dict(teacher_ids=batch["teacher_ids"][..., :1]), method="forward_kl")
     with pytest.raises(ValueError, match="reduction"):
@@ -609,6 +609,14 @@ def test_argument_errors():
         losses.sparse_kl(z, batch["teacher_ids"], batch["teacher_probs"], temperature=0.0)
     with pytest.raises(ValueError, match="teacher ids"):
         losses.sparse_kl(z, batch["teacher_ids"][:, :-1], batch["teacher_probs"][:, :-1])
+    # generalized_jsd honours backend where a kernel exists (beta = 0) and refuses it where none does
+    args = [batch[k] for k in ("teacher_ids", "teacher_probs", "teacher_tail", "teacher_mask", "position_mask")]
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        losses.generalized_jsd(z, *args, beta=0.5, backend="triton")
+    with pytest.raises(ValueError, match="loss backend"):
+        losses.generalized_jsd(z, *args, beta=0.5, backend="cuda")
+    torch.testing.assert_close(losses.generalized_jsd(z, *args, beta=0.0, backend="torch"),
+                               losses.sparse_kl(z, *args, backend="torch"))
 
 
 # --------------------------------------------------------------------------------------- co-distillation
@@ -623,7 +631,10 @@ def test_codistillation_losses_values_and_gradient_isolation():
     labels[:, -1] = -100
     h = emb(x).detach()
     t_logits, s_logits = teacher_head(h), student_head(h)
-    out = losses.codistillation_losses(t_logits, s_logits, labels, alpha=0.6, temperature=2.0)
+    out = losses.codistillation_losses(student_logits=s_logits, teacher_logits=t_logits, labels=labels, alpha=0.6,
+                                       temperature=2.0)
+    with pytest.raises(TypeError, match="keyword arguments only"):  # a positional call could swap the roles
+        losses.codistillation_losses(t_logits, s_logits, labels)
 
     # hand reference
     valid = labels != -100

@@ -204,7 +204,8 @@ def test_assistant_only_store_holds_exactly_the_kept_positions(chat_env, tok, mo
         x, keep = item["input_ids"], item["position_mask"]
         n = len(x) - 1
         want = [int(x[t + 1]) if keep[t] else -100 for t in range(n)]
-        assert batch["labels"][b, :n].tolist() == want
+        assert batch["shift_labels"][b, :n].tolist() == want  # aligned with the logits (labelstore's losses)
+        assert batch["labels"][b, 1:n + 1].tolist() == want  # HF convention: the model shifts it
 
 
 def test_cli_chat_template_file(chat_env, tmp_path):

@@ -13,8 +13,10 @@ A batch is a dict of tensors (B sequences, padded to the longest, T; K = the sto
     position_mask   bool    [B, T]     True where a teacher distribution exists (the last position has one too:
                                        the teacher's prediction past the window needs no label)
     sample_ids      int64   [B]        store sample ids, for bookkeeping
-    teacher_dense   float32 [B, T, V]  dense mode only (added; the sparse fields stay), by the uniform-tail rule
-                                       of :mod:`labelstore.student.targets`
+    teacher_dense   float32 [B, T, V]  dense mode only (added; the sparse fields stay), by the tail rule of
+                                       :mod:`labelstore.student.targets` (the prior rule when a prior is given)
+    teacher_prior   float32 [V]        only when the collator has a tail prior (the store's): the SAME tensor in
+                                       every batch; ``distillation_loss`` then spreads the tail by it
 
 Padding is a handful of slice copies per sequence (no per-position Python work); dense targets are one
 ``scatter_add_``. Inside a DataLoader worker the tensors are allocated in shared memory, so handing a batch to
@@ -59,11 +61,12 @@ class Collator:
         pad_id: input id written on padding positions.
         ignore_index: label on positions without a next token.
         pad_to_multiple_of: round T up to a multiple of this.
+        prior: [V] tail prior attached to every batch as ``teacher_prior`` (None: none).
     """
 
     def __init__(self, k: int, vocab_size: int, *, dense: bool = False,
                  dense_budget_bytes: int = DEFAULT_DENSE_BUDGET_BYTES, pad_id: int = 0,
-                 ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
+                 ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None, prior=None):
         self.k = int(k)
         self.vocab_size = int(vocab_size)
         self.dense = bool(dense)
@@ -71,6 +74,7 @@ class Collator:
         self.pad_id = int(pad_id)
         self.ignore_index = int(ignore_index)
         self.multiple = int(pad_to_multiple_of or 1)
+        self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
 
     def check_dense(self, batch_size: int, seq_len: int) -> None:
         """Raise now, rather than mid-epoch, if dense batches of this shape would exceed the budget."""
@@ -123,5 +127,7 @@ class Collator:
         if self.dense:
             dense = new_tensor((B, T, self.vocab_size), torch.float32, shared)
             batch["teacher_dense"] = to_dense(batch["teacher_ids"], batch["teacher_probs"], batch["teacher_tail"],
-                                              batch["teacher_mask"], self.vocab_size, out=dense)
+                                              batch["teacher_mask"], self.vocab_size, out=dense, prior=self.prior)
+        if self.prior is not None:
+            batch["teacher_prior"] = self.prior
         return batch

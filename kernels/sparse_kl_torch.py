@@ -161,7 +161,8 @@ def sparse_kl_rows_torch(
     # Working straight in the gradient buffer (it ends up holding the gradient) needs no [chunk, V] temporary,
     # so such chunks can be 8x larger: fewer, larger ops.
     direct = grad is not None and not accumulate and grad.dtype == cdt
-    chunk = chunk_rows or default_chunk_rows(vocab) * (8 if direct else 1)
+    # (the spread tail needs [chunk, V] temporaries of its own: no larger chunks there)
+    chunk = chunk_rows or default_chunk_rows(vocab) * (8 if direct and term.spread is None else 1)
     temp = float(term.temperature)
     ids = term.ids.to(dev, torch.long)
     mask = torch.ones_like(ids, dtype=torch.bool) if term.mask is None else term.mask.to(dev, torch.bool)
@@ -230,19 +231,25 @@ def sparse_kl_rows_torch(
 
 def _spread_chunk(z, idx, m, p, spread: TailSpread, s: int, e: int, vocab: int, w, temp: float, want_grad: bool):
     """Rows ``s:e`` of a spread-tail term: returns the weighted losses; leaves the gradient in ``z`` (the
-    tempered logits, overwritten) when ``want_grad``."""
+    tempered logits, overwritten) when ``want_grad``. Temporaries: ``r`` and ``log r`` ([rows, V] each) and
+    logsumexp's own; the row sums are matrix products (no product temporaries)."""
     cdt = z.dtype
     c = spread.scale[s:e].to(z.device, cdt)[:, None]
     cap = spread.cap[s:e].to(z.device, cdt)[:, None]
     r = c.expand_as(z) if spread.weights is None else c * spread.weights.to(z.device, cdt)[None, :]
-    r = torch.minimum(r, cap)  # [c, V] temporary, one chunk
+    r = torch.minimum(r, cap)
     _fill_kept_(r, idx, m, 0.0)  # the target is p on S, r off S
     lse = torch.logsumexp(z, 1, keepdim=True)
     log_q = z.sub_(lse)  # z now holds log q
-    pos = r > 0
-    kl = torch.where(pos, r * (torch.log(torch.where(pos, r, 1.0)) - log_q), 0.0).sum(1)
+    rows = torch.arange(e - s, device=z.device)
+    a = torch.einsum("ij,ij->i", r, log_q)  # sum r log q
+    bad = torch.isnan(a)  # 0 x (-inf): a token with no target mass and a -inf logit
+    if bool(bad.any()):
+        sub = rows[bad]
+        a[bad] = torch.where(r[sub] > 0, r[sub] * log_q[sub], 0.0).sum(1)
+    b = torch.einsum("ij,ij->i", r, torch.log(r).nan_to_num_(neginf=0.0))  # sum r log r (0 log 0 = 0)
     log_q_kept = torch.where(m, log_q.gather(1, idx), 0.0)
-    kl = kl + torch.where(m, torch.xlogy(p, p) - p * log_q_kept, 0.0).sum(1)
+    kl = b - a + torch.where(m, torch.xlogy(p, p) - p * log_q_kept, 0.0).sum(1)
     live = w != 0
     out = torch.where(live, w * (temp * temp) * kl, 0.0)
     if want_grad:

@@ -98,7 +98,7 @@ def test_prior_is_cross_fitted_and_fixed_costs_are_measured(tmp_path):
         kl.append((p[score] * (p[score].log() - q.log())).sum(-1))
     ref = torch.cat(kl).mean().item()
     assert abs(r["kl_mean_prior"] - ref) < 2e-3 * ref
-    assert abs(r["kl_mean_prior_insample"] - ref) > 1e-4  # the in-sample figure is a different number
+    assert r["kl_mean_prior_insample"] is None  # reported on the log8 zstd comparison curve only
     # the prior file: float32 [V], amortised per token
     assert r["prior_file_bytes"] == 4 * 1000 and r["prior_bytes_per_token_at_scale"] == 4000 / 5e12
     # the fixed cost: a store of one 1-position row is about the fixed cost plus one position's bytes

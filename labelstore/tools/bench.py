@@ -390,10 +390,17 @@ def equal_fidelity(results: list[dict], dk_rows: list[dict]) -> list[dict]:
             row = {"source": d["source"], "rule": rule, "distillkit": d["setting"],
                    "distillkit_bytes": d["bytes_per_token"] + extra, "distillkit_kl": d[key],
                    "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None}
+            row["interpolated_bytes"] = row["interpolated_ratio"] = None
             if match is not None:
                 ls_bytes = match["bytes_per_token"] + extra
                 row.update(labelstore_k=match["k"], labelstore_bytes=ls_bytes, labelstore_kl=match[key],
                            ratio=ls_bytes / row["distillkit_bytes"])
+                i = curve.index(match)
+                if i > 0 and curve[i - 1][key] > d[key] > 0:  # bytes at exactly DistillKit's KL, log-linear in KL
+                    lo, hi = curve[i - 1], match
+                    f = math.log(lo[key] / d[key]) / math.log(lo[key] / hi[key])
+                    b = lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"]) + extra
+                    row.update(interpolated_bytes=b, interpolated_ratio=b / row["distillkit_bytes"])
             out.append(row)
     return out
 
@@ -471,13 +478,17 @@ def distillkit_tables(dk_rows: list[dict], comparisons: list[dict], dk_note: str
     lines += ["", "## Equal fidelity, rule by rule", "",
               "The smallest measured labelstore top-k row (log8, zstd) whose mean KL under the SAME rule is at most "
               "DistillKit's; under the prior rule both sides are charged the prior file at the scale above. "
-              "The bucket rule is not compared (truncation is free there).", "",
+              "Interpolated: bytes at exactly DistillKit's KL between the two measured k around it (log-linear in "
+              "KL; an estimate, not a measured store). The bucket rule is not compared (truncation is free there).",
+              "",
               "| source | rule | DistillKit | its bytes/token | its KL | labelstore top-k | bytes/token | KL | "
-              "bytes ratio |", "|---|---|---|---|---|---|---|---|---|"]
+              "bytes ratio | interpolated bytes at its KL | interpolated ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         lines.append(f"| {c['source']} | {c['rule']} | {c['distillkit']} | {c['distillkit_bytes']:.1f} | "
                      f"{c['distillkit_kl']:.4f} | {_f(c['labelstore_k'], 'd')} | {_f(c['labelstore_bytes'], '.1f')} | "
-                     f"{_f(c['labelstore_kl'], '.4f')} | {_f(c['ratio'], '.2f')} |")
+                     f"{_f(c['labelstore_kl'], '.4f')} | {_f(c['ratio'], '.2f')} | "
+                     f"{_f(c.get('interpolated_bytes'), '.1f')} | {_f(c.get('interpolated_ratio'), '.2f')} |")
     return "\n".join(lines)
 
 

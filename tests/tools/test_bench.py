@@ -155,4 +155,7 @@ def test_distillkit_plumbing_and_equal_fidelity_never_cross_rules(tmp_path):
     got = {c["rule"]: c for c in equal_fidelity(rows, dkr)}
     assert got["uniform"]["labelstore_k"] == 16 and got["uniform"]["ratio"] == 35.0 / 100.0
     assert got["prior"]["labelstore_k"] == 8 and got["prior"]["ratio"] == 21.0 / 101.0
+    f = np.log(0.9 / 0.65) / np.log(0.9 / 0.6)  # between k = 8 and k = 16, log-linear in KL
+    assert abs(got["uniform"]["interpolated_bytes"] - (20.0 + f * 15.0)) < 1e-9
+    assert got["prior"]["interpolated_bytes"] is None  # k = 8 is the first point: nothing to interpolate from
     assert set(got) == {"uniform", "prior"}

@@ -774,12 +774,19 @@ def test_fused_op_guards_backward_and_inplace():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter test covers CPU)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_matches_twin_on_gpu(dtype):
+@pytest.mark.parametrize("rule", ["bucket", "prior"])
+def test_triton_kernel_matches_twin_on_gpu(dtype, rule):
+    from labelstore.reconstruction import kept_cap, prepare_prior, water_fill_scale
+    from labelstore_kernels.sparse_kl_torch import TailSpread
     from labelstore_kernels.sparse_kl_triton import sparse_kl_triton
 
     kl, ce = _random_terms(64, 5000, 32, dtype=torch.float32, seed=3)
     kl = SparseKLTerm(*[x.cuda() if isinstance(x, torch.Tensor) else x for x in kl])
     ce = SparseKLTerm(*[x.cuda() if isinstance(x, torch.Tensor) else x for x in ce])
+    if rule == "prior":
+        pp = prepare_prior(torch.rand(5000, device="cuda") ** 4 + 1e-3, 5000)
+        c, cap = water_fill_scale(kl.tail, kl.ids, kl.mask, kept_cap(kl.probs, kl.mask), pp, 5000)
+        kl = kl._replace(spread=TailSpread(c, cap, pp.weights))
     z = (torch.randn(64, 5000, device="cuda") * 3).to(dtype)
     va, ga = value_and_grad(lambda x: sparse_kl_triton(x, [kl, ce])[0], z)
     vb, gb = value_and_grad(lambda x: sparse_kl_torch(x, [kl, ce])[0], z)

@@ -542,6 +542,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--distillkit-src", default=os.environ.get("LABELSTORE_DISTILLKIT_SRC"),
                         help="a checkout of github.com/arcee-ai/DistillKit: run its compressor on the same "
                              "distributions (default $LABELSTORE_DISTILLKIT_SRC)")
+    parser.add_argument("--include", action="append", default=[],
+                        help="compression.json of an earlier run whose sources are reported beside this run's "
+                             "(repeatable; each run's parameters are kept in the output's 'runs')")
     parser.add_argument("--out", default="benchmarks/results", help="directory for compression.json/.md/.png")
 
 
@@ -582,11 +585,23 @@ def run(args) -> int:
     print(dk_note)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": platform.machine(), "time": time.time(), "synthetic_mean_entropy": args.entropy,
-           "synthetic_generator": "labelstore.tools.synthetic.zipf_logits", "scale_tokens": args.scale_tokens,
-           "demo_positions": None if args.no_demo else args.demo_positions,
-           "synthetic_positions": args.synthetic_positions, "results": results,
-           "distillkit": {"ran": dk is not None, "note": dk_note, "rows": dk_rows, "equal_fidelity": comparisons}}
+    run_info = {"machine": platform.machine(), "time": time.time(), "synthetic_mean_entropy": args.entropy,
+                "synthetic_generator": "labelstore.tools.synthetic.zipf_logits", "scale_tokens": args.scale_tokens,
+                "demo_positions": None if args.no_demo else args.demo_positions,
+                "synthetic_vocab": args.synthetic_vocab, "synthetic_positions": args.synthetic_positions,
+                "sources": [name for name, _, _ in sources]}
+    runs = [run_info]
+    for path in args.include:  # an earlier run's sources, reported beside these (not re-measured)
+        prev = json.loads(Path(path).read_text())
+        if prev.get("scale_tokens", args.scale_tokens) != args.scale_tokens:
+            raise ValueError(f"{path} amortised the prior over {prev.get('scale_tokens')} tokens, not "
+                             f"{args.scale_tokens}: rerun it with the same --scale-tokens")
+        runs += prev.get("runs", [{k: v for k, v in prev.items() if k not in ("results", "distillkit")}])
+        results = prev["results"] + results
+        dk_rows = prev.get("distillkit", {}).get("rows", []) + dk_rows
+        comparisons = prev.get("distillkit", {}).get("equal_fidelity", []) + comparisons
+    doc = {**run_info, "runs": runs, "results": results,
+           "distillkit": {"ran": bool(dk_rows), "note": dk_note, "rows": dk_rows, "equal_fidelity": comparisons}}
     (out / "compression.json").write_text(json.dumps(doc, indent=1))
     table = "\n\n".join([markdown_table(results), costs_paragraph(results, args.scale_tokens),
                           distillkit_tables(dk_rows, comparisons, dk_note)])

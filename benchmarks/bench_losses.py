@@ -6,7 +6,11 @@ Each vocabulary size runs in its own subprocess (a crash or an out-of-memory kil
 deterministic inputs: fp32 student logits [rows, V] and a teacher's top-k (ids, absolute probabilities, exact
 tail mass).
 
-- ``sparse``: ``labelstore.student.losses.sparse_kl(logits, ids, probs, tail, backend="torch")``, then ``backward()``.
+- ``sparse``: ``labelstore.student.losses.sparse_kl(logits, ids, probs, tail, backend="torch")``, then ``backward()``
+  (the tail bucket).
+- ``sparse_uniform`` / ``sparse_prior``: the same with ``tail="uniform"`` / ``tail="prior"`` (the tail spread over
+  the non-kept tokens; the prior is a SYNTHETIC positive [V] vector, indexed once before measuring, as a
+  training run indexes its store's prior once).
 - ``dense``: the dense alternative a trainer would write, ``F.kl_div(F.log_softmax(logits), P, "batchmean")``
   then ``backward()``, with ``P`` the [rows, V] teacher target (kept probabilities plus the tail spread evenly
   over the other tokens, the loader's dense mode). ``P`` is built before measuring and NOT counted, which
@@ -91,10 +95,11 @@ def worker(rows: int, vocab: int, k: int, reps: int) -> list[dict]:
     from labelstore.student.losses import sparse_kl
 
     logits, ids, probs, tail, target = make_inputs(rows, vocab, k, dense=True)
+    prior = torch.rand(vocab, generator=torch.Generator().manual_seed(1)) ** 4 + 1e-3  # SYNTHETIC prior
 
-    def sparse_step():
+    def sparse_step(rule="bucket"):
         z = logits.detach().requires_grad_(True)
-        loss = sparse_kl(z, ids, probs, tail, backend="torch")
+        loss = sparse_kl(z, ids, probs, tail, tail=rule, prior=prior if rule == "prior" else None, backend="torch")
         loss.backward()
         return loss.item()
 
@@ -104,7 +109,8 @@ def worker(rows: int, vocab: int, k: int, reps: int) -> list[dict]:
         loss.backward()
         return loss.item()
 
-    steps = dict(sparse=sparse_step, dense=dense_step)
+    steps = dict(sparse=sparse_step, dense=dense_step, sparse_uniform=lambda: sparse_step("uniform"),
+                 sparse_prior=lambda: sparse_step("prior"))
     values = {name: fn() for name, fn in steps.items()}  # warm-up
     times = {name: [] for name in steps}
     for _ in range(reps):
@@ -144,7 +150,7 @@ def run_worker(rows, vocab, k, reps) -> list[dict]:
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-600:]
         return [dict(method=m, vocab=vocab, rows=rows, k=k, error=f"exit {proc.returncode}: {tail}")
-                for m in ("sparse", "dense")]
+                for m in ("sparse", "dense", "sparse_uniform", "sparse_prior")]
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -163,7 +169,7 @@ def main() -> None:
 
     results = []
     head = ("V", "method", "best s", "median s", "peak extra MB", "x logits", "loss")
-    print("{:>7} {:>7} {:>8} {:>9} {:>14} {:>9} {:>9}".format(*head))
+    print("{:>7} {:>14} {:>8} {:>9} {:>14} {:>9} {:>9}".format(*head))
     for vocab in args.vocab:
         pair = {}
         for r in run_worker(args.rows, vocab, args.k, args.reps):
@@ -171,14 +177,20 @@ def main() -> None:
             results.append(r)
             pair[method] = r
             if "error" in r:
-                print(f"{vocab:>7} {method:>7}  FAILED: {r['error']}")
+                print(f"{vocab:>7} {method:>14}  FAILED: {r['error']}")
                 continue
             print(
-                f"{vocab:>7} {method:>7} {r['time_s']:>8.3f} {r['time_median_s']:>9.3f} "
+                f"{vocab:>7} {method:>14} {r['time_s']:>8.3f} {r['time_median_s']:>9.3f} "
                 f"{r['peak_extra_bytes'] / 2**20:>14.1f} "
                 f"{r['peak_extra_x_logits']:>9.2f} {r['loss']:>9.4f}"
             )
         s, d = pair.get("sparse", {}), pair.get("dense", {})
+        for name in ("sparse_uniform", "sparse_prior"):
+            sp = pair.get(name, {})
+            if "time_s" in sp and "time_s" in d:
+                print(f"{'':>7} {name}/dense: time {sp['time_s'] / d['time_s']:.2f}x, peak "
+                      f"{sp['peak_extra_bytes'] / max(1, d['peak_extra_bytes']):.2f}x "
+                      f"({sp['peak_extra_x_logits']:.2f}x logits)")
         if "time_s" in s and "time_s" in d:
             print(
                 f"{'':>7} sparse/dense: time {s['time_s'] / d['time_s']:.2f}x, "

@@ -31,6 +31,17 @@ non-kept logits), which stays bounded when Q underflows.
 Each row contributes ``w_r * T^2 * KL_r`` (``w_r``: the caller's row weight, e.g. 1/n_valid for a mean, 0 for
 padding) and its gradient with respect to ``z`` is ``w_r * T * dKL/dz'``.
 
+Spread tail (``term.spread``, the ``"uniform"`` and ``"prior"`` rules of ``labelstore.reconstruction``)
+------------------------------------------------------------------------------------------------------
+Instead of one bucket, the teacher's tail is placed on the non-kept tokens, ``r_v = min(c g_v, cap)`` (``c``
+and ``cap`` per row from ``water_fill_scale``, ``g`` the prior, 1 for the uniform rule; ``sum r = t``), and the
+loss is the full-vocabulary KL of that target::
+
+    KL_r = sum_{i in S} p_i (log p_i - log q_i) + sum_{v not in S} r_v (log r_v - log q_v)
+    dKL/dz'_v = mass q_v - p_v (v in S),   mass q_v - r_v (v not in S),   mass = sum_S p + sum r
+
+No [N, V] target exists: ``r_v`` is recomputed from ``g`` tile by tile, beside the logsumexp.
+
 Cross-entropy on one label ``y`` is the special case ``S = {y}, p_y = 1, t = 0`` (``KL_r = -log q_y``),
 which is how the hard-label and ground-truth terms reuse this code. Several terms on the same logits (a
 distillation term plus a cross-entropy term, each with its own weights and temperature) accumulate into ONE
@@ -47,9 +58,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from labelstore.errors import ConfigMismatchError
 
 __all__ = [
     "SparseKLTerm",
+    "TailSpread",
     "SparseKLTorchFunction",
     "sparse_kl_rows_torch",
     "sparse_kl_torch",
@@ -62,6 +77,20 @@ __all__ = [
 _CHUNK_ELEMENTS = 1 << 22
 
 
+class TailSpread(NamedTuple):
+    """Where a term's tail goes when it is spread over tokens: ``r_v = min(scale_r * weights_v, cap_r)`` off S.
+
+    Attributes:
+        scale: [N] per-row ``c`` (``labelstore.reconstruction.water_fill_scale``).
+        cap: [N] per-row cap (``inf``: none).
+        weights: [V] the prior ``g`` (positive), or None for the uniform rule (``g = 1``).
+    """
+
+    scale: torch.Tensor
+    cap: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
 class SparseKLTerm(NamedTuple):
     """One sparse target on a [N, V] logits matrix (see the module docstring for the math).
 
@@ -72,6 +101,7 @@ class SparseKLTerm(NamedTuple):
         mask: [N, K] bool, True on real kept entries, or None for all True.
         weight: [N] row weights (0 skips the row: loss 0, gradient 0).
         temperature: divides the logits before the softmax; the row loss is scaled by T^2.
+        spread: None for the tail bucket; a ``TailSpread`` to place the tail on the non-kept tokens instead.
     """
 
     ids: torch.Tensor
@@ -80,6 +110,7 @@ class SparseKLTerm(NamedTuple):
     mask: torch.Tensor | None
     weight: torch.Tensor
     temperature: float = 1.0
+    spread: TailSpread | None = None
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -130,13 +161,15 @@ def sparse_kl_rows_torch(
     # Working straight in the gradient buffer (it ends up holding the gradient) needs no [chunk, V] temporary,
     # so such chunks can be 8x larger: fewer, larger ops.
     direct = grad is not None and not accumulate and grad.dtype == cdt
-    chunk = chunk_rows or default_chunk_rows(vocab) * (8 if direct else 1)
+    # (the spread tail needs [chunk, V] temporaries of its own: no larger chunks there)
+    chunk = chunk_rows or default_chunk_rows(vocab) * (8 if direct and term.spread is None else 1)
     temp = float(term.temperature)
     ids = term.ids.to(dev, torch.long)
     mask = torch.ones_like(ids, dtype=torch.bool) if term.mask is None else term.mask.to(dev, torch.bool)
     probs = torch.where(mask, term.probs.to(dev, cdt), 0.0)
     tail = torch.zeros(n, dtype=cdt, device=dev) if term.tail is None else term.tail.to(dev, cdt)
     weight = term.weight.to(dev, cdt)
+    spread = term.spread
     losses = torch.empty(n, dtype=cdt, device=dev)
 
     for s in range(0, n, chunk):
@@ -152,6 +185,15 @@ def sparse_kl_rows_torch(
             z = logits[s:e].to(cdt, copy=True)
             if temp != 1.0:
                 z.div_(temp)
+        if spread is not None:
+            losses[s:e] = _spread_chunk(z, idx, m, p, spread, s, e, vocab, w, temp, grad is not None)
+            if grad is None:
+                continue
+            if accumulate:
+                grad[s:e] += z.to(grad.dtype)
+            elif not direct:
+                grad[s:e] = z
+            continue
         z_kept = torch.where(m, z.gather(1, idx), float("-inf"))  # [c, K] tempered kept logits
         _fill_kept_(z, idx, m, float("-inf"))  # z now holds only the non-kept logits
         # Non-kept logsumexp with its own max (exact however small Q is), then lse = logaddexp(out, kept).
@@ -187,6 +229,57 @@ def sparse_kl_rows_torch(
     return losses
 
 
+def _spread_chunk(z, idx, m, p, spread: TailSpread, s: int, e: int, vocab: int, w, temp: float, want_grad: bool):
+    """Rows ``s:e`` of a spread-tail term: returns the weighted losses; leaves the gradient in ``z`` (the
+    tempered logits, overwritten) when ``want_grad``. Temporaries: ``r`` and ``log r`` ([rows, V] each) and
+    logsumexp's own; the row sums are matrix products (no product temporaries)."""
+    cdt = z.dtype
+    c = spread.scale[s:e].to(z.device, cdt)[:, None]
+    cap = spread.cap[s:e].to(z.device, cdt)[:, None]
+    r = c.expand_as(z) if spread.weights is None else c * spread.weights.to(z.device, cdt)[None, :]
+    r = torch.minimum(r, cap)
+    _fill_kept_(r, idx, m, 0.0)  # the target is p on S, r off S
+    lse = torch.logsumexp(z, 1, keepdim=True)
+    log_q = z.sub_(lse)  # z now holds log q
+    rows = torch.arange(e - s, device=z.device)
+    a = torch.einsum("ij,ij->i", r, log_q)  # sum r log q
+    bad = torch.isnan(a)  # 0 x (-inf): a token with no target mass and a -inf logit
+    if bool(bad.any()):
+        sub = rows[bad]
+        a[bad] = torch.where(r[sub] > 0, r[sub] * log_q[sub], 0.0).sum(1)
+    b = torch.einsum("ij,ij->i", r, torch.log(r).nan_to_num_(neginf=0.0))  # sum r log r (0 log 0 = 0)
+    log_q_kept = torch.where(m, log_q.gather(1, idx), 0.0)
+    kl = b - a + torch.where(m, torch.xlogy(p, p) - p * log_q_kept, 0.0).sum(1)
+    live = w != 0
+    out = torch.where(live, w * (temp * temp) * kl, 0.0)
+    if want_grad:
+        mass = p.sum(1) + r.sum(1)
+        scale = torch.where(live, w * temp, 0.0)
+        g = log_q.exp_().mul_((mass * scale)[:, None]).sub_(r.mul_(scale[:, None]))
+        g.scatter_add_(1, idx, torch.where(m, -p, 0.0) * scale[:, None])
+    return out
+
+
+def check_ids(logits: torch.Tensor, terms: Sequence[SparseKLTerm]) -> None:
+    """Every real kept id must lie in [0, V). On CPU a violation raises ConfigMismatchError; on CUDA the check
+    is an asynchronous device assertion (no host synchronisation; it aborts the CUDA context, as an
+    out-of-range index in torch's own gather does)."""
+    vocab = logits.shape[1]
+    for term in terms:
+        ids = term.ids.to(logits.device)
+        mask = None if term.mask is None else term.mask.to(logits.device, torch.bool)
+        bad = (ids < 0) | (ids >= vocab)
+        if mask is not None:
+            bad &= mask
+        msg = (f"a teacher id lies outside the student's vocabulary [0, {vocab}): the store's teacher has a larger "
+               "vocabulary than these logits. Map teacher ids to student ids (StoreDataset(id_map=...)) or use "
+               "logits over the teacher's vocabulary")
+        if ids.is_cuda:
+            torch._assert_async(~bad.any(), msg)
+        elif bool(bad.any()):
+            raise ConfigMismatchError(msg)
+
+
 def _check_terms(logits: torch.Tensor, terms: Sequence[SparseKLTerm], inplace: bool) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -205,6 +298,15 @@ def _check_terms(logits: torch.Tensor, terms: Sequence[SparseKLTerm], inplace: b
             raise ValueError(f"term weight must be [N={n}], got {tuple(term.weight.shape)}")
         if term.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {term.temperature}")
+        sp = term.spread
+        if sp is not None and (sp.scale.shape != (n,) or sp.cap.shape != (n,) or (
+                sp.weights is not None and sp.weights.shape != (logits.shape[1],))):
+            raise ValueError(
+                f"term spread must hold scale [N={n}], cap [N] and weights [V={logits.shape[1]}] or None, got "
+                f"{tuple(sp.scale.shape)}, {tuple(sp.cap.shape)}, "
+                f"{None if sp.weights is None else tuple(sp.weights.shape)}"
+            )
+    check_ids(logits, terms)
 
 
 def run_sparse_kl_terms(rows_fn, logits, terms, reduction, inplace, needs_grad, **kwargs):
@@ -227,17 +329,41 @@ def run_sparse_kl_terms(rows_fn, logits, terms, reduction, inplace, needs_grad, 
     return per_row.sum(0), per_row, grad
 
 
-def scale_saved_grad(grad: torch.Tensor, grad_out: torch.Tensor, reduction: str) -> torch.Tensor:
+def scale_saved_grad(ctx, grad_out: torch.Tensor) -> torch.Tensor:
     """Backward of both Functions: the saved d(loss)/d logits times the upstream gradient.
 
-    The common case (a scalar loss whose upstream gradient is 1) returns the saved buffer itself, so backward
-    allocates nothing; fold loss weights into the term weights to stay on that path.
+    A scalar loss (``reduction="sum"``) scales the saved buffer in place: no allocation, and no host
+    synchronisation to test for an upstream gradient of 1 (multiplying by 1 is exact). The factor applied is
+    remembered, so a later backward through the same graph (``retain_graph=True``, gradcheck) divides it out
+    again, out of place; that rare path refuses (with a host check) if the first factor was 0. Per-row losses
+    (``"none"``) scale out of place.
     """
-    if reduction == "none":
-        return grad * grad_out.to(grad.dtype)[:, None]
-    if bool(grad_out == 1):
-        return grad
-    return grad * grad_out.to(grad.dtype)
+    grad = ctx.grad
+    g = grad_out.to(grad.dtype)
+    if ctx.reduction == "none":
+        return grad * g[:, None]
+    applied = getattr(ctx, "applied", None)
+    if applied is None:
+        ctx.applied = g.detach().clone()
+        return grad.mul_(g)
+    if bool(applied == 0):
+        raise RuntimeError(
+            "a second backward through a fused sparse-KL loss whose first backward had an upstream gradient of 0: "
+            "the saved gradient is gone; run the loss again instead of retain_graph=True"
+        )
+    return grad * (g / applied)
+
+
+def save_forward(ctx, logits, loss, parts, grad, reduction, inplace):
+    """Forward bookkeeping shared by both Functions: saves the gradient buffer, and with ``inplace`` (when the
+    logits really were overwritten) marks them dirty and returns them as a third output, so autograd refuses
+    any other op that saved the logits and a leaf that requires grad."""
+    ctx.grad, ctx.reduction, ctx.applied = grad, reduction, None
+    ctx.mark_non_differentiable(parts)
+    if inplace and grad is not None:
+        ctx.mark_dirty(logits)
+        return loss, parts, logits
+    return loss, parts
 
 
 class SparseKLTorchFunction(torch.autograd.Function):
@@ -249,13 +375,12 @@ class SparseKLTorchFunction(torch.autograd.Function):
         loss, parts, grad = run_sparse_kl_terms(
             sparse_kl_rows_torch, logits, terms, reduction, inplace, needs_grad, chunk_rows=chunk_rows
         )
-        ctx.grad, ctx.reduction = grad, reduction
-        ctx.mark_non_differentiable(parts)
-        return loss, parts
+        return save_forward(ctx, logits, loss, parts, grad, reduction, inplace)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_parts):
-        return scale_saved_grad(ctx.grad, grad_out, ctx.reduction), None, None, None, None
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_parts, *_dirty):
+        return scale_saved_grad(ctx, grad_out), None, None, None, None
 
 
 def sparse_kl_torch(
@@ -277,7 +402,8 @@ def sparse_kl_torch(
     Returns:
         (loss, parts): ``parts`` holds each term's detached contribution ([n_terms] or [n_terms, N]).
     """
-    return SparseKLTorchFunction.apply(logits, list(terms), reduction, inplace, chunk_rows)
+    out = SparseKLTorchFunction.apply(logits, list(terms), reduction, inplace, chunk_rows)
+    return out[0], out[1]
 
 
 class _StudentBuckets(torch.autograd.Function):

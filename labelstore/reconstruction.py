@@ -16,16 +16,25 @@ Tail rules (where the mass ``t`` outside the ``n`` kept ids goes, over the ``V -
 ``uniform``  ``t / (V - n)`` each (the maximum-entropy completion).
 ``prior``    in proportion to the store's tail prior, no token above the smallest kept probability
              (water-filling, :func:`spread_tail`, FORMAT.md 5c).
+
+Both are ``q_v = min(c g_v, cap)`` off the kept set: ``uniform`` is ``g = 1, cap = inf``. The per-position scale
+``c`` is :func:`water_fill_scale` (O(K log V) per position against a prior prepared once, no [n, V] work), so the
+student losses and dense targets can apply the rule one vocabulary tile at a time; :func:`spread_tail` is the
+dense (sorting) form of the same rule, kept as the reference.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
+from labelstore.errors import ConfigMismatchError
 from labelstore.selection import SAMPLED_MODES
 
 TAIL_RULES = ("uniform", "bucket")  # re-tempering's two views of the tail (labelstore.student.targets)
+SPREAD_RULES = ("uniform", "prior")  # tail rules that place the tail on tokens (the losses add "bucket", "none")
 
 
 # ----------------------------------------------------------------------------------------------- kept entries
@@ -127,3 +136,118 @@ def mixed_prior(prior: np.ndarray, mix: float) -> np.ndarray:
     """The shape a store's tail is spread in: ``mix * prior / sum(prior) + (1 - mix) / V`` (FORMAT.md 5c)."""
     prior = np.asarray(prior, dtype=np.float64)
     return (mix * prior / max(prior.sum(), 1e-300) + (1 - mix) / prior.size).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------- the rule, one scale per row
+class PreparedPrior(NamedTuple):
+    """A tail prior ready for :func:`water_fill_scale` (build it with :func:`prepare_prior`, once per prior).
+
+    Attributes:
+        weights: [V] float64, the prior as given (any positive scale: only ratios matter).
+        sorted: [V] float64, the weights in descending order.
+        rank: [V] int64, ``rank[v]`` = position of token v in ``sorted``.
+        suffix: [V + 1] float64, ``suffix[j] = sum_{i >= j} sorted[i]`` (``suffix[V] = 0``).
+    """
+
+    weights: torch.Tensor
+    sorted: torch.Tensor
+    rank: torch.Tensor
+    suffix: torch.Tensor
+
+
+def prepare_prior(prior, vocab_size: int, device=None) -> PreparedPrior:
+    """Validate a tail prior (1-D, ``vocab_size`` long, finite, every entry > 0) and index it for the rule.
+
+    Raises ConfigMismatchError otherwise: a token with prior 0 could never receive tail mass, so a prior with
+    zeros is refused rather than silently changing the rule (mix it with the uniform distribution first, e.g.
+    :func:`mixed_prior` with ``mix < 1``, as stores do).
+    """
+    w = torch.as_tensor(prior).detach()
+    device = w.device if device is None else torch.device(device)
+    if w.dim() != 1 or w.shape[0] != int(vocab_size):
+        raise ConfigMismatchError(
+            f"the tail prior must be a 1-D tensor of {vocab_size} entries (the logits' vocabulary), got shape "
+            f"{tuple(w.shape)}; a store's prior covers the teacher's vocabulary (LabelStore.tail_prior())"
+        )
+    w64 = w.to(device, torch.float64)
+    if not bool(torch.isfinite(w64).all()) or not bool((w64 > 0).all()):
+        raise ConfigMismatchError(
+            "the tail prior must be finite and > 0 everywhere (a token with prior 0 could never hold tail mass); "
+            "mix it with the uniform distribution first: labelstore.reconstruction.mixed_prior(prior, 0.9)"
+        )
+    srt, order = w64.sort(descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)
+    suffix = torch.cat([srt.flip(0).cumsum(0).flip(0), srt.new_zeros(1)])
+    return PreparedPrior(w64, srt, rank, suffix)
+
+
+def kept_cap(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The water-filling cap of each row: its smallest kept probability (``inf`` for a row with no kept entry)."""
+    return torch.where(mask, probs, torch.full_like(probs, float("inf"))).amin(-1)
+
+
+def water_fill_scale(tail: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, cap: torch.Tensor,
+                     prior: PreparedPrior | None, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(c, cap)`` such that ``q_v = min(c g_v, cap)`` over the non-kept tokens sums to ``tail``.
+
+    ``prior`` None is the uniform rule (``g = 1``): ``c = t / (V - n)``, no cap. Otherwise the capped tokens
+    are the non-kept ones with the largest ``g``. With ``J`` tokens of the global descending order capped (``n_J``
+    of them not kept) the scale is ``c_J = (t - n_J cap) / S_J``, ``S_J`` the prior mass of the non-kept tokens
+    after them; the right ``J`` is the first whose next token stays under the cap, ``c_J g_(J) <= cap``. That
+    condition is monotone in ``J`` (``t <= cap (n_J + S_J / g_(J))``, non-decreasing), so a binary search over
+    ``J`` finds it with ``O(K)`` work per step. Rows that cannot hold their tail under the cap
+    (``t > cap * (V - n)``) fall back to no cap, as :func:`spread_tail` does; rows with nothing outside the kept
+    set get ``c = 0``. Returns float64 tensors ``[N]`` (``cap`` is ``inf`` where no cap applies).
+    """
+    t = tail.to(torch.float64)
+    mask = mask.to(torch.bool)
+    n = mask.sum(-1)
+    if prior is None:
+        rest = (vocab_size - n).to(torch.float64)
+        c = torch.where(rest > 0, t / rest.clamp_min(1), torch.zeros_like(t))
+        return c, torch.full_like(c, float("inf"))
+    V = prior.sorted.numel()
+    dev = prior.sorted.device
+    ids = ids.to(dev, torch.long)
+    mask, t, n = mask.to(dev), t.to(dev), n.to(dev)
+    cap = cap.to(dev, torch.float64)
+    rk = torch.where(mask, prior.rank[ids.clamp(0, V - 1)], V)  # padding entries: rank V, never counted
+    gk = torch.where(mask, prior.sorted[rk.clamp(max=V - 1)], 0.0)
+
+    def parts(J):  # capped non-kept count, non-kept mass after J, non-kept tokens after J
+        before = rk < J[:, None]
+        n_cap = J - before.sum(-1)
+        s = prior.suffix[J] - torch.where(before, 0.0, gk).sum(-1)
+        left = (V - J) - (mask & ~before).sum(-1)
+        return n_cap, s, left
+
+    finite = torch.isfinite(cap)
+    cap_f = torch.where(finite, cap, 0.0)
+    lo = torch.zeros_like(n)
+    hi = torch.full_like(n, V)  # V: no J works
+    for _ in range(int(V).bit_length() + 1):
+        mid = (lo + hi) // 2
+        n_cap, s, left = parts(mid.clamp(max=V - 1))
+        ok = (left > 0) & ((t - n_cap * cap_f) * prior.sorted[mid.clamp(max=V - 1)] <= cap_f * s * (1 + 1e-12))
+        active = lo < hi
+        hi = torch.where(active & ok, mid, hi)
+        lo = torch.where(active & ~ok, mid + 1, lo)
+    found = (lo < V) & finite
+    n_cap, s, _ = parts(lo.clamp(max=V - 1))
+    c_capped = ((t - n_cap * cap_f) / torch.where(s > 0, s, 1.0)).clamp_min(0.0)
+    _, s0, left0 = parts(torch.zeros_like(n))
+    c_free = torch.where(left0 > 0, t / torch.where(s0 > 0, s0, 1.0), 0.0)
+    c = torch.where(found, c_capped, c_free)
+    return c, torch.where(found, cap, torch.full_like(cap, float("inf")))
+
+
+def spread_fill(scale: torch.Tensor, cap: torch.Tensor, weights: torch.Tensor | None, vocab_size: int,
+                dtype=torch.float64) -> torch.Tensor:
+    """Dense ``[n, V]`` ``min(c g_v, cap)`` (kept tokens included: the caller overwrites them). ``weights`` None:
+    uniform (``g = 1``)."""
+    c = scale.to(dtype)[:, None]
+    cp = cap.to(dtype)[:, None]
+    if weights is None:
+        return torch.minimum(c, cp).expand(c.shape[0], vocab_size).clone()
+    return torch.minimum(c * weights.to(c.device, dtype)[None, :], cp)

@@ -26,8 +26,10 @@ A batch is a dict of tensors (B sequences, padded to the longest, T; K = the sto
                                        re-tempering on read) and ``vocab_size`` (the width the targets index).
                                        :func:`labelstore.student.losses.distillation_loss` uses it and refuses a
                                        mismatch.
-    teacher_dense   float32 [B, T, V]  dense mode only (added; the sparse fields stay), by the uniform-tail rule
-                                       of :mod:`labelstore.student.targets`
+    teacher_dense   float32 [B, T, V]  dense mode only (added; the sparse fields stay), by the tail rule of
+                                       :mod:`labelstore.student.targets` (the prior rule when a prior is given)
+    teacher_prior   float32 [V]        only when the collator has a tail prior (the store's): the SAME tensor in
+                                       every batch; ``distillation_loss`` then spreads the tail by it
 
 Padding is a handful of slice copies per sequence (no per-position Python work); dense targets are one
 ``scatter_add_``. Inside a DataLoader worker the tensors are allocated in shared memory, so handing a batch to
@@ -102,12 +104,13 @@ class Collator:
         teacher_info: the ``teacher_info`` dict every batch carries (see the module docstring); datasets fill it
             (:meth:`labelstore.student.dataset.StoreDataset.collator`). None: batches carry none, and the losses
             cannot check them against the store.
+        prior: [V] tail prior attached to every batch as ``teacher_prior`` (None: none).
     """
 
     def __init__(self, k: int, vocab_size: int, *, dense: bool = False,
                  dense_budget_bytes: int = DEFAULT_DENSE_BUDGET_BYTES, pad_id: int = 0,
                  ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None,
-                 teacher_info: dict | None = None):
+                 teacher_info: dict | None = None, prior=None):
         self.k = int(k)
         self.vocab_size = int(vocab_size)
         self.dense = bool(dense)
@@ -121,6 +124,7 @@ class Collator:
                 raise ValueError(f"teacher_info lacks {missing}; build it with TargetDecoder.teacher_info()")
             teacher_info = {key: teacher_info[key] for key in INFO_KEYS}
         self.teacher_info = teacher_info
+        self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
 
     def check_dense(self, batch_size: int, seq_len: int) -> None:
         """Raise now, rather than mid-epoch, if dense batches of this shape would exceed the budget."""
@@ -181,5 +185,7 @@ class Collator:
         if self.dense:
             dense = new_tensor((B, T, self.vocab_size), torch.float32, shared)
             batch["teacher_dense"] = to_dense(batch["teacher_ids"], batch["teacher_probs"], batch["teacher_tail"],
-                                              batch["teacher_mask"], self.vocab_size, out=dense)
+                                              batch["teacher_mask"], self.vocab_size, out=dense, prior=self.prior)
+        if self.prior is not None:
+            batch["teacher_prior"] = self.prior
         return batch

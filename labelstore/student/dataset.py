@@ -150,8 +150,16 @@ class TargetDecoder:
 
     def collator(self, *, dense: bool = False, dense_budget_bytes: int = DEFAULT_DENSE_BUDGET_BYTES,
                  **kwargs) -> Collator:
-        """A :class:`Collator` for this dataset's items (K = the store's k, V = the student's vocabulary)."""
+        """A :class:`Collator` for this dataset's items (K = the store's k, V = the student's vocabulary).
+
+        Batches carry ``teacher_info`` (what the targets are). The collator also attaches the store's tail prior
+        (``teacher_prior``) when the store has one and the targets are the stored ones over the teacher's
+        vocabulary (no ``id_map``, no re-tempering: the prior describes exactly that distribution); pass
+        ``prior=None`` to leave it out, or your own ``prior=``.
+        """
         kwargs.setdefault("teacher_info", self.teacher_info())
+        if "prior" not in kwargs and self.id_map is None and self.exponent is None:
+            kwargs["prior"] = self.store.tail_prior()
         return Collator(self.k, self.vocab_size, dense=dense, dense_budget_bytes=dense_budget_bytes, **kwargs)
 
 

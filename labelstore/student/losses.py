@@ -17,8 +17,22 @@ ones), using only what the store knows:
       JSD_beta = beta KL(P || M) + (1 - beta) KL(Q_s || M);  beta = 0 -> forward KL, beta = 1 -> reverse KL
                                                                                      (``generalized_jsd``)
 
-``tail=False`` selects plain renormalised top-k instead: the teacher becomes ``p_i / sum_S p`` with no tail
-(``t = 0``), i.e. the student is asked to put all its mass on S.
+Tail rules (``tail=``): what the teacher's tail mass ``t`` stands for.
+
+- ``"bucket"`` (alias ``True``): one "everything else" bucket, as above (the exact divergence between the
+  coarsened distributions; the student's tail mass is matched, its shape is free).
+- ``"none"`` (alias ``False``): plain renormalised top-k: the teacher becomes ``p_i / sum_S p`` with no tail
+  (``t = 0``), i.e. the student is asked to put all its mass on S.
+- ``"uniform"``: ``t`` spread evenly over the ``V - |S|`` other tokens (``labelstore.reconstruction``).
+- ``"prior"``: ``t`` spread over the other tokens in proportion to a prior ``g`` (a store's
+  ``LabelStore.tail_prior()``, or a batch's ``teacher_prior``), no token above the position's smallest kept
+  probability (water-filling, docs/FORMAT.md 5c): ``r_v = min(c g_v, p_min)`` with ``sum r = t``.
+
+The two spread rules give the full-vocabulary forward KL ``sum_S p log(p / q) + sum_{v not in S} r_v log(r_v /
+q_v)``, computed in the same pass over the vocabulary as the student's logsumexp (``sparse_kl`` only; no dense
+target is built). When a batch carries ``teacher_prior`` (the collator attaches the store's prior),
+``distillation_loss``'s forward KL defaults to ``"prior"``; otherwise the default is ``"bucket"``. Reverse KL and
+JSD accept ``"bucket"`` and ``"none"``.
 
 Temperature divides the student's logits and every divergence is multiplied by ``T^2`` (Hinton et al.), so
 gradient magnitudes do not shrink with T. The teacher is used as stored: re-temper it when reading the store
@@ -50,7 +64,13 @@ from torch import nn
 
 from labelstore.constants import IGNORE_INDEX
 from labelstore.errors import ConfigMismatchError
-from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch, student_bucket_logprobs_torch
+from labelstore.reconstruction import SPREAD_RULES, PreparedPrior, kept_cap, prepare_prior, water_fill_scale
+from labelstore_kernels.sparse_kl_torch import (
+    SparseKLTerm,
+    TailSpread,
+    sparse_kl_torch,
+    student_bucket_logprobs_torch,
+)
 
 __all__ = [
     "CoDistillation",
@@ -63,12 +83,15 @@ __all__ = [
     "hard_label_ce",
     "label_ce",
     "resolve_backend",
+    "resolve_tail",
     "reverse_kl",
     "sparse_kl",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _METHODS = ("forward_kl", "reverse_kl", "jsd", "hard")
+TAIL_CHOICES = ("bucket", "none", *SPREAD_RULES)
+_TAIL_ALIASES = {True: "bucket", False: "none"}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -140,8 +163,58 @@ def _finish(out: torch.Tensor, reduction: str, lead: tuple[int, ...]) -> torch.T
     return out.reshape(lead) if reduction == "none" else out
 
 
+def resolve_tail(tail, prior=None, allowed: tuple[str, ...] = TAIL_CHOICES) -> str:
+    """The tail rule a loss uses: ``tail`` (True/False are "bucket"/"none"), or when None "prior" if a prior is
+    given and "bucket" otherwise. Raises ValueError for an unknown rule, a rule this loss does not implement,
+    or "prior" without a prior."""
+    if tail is None:
+        rule = "prior" if prior is not None and "prior" in allowed else "bucket"
+    else:
+        rule = _TAIL_ALIASES.get(tail, tail) if isinstance(tail, bool) else tail
+    if rule not in TAIL_CHOICES:
+        raise ValueError(f"tail must be one of {TAIL_CHOICES} (or True/False for 'bucket'/'none'), got {tail!r}")
+    if rule not in allowed:
+        raise ValueError(
+            f"tail={rule!r} is implemented for the forward KL (sparse_kl, method='forward_kl') only; this loss "
+            f"takes {allowed}"
+        )
+    if rule == "prior" and prior is None:
+        raise ValueError(
+            "tail='prior' needs the tail prior: pass prior=LabelStore.tail_prior() (a batch from the store's "
+            "collator carries it as 'teacher_prior'), or use tail='uniform' for a store without one"
+        )
+    return rule
+
+
+_PRIOR_CACHE: list = []  # [(source object, its version, device, PreparedPrior)]: the collator's prior is reused
+
+
+def _prepared_prior(prior, vocab: int, device) -> PreparedPrior:
+    """``prepare_prior`` once per prior object (batches share one tensor) and device."""
+    version = getattr(prior, "_version", None)
+    for src, ver, dev, prepared in _PRIOR_CACHE:
+        if src is prior and ver == version and dev == device and prepared.weights.numel() == vocab:
+            return prepared
+    prepared = prepare_prior(prior, vocab, device)
+    _PRIOR_CACHE[:] = [(prior, version, device, prepared)]
+    return prepared
+
+
+def _spread(rule, prior, ids, probs, t, mask, vocab) -> TailSpread | None:
+    """The ``TailSpread`` of a spread rule (None for "bucket"/"none")."""
+    if rule not in SPREAD_RULES:
+        return None
+    m = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
+    if rule == "uniform":
+        scale, cap = water_fill_scale(t, ids, m, torch.full_like(t, float("inf")), None, vocab)
+        return TailSpread(scale, cap, None)
+    pp = _prepared_prior(prior, vocab, ids.device)
+    scale, cap = water_fill_scale(t, ids, m, kept_cap(probs, m), pp, vocab)
+    return TailSpread(scale, cap, pp.weights)
+
+
 def _teacher_rows(logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teacher_mask, tail):
-    """Flattened teacher tensors [N, K], [N, K], [N], [N, K]; applies the ``tail=False`` renormalisation."""
+    """Flattened teacher tensors [N, K], [N, K], [N], [N, K]; applies the ``"none"`` renormalisation."""
     dev = logits2d.device
     k = teacher_ids.shape[-1]
     if tuple(teacher_ids.shape) != lead + (k,) or teacher_probs.shape != teacher_ids.shape:
@@ -154,7 +227,7 @@ def _teacher_rows(logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teac
     probs = teacher_probs.reshape(-1, k).to(dev, _cdt(logits2d))
     if mask is not None:
         probs = torch.where(mask, probs, 0.0)
-    if not tail:
+    if tail in (False, "none"):
         total = probs.sum(1, keepdim=True)
         return ids, torch.where(total > 0, probs / total.clamp(min=1e-30), 0.0), None, mask
     if teacher_tail is None:
@@ -245,12 +318,13 @@ def sparse_kl(
     position_mask: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
-    tail: bool = True,
+    tail: bool | str | None = None,
+    prior: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Forward KL(teacher || student) from sparse teacher targets, with the tail bucket (module docstring).
+    """Forward KL(teacher || student) from sparse teacher targets, with a tail rule (module docstring).
 
     Args:
         student_logits: [..., V] (e.g. [B, T, V]); any float dtype.
@@ -260,27 +334,34 @@ def sparse_kl(
         teacher_mask: [..., K] bool, True on real kept entries (None: all).
         position_mask: [...] bool, True where a teacher distribution exists (None: all).
         temperature: divides the student logits; the loss is scaled by T^2.
-        tail: False for plain renormalised top-k (teacher renormalised over S, no tail bucket).
+        tail: "bucket" (True), "none" (False: plain renormalised top-k), "uniform" or "prior" (module
+            docstring); None: "prior" when ``prior`` is given, else "bucket".
+        prior: [V] positive tail prior for ``tail="prior"`` (``LabelStore.tail_prior()``, a batch's
+            ``teacher_prior``); indexed once per tensor and device, then reused.
         reduction: "mean" over valid positions, "sum", or "none" ([...] per position).
         backend: "torch", "triton" or None (auto / $LABELSTORE_LOSS_BACKEND).
         inplace: overwrite ``student_logits`` with the gradient (saves one logits-sized buffer; the logits
-            are unusable afterwards, and autograd refuses if another op saved them).
+            are unusable afterwards, and autograd refuses if another op saved them or they are a leaf that
+            requires grad).
     """
     _check_reduction(reduction)
     _check_temperature(temperature)
+    rule = resolve_tail(tail, prior)
     logits2d, lead = _as_rows(student_logits)
     ids, probs, t, mask = _teacher_rows(
-        logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teacher_mask, tail
+        logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teacher_mask, rule
     )
     valid = _row_mask(position_mask, lead, logits2d.device)
     weights = _row_weights(valid, reduction, 1.0, probs.dtype)
-    term = SparseKLTerm(ids, probs, t, mask, weights, float(temperature))
+    spread = _spread(rule, prior, ids, probs, t, mask, logits2d.shape[-1])
+    term = SparseKLTerm(ids, probs, t, mask, weights, float(temperature), spread)
     loss, _ = _run_sparse(logits2d, [term], "none" if reduction == "none" else "sum", backend, inplace)
     return _finish(loss, reduction, lead)
 
 
 def _bucket_rows(student_logits, teacher_ids, teacher_probs, teacher_tail, teacher_mask, temperature, tail):
     """Student bucket log-probs L [N, K+1], teacher bucket probs P [N, K+1], bucket validity [N, K+1]."""
+    tail = resolve_tail(tail, None, ("bucket", "none"))
     logits2d, lead = _as_rows(student_logits)
     ids, probs, t, mask = _teacher_rows(
         logits2d, lead, teacher_ids, teacher_probs, teacher_tail, teacher_mask, tail
@@ -314,7 +395,7 @@ def reverse_kl(
     position_mask: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
-    tail: bool = True,
+    tail: bool | str = True,
     reduction: str = "mean",
     eps: float = 1e-8,
 ) -> torch.Tensor:
@@ -342,7 +423,7 @@ def generalized_jsd(
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
-    tail: bool = True,
+    tail: bool | str = True,
     reduction: str = "mean",
     backend: str | None = None,
     eps: float = 1e-8,
@@ -350,9 +431,9 @@ def generalized_jsd(
     """Generalised JSD on the buckets: ``beta KL(P||M) + (1 - beta) KL(Q||M)``, ``M = beta P + (1 - beta) Q``.
 
     ``P`` is the teacher, ``Q`` the student (TRL GKD's convention); ``beta = 0`` is the forward KL
-    (``sparse_kl``), ``beta = 1`` the reverse KL (``reverse_kl``), as in TRL. Arguments as in ``sparse_kl``.
-    ``backend`` applies to ``beta = 0`` (the fused forward KL); any other beta runs on the chunked torch op, and an
-    explicit ``backend="triton"`` there is refused rather than ignored.
+    (``sparse_kl``), ``beta = 1`` the reverse KL (``reverse_kl``), as in TRL. Arguments as in ``sparse_kl``
+    (``tail``: "bucket"/True or "none"/False). ``backend`` applies to ``beta = 0`` (the fused forward KL); any other
+    beta runs on the chunked torch op, and an explicit ``backend="triton"`` there is refused rather than ignored.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -442,7 +523,8 @@ def distillation_loss(
     method: str = "forward_kl",
     alpha: float = 1.0,
     temperature: float | None = None,
-    tail: bool = True,
+    tail: bool | str | None = None,
+    prior: torch.Tensor | None = None,
     beta: float = 0.5,
     eps: float = 1e-8,
     reduction: str = "mean",
@@ -458,8 +540,12 @@ def distillation_loss(
             token at t + 1, and is compared with the teacher's distribution at t).
         batch: mapping with ``teacher_ids`` [B, T, K] and, as available, ``teacher_probs``, ``teacher_tail``,
             ``teacher_mask``, ``position_mask``, ``shift_labels`` (needed when ``alpha < 1``; a batch with only
-            Hugging Face-convention ``labels`` is refused, see :func:`labelstore.student.collate.shift_labels`) and
-            ``teacher_info`` (the store's mode, estimator, temperature and vocabulary: checked, see below).
+            Hugging Face-convention ``labels`` is refused, see :func:`labelstore.student.collate.shift_labels`),
+            ``teacher_info`` (the store's mode, estimator, temperature and vocabulary: checked, see below) and
+            ``teacher_prior`` ([V], the store's tail prior, attached by the collator).
+        tail: the tail rule (module docstring); None: "prior" for the forward KL when a prior is known
+            (``prior=`` or ``batch["teacher_prior"]``), else "bucket". Reverse KL and JSD take "bucket"/"none".
+        prior: [V] tail prior overriding ``batch["teacher_prior"]``.
         method: "forward_kl" (``sparse_kl``), "reverse_kl", "jsd" (``generalized_jsd`` with ``beta``) or
             "hard" (``hard_label_ce`` on ``teacher_ids[..., 0]``; temperature unused).
         alpha: weight of the distillation term, in [0, 1].
@@ -508,18 +594,23 @@ def distillation_loss(
             f"method {method!r} needs 'teacher_probs'; a hard-label store (ids only) needs method='hard'"
         )
 
+    fused_kl = method == "forward_kl" or (method == "jsd" and beta == 0.0)
+    prior = batch.get("teacher_prior") if prior is None else prior
+    if method != "hard":
+        tail = resolve_tail(tail, prior, TAIL_CHOICES if fused_kl else ("bucket", "none"))
     terms: list[SparseKLTerm] = []
     names: list[str] = []
     distill_unfused = None
     if alpha > 0.0:
-        if method == "forward_kl" or (method == "jsd" and beta == 0.0):
+        if fused_kl:
             ids, probs, t, mask = _teacher_rows(
                 logits2d, lead, batch["teacher_ids"], batch["teacher_probs"], batch.get("teacher_tail"),
                 teacher_mask, tail,
             )
             valid = _row_mask(position_mask, lead, dev)
             weights = _items_weights(valid, reduction, alpha, probs.dtype, num_items, "distill")
-            terms.append(SparseKLTerm(ids, probs, t, mask, weights, temperature))
+            spread = _spread(tail, prior, ids, probs, t, mask, logits2d.shape[-1])
+            terms.append(SparseKLTerm(ids, probs, t, mask, weights, temperature, spread))
             names.append("distill")
         elif method == "hard":
             hard = _hard_labels(batch["teacher_ids"], position_mask, teacher_mask, lead, dev)

@@ -13,7 +13,12 @@ and how, is not stored. The dense target spreads ``t`` *uniformly* over the ``V 
              = t / (V - n)          otherwise
 
 This is the maximum-entropy completion (it assumes nothing about the tail) and the rule the fidelity figures in
-the field notes use. If every token is kept (``n = V``) the kept probabilities are rescaled to sum to 1.
+the field notes use. With a tail prior ``g`` (``to_dense(..., prior=)``; the collator passes the store's) the tail
+follows the prior rule of docs/FORMAT.md 5c instead, the same rule as ``sparse_kl(tail="prior")``::
+
+    dense[v] = min(c g_v, p_min)    v not kept   (c such that these sum to t; p_min = smallest kept probability)
+
+If every token is kept (``n = V``) the kept probabilities are rescaled to sum to 1.
 
 Re-tempering
 ------------
@@ -45,7 +50,7 @@ import numpy as np
 import torch
 
 from labelstore.errors import ConfigMismatchError
-from labelstore.reconstruction import TAIL_RULES, uniform_fill
+from labelstore.reconstruction import TAIL_RULES, kept_cap, prepare_prior, spread_fill, uniform_fill, water_fill_scale
 from labelstore.selection import is_sampled
 
 DEFAULT_DENSE_BUDGET_BYTES = 2 << 30
@@ -264,21 +269,31 @@ def check_dense_budget(batch: int, seq_len: int, vocab_size: int, budget_bytes: 
 
 
 def to_dense(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor,
-             vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense float32 [..., V] targets from sparse ones, by the module's uniform-tail rule.
+             vocab_size: int, out: torch.Tensor | None = None, prior=None) -> torch.Tensor:
+    """Dense float32 [..., V] targets from sparse ones, by the module's tail rule: uniform, or with ``prior``
+    ([V], e.g. ``LabelStore.tail_prior()``) the prior rule with the water-filling cap.
 
     ``ids`` must be unique among a position's real entries (as stores write them). Positions with no mass
     (padding) come out all zero. ``out``: a float32 [..., V] tensor to write into (e.g. in shared memory).
     """
     n = mask.sum(dim=-1)
     rest = vocab_size - n
-    fill = uniform_fill(tail, n, vocab_size)
     # every token kept: no tail tokens to carry t, so the kept mass is rescaled to 1
     scale = torch.where(rest > 0, torch.ones_like(tail), 1.0 / (1.0 - tail).clamp_min(1e-30))
-    shape = (*fill.shape, vocab_size)
+    shape = (*tail.shape, vocab_size)
     dense = torch.empty(shape, dtype=torch.float32, device=probs.device) if out is None else out
-    dense.copy_(fill.unsqueeze(-1).expand(shape))
+    if prior is None:
+        fill = uniform_fill(tail, n, vocab_size)
+        dense.copy_(fill.unsqueeze(-1).expand(shape))
+    else:
+        k = ids.shape[-1]
+        ids2, m2, p2 = ids.reshape(-1, k), mask.reshape(-1, k), probs.reshape(-1, k)
+        pp = prepare_prior(prior, vocab_size, ids.device)
+        c, cap = water_fill_scale(tail.reshape(-1), ids2, m2, kept_cap(p2, m2), pp, vocab_size)
+        for a in range(0, c.shape[0], 256):  # row chunks: no [N, V] float64 temporary
+            b = min(c.shape[0], a + 256)
+            dense.view(-1, vocab_size)[a:b] = spread_fill(c[a:b], cap[a:b], pp.weights, vocab_size)
     # kept ids receive p - fill on top of the fill; padding entries (id 0) add exactly 0
-    src = torch.where(mask, probs * scale.unsqueeze(-1) - fill.unsqueeze(-1), torch.zeros_like(probs))
+    src = torch.where(mask, probs * scale.unsqueeze(-1) - dense.gather(-1, ids), torch.zeros_like(probs))
     dense.scatter_add_(-1, ids, src)
     return dense

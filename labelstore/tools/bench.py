@@ -7,6 +7,19 @@ mean and 99th-percentile KL(teacher || reconstruction), kept mass, top-1 agreeme
 
 Sources: the demo teacher on held-out standard-library text (real distributions), and SYNTHETIC Zipf-like
 logits (labelstore.tools.synthetic) at chosen vocabulary sizes, labelled as such everywhere they are shown.
+
+Every row is scored under every reconstruction rule (labelstore.reconstruction, docs/FORMAT.md 5c):
+``uniform`` (the tail spread evenly), ``prior`` (spread like the teacher's mean distribution, water-filled under
+the smallest kept probability) and ``bucket`` (the (K + 1)-bucket view the ``tail="bucket"`` loss trains on;
+truncation is free there, so it only shows value and tail error). The prior is CROSS-FITTED: the positions are
+split into two halves and each half is scored with the prior estimated on the other (mixed as the store mixes
+it), never on the positions it scores. The prior file's bytes are amortised over ``--scale-tokens`` tokens.
+
+DistillKit (arcee-ai/DistillKit, ``distillkit/compression``) is run from its own source when ``--distillkit-src``
+names a checkout: its ``LogprobCompressor`` with the README's "budget" and "recommended" configurations
+compresses the same distributions (log-probabilities in float64, so its least-squares tail fit runs in
+float64), its decoder decodes them, and the result is scored under the same rules. Its rows then meet
+labelstore's top-k zstd curve at equal KL, rule by rule: never across rules.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import tempfile
@@ -23,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelstore.reconstruction import uniform_fill
+from labelstore.reconstruction import mixed_prior, uniform_fill
 from labelstore.selection import check_selection, is_sampled
 
 SEED_FP8_DENSE_GB = 5e12 * 1e5 / 1e9  # the seed's scenario: 5T tokens x 100k vocabulary x 1 byte = 5e8 GB
@@ -132,14 +146,71 @@ def ce_gap(teacher_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
     return out
 
 
-def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, workdir: Path, seq_len: int = 256) -> dict:
+def bench_meta(setting: dict, V: int, K: int, codec) -> dict:
+    """Store metadata shaped like a compile's (labelstore.teacher.compile.build_meta: compile_config and
+    runtime with one data file), so that the shard fixed cost (the schema metadata is stored twice per shard)
+    is measured at a realistic size."""
+    hard = setting["mode"] == "argmax"
+    return {"vocab_size": V, "label_kind": "hard" if hard else "soft",
+            "selection": {**selection_of(setting), "k": K}, "value_codec": codec.to_json(),
+            "encoding": {"name": setting["encoding"]}, "temperature": 1.0,
+            "teacher": {"name": "bench-teacher", "hash": "0" * 64},
+            "tokenizer": {"name": "bench-teacher", "hash": "1" * 64},
+            "compile_config": {"data": {"sha256": "2" * 64, "samples": 1000, "tokens": 2048000},
+                               "max_length": 2048, "packing": "pack", "text_field": "text",
+                               "token_field": "input_ids", "max_samples": None, "dtype": "bfloat16",
+                               "tail_prior": not hard, "add_special_tokens": True, "eos_between_documents": True},
+            "runtime": {"data_files": ["/data/corpus/part-00000.jsonl"], "tokens_per_batch": 16384,
+                        "device": "cuda:0", "world_size": 1, "labelstore": "0.0", "torch": torch.__version__,
+                        "transformers": "4.x"}}
+
+
+def crossfit_folds(logits: torch.Tensor, mix: float, seq_len: int = 256) -> list[tuple[slice, np.ndarray]]:
+    """Two folds: each half of the positions (cut at a sequence boundary) with the mixed prior estimated on
+    the OTHER half (mean teacher distribution, mixed with the uniform one as the store mixes it)."""
+    N = logits.shape[0]
+    cut = max(1, (N // 2) // seq_len) * seq_len if N > seq_len else N // 2
+    halves = [slice(0, cut), slice(cut, N)]
+
+    def mass(sl):
+        return torch.softmax(logits[sl].double(), -1).sum(0).numpy()
+
+    return [(halves[0], mixed_prior(mass(halves[1]), mix)), (halves[1], mixed_prior(mass(halves[0]), mix))]
+
+
+def prior_kl_crossfit(logits, ids, probs, tail, counts, folds) -> np.ndarray:
+    """Per-row KL under the prior rule, each fold scored with the prior of the other fold."""
+    from labelstore.tools.fidelity import kl_to_reconstruction
+
+    out = np.empty(logits.shape[0])
+    for sl, prior in folds:
+        out[sl] = kl_to_reconstruction(logits[sl], ids[sl], probs[sl], tail[sl], counts[sl], prior=prior)["kl"]
+    return out
+
+
+def shard_metadata_bytes(store: Path) -> int:
+    """Bytes of one shard's schema metadata (stored twice per shard: schema message and footer)."""
+    import pyarrow as pa
+
+    shard = sorted((store / "shards").glob("r*.arrow"))[0]
+    with pa.OSFile(str(shard), "rb") as f:
+        md = pa.ipc.open_file(f).schema.metadata or {}
+    return sum(len(k) + len(v) for k, v in md.items())
+
+
+def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, workdir: Path, seq_len: int = 256,
+            scale_tokens: float = 5e12) -> dict:
     """One setting end to end. Soft modes also report ``ce_gap_mean`` (see :func:`ce_gap`); the sampled modes
-    report ``kl_mean``/``kl_p99``/``kl_max`` as None: their reconstruction is 0 off the drawn ids, so the forward
-    KL is infinite, and any epsilon floor would make the figure mostly ``missing mass * log(1/epsilon)``."""
+    report the forward KLs as None: their reconstruction is 0 off the drawn ids, so the forward KL is infinite,
+    and any epsilon floor would make the figure mostly ``missing mass * log(1/epsilon)``.
+
+    KL columns: ``kl_mean`` (uniform rule), ``kl_mean_prior`` (prior rule, cross-fitted prior),
+    ``kl_mean_prior_insample`` (prior estimated on the scored positions themselves: flattering, for reference),
+    ``kl_mean_bucket`` (the bucket view)."""
     from labelstore.codecs import get_codec
     from labelstore.store.reader import LabelStore
     from labelstore.store.writer import StoreWriter
-    from labelstore.tools.fidelity import kl_to_reconstruction, summarize
+    from labelstore.tools.fidelity import bucket_kl, kl_to_reconstruction, summarize
 
     N, V = logits.shape
     codec = get_codec(setting["codec"])
@@ -148,10 +219,7 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
     ids, values, counts, tail = select(logits, setting)
     t_extract = time.perf_counter() - t0
     K = ids.shape[1]
-    meta = {"vocab_size": V, "label_kind": "hard" if hard else "soft",
-            "selection": {**selection_of(setting), "k": K}, "value_codec": codec.to_json(), "temperature": 1.0,
-            "teacher": {"name": "bench", "hash": "-"}, "tokenizer": {"name": "bench", "hash": "-"},
-            "encoding": {"name": setting["encoding"]}}
+    meta = bench_meta(setting, V, K, codec)
     bpv = codec.bytes_per_value
     ids_np, val_np, cnt_np, tail_np = ids.numpy(), values.numpy(), counts.numpy().astype(np.int64), tail.numpy()
     nxt = next_tokens.numpy()
@@ -163,8 +231,8 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
         vals = val_np[a:b].reshape(b - a, K, bpv)[keep].reshape(-1) if bpv else np.zeros(0, np.uint8)
         rows.append((nxt[a:b], c, ids_np[a:b][keep], vals, tail_np[a:b] if not hard else np.zeros(0, np.float32)))
     teacher_mass = torch.softmax(logits.double(), -1).sum(0).numpy()
-    # Bytes per token is the marginal cost: a store holding every row twice minus a store holding it once,
-    # so the fixed cost of a shard (schema and footer, ~2 KB) does not inflate small measurements.
+    # Bytes per token is the marginal cost: a store holding every row twice minus a store holding it once
+    # (one shard each), so the fixed cost of a shard (2 x the schema metadata, schema, footer) is separate.
     sizes = []
     for copies in (1, 2):
         store = workdir / f"store{copies}"
@@ -174,9 +242,15 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
                 for i, r in enumerate(rows):
                     w.add(rep * len(rows) + i, *r)
                 w.add_teacher_mass(teacher_mass, N)  # as compile does: the store's tail prior
-        sizes.append(sum(p.stat().st_size for p in (store / "shards").glob("r*.arrow")))
+        shards = list((store / "shards").glob("r*.arrow"))
+        if len(shards) != 1:
+            raise RuntimeError(f"the bench expects one shard per store, got {len(shards)}: raise shard_bytes")
+        sizes.append(shards[0].stat().st_size)
     shard_bytes = sizes[1] - sizes[0]
-    s = LabelStore(workdir / "store1")
+    store1 = workdir / "store1"
+    prior_file = store1 / "tail_prior.f32"
+    prior_bytes = prior_file.stat().st_size if prior_file.exists() else 0
+    s = LabelStore(store1)
     rows = [s[i] for i in range(len(s))]
     r_ids = torch.cat([x.ids for x in rows])
     r_probs = torch.cat([x.probs for x in rows])
@@ -184,62 +258,241 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
     r_counts = torch.cat([x.counts for x in rows])
     out = {**setting, "k_stored": K, "positions": N, "vocab_size": V,
            "bytes_per_token": shard_bytes / N, "fixed_bytes_per_shard": sizes[0] - shard_bytes,
+           "shard_metadata_bytes": shard_metadata_bytes(store1),
+           "prior_file_bytes": prior_bytes, "scale_tokens": scale_tokens,
+           "prior_bytes_per_token_at_scale": prior_bytes / scale_tokens,
+           "prior_bytes_per_token_at_bench_positions": prior_bytes / N,
            "entries_per_token": float(cnt_np.mean()),
            "ratio_vs_dense": {n: b * V * N / shard_bytes for n, b in DENSE.items()},
            "extract_seconds": t_extract}
     if hard:
         top1 = (r_ids[:, 0] == logits.argmax(-1)).double().mean().item()
         out.update({"kl_mean": None, "kl_p99": None, "kept_mass": None, "top1_agreement": top1,
-                    "kl_mean_prior": None})
+                    "kl_mean_prior": None, "kl_mean_prior_insample": None, "kl_mean_bucket": None})
     else:
         out.update(summarize(kl_to_reconstruction(logits, r_ids, r_probs, r_tail, r_counts)))
-        prior_kl = kl_to_reconstruction(logits, r_ids, r_probs, r_tail, r_counts, prior=s.tail_prior())["kl"]
-        out["kl_mean_prior"] = float(prior_kl.mean())
+        mix = float(s.manifest["tail_prior"]["mix"])
+        folds = crossfit_folds(logits, mix, seq_len)
+        out["prior_mix"] = mix
+        out["kl_mean_prior"] = float(prior_kl_crossfit(logits, r_ids, r_probs, r_tail, r_counts, folds).mean())
+        out["kl_mean_prior_insample"] = None  # the flattering in-sample figure: on the comparison curve only
+        if setting["mode"] == "topk" and setting["codec"] == "log8" and setting["encoding"] == "zstd":
+            out["kl_mean_prior_insample"] = float(
+                kl_to_reconstruction(logits, r_ids, r_probs, r_tail, r_counts, prior=s.tail_prior())["kl"].mean())
+        out["kl_mean_bucket"] = float(bucket_kl(logits, r_ids, r_probs, r_tail, r_counts).mean())
         out["ce_gap_mean"] = float(ce_gap(logits, r_ids, r_probs, r_tail, r_counts).mean())
         if is_sampled(setting["mode"]):  # zeros off the drawn ids: KL(teacher || .) is infinite (ce_gap)
-            out.update({"kl_mean": None, "kl_p99": None, "kl_max": None, "kl_mean_prior": None})
+            out.update({"kl_mean": None, "kl_p99": None, "kl_max": None, "kl_mean_prior": None,
+                        "kl_mean_prior_insample": None, "kl_mean_bucket": None})
     out["projected_5T_tokens_GB"] = 5e12 * out["bytes_per_token"] / 1e9
     out["projected_vs_dense_fp8"] = SEED_FP8_DENSE_GB / out["projected_5T_tokens_GB"]
     return out
 
 
-def run_bench(sources: list[tuple], settings: list[dict] | None = None, log=print) -> list[dict]:
+# ------------------------------------------------------------------------------------------------ DistillKit
+# The two configurations DistillKit's README recommends (arcee-ai/DistillKit README, "Recommended configuration"
+# and "budget pick"); ``d`` is set to the source's vocabulary.
+DISTILLKIT_CONFIGS = {
+    "budget": {"k": 50, "exact_k": 1, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, "sqrt"],
+               "term_dtype": "float32", "residual_bins": [], "delta_encoding": False, "error_diffusion": False},
+    "recommended": {"k": 128, "exact_k": 16, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, 2, 3, 4, "sqrt"],
+                    "term_dtype": "float32", "residual_bins": [], "delta_encoding": False,
+                    "error_diffusion": False},
+}
+DISTILLKIT_MISSING_FLOOR = 1e-8  # DistillKit's densify(SYMMETRIC_UNIFORM) floors each missing token at 1e-8
+
+
+def load_distillkit(src: str | None):
+    """DistillKit's ``distillkit.compression`` from a source checkout (its own code, not a copy), or None with
+    the reason. Needs only torch and pydantic."""
+    import hashlib
+    import importlib
+    import sys
+
+    if not src:
+        return None, "no --distillkit-src given (a checkout of github.com/arcee-ai/DistillKit)"
+    root = Path(src)
+    if not (root / "distillkit" / "compression" / "compressor.py").exists():
+        return None, f"{root} holds no distillkit/compression/compressor.py"
+    sys.path.insert(0, str(root))
+    try:
+        mod = importlib.import_module("distillkit.compression")
+        mod.LogprobCompressor  # noqa: B018 (resolves the lazy export: imports the compressor and its deps)
+    except ImportError as e:
+        return None, f"DistillKit's compression code does not import here: {e}"
+    h = hashlib.sha256()
+    for f in sorted((root / "distillkit" / "compression").glob("*.py")):
+        h.update(f.read_bytes())
+    mod.source_sha256 = h.hexdigest()
+    return mod, None
+
+
+def distillkit_measure(logits: torch.Tensor, name: str, dk, folds, chunk: int = 256) -> dict:
+    """Run DistillKit's compressor (configuration ``name``) on the teacher's log-probabilities in float64 and
+    score its decoded targets under every rule.
+
+    Decoded entries: ``p_i = exp(decoded log-prob)``; DistillKit stores no tail, so the missing mass is
+    ``1 - sum p`` floored as DistillKit's own ``densify(..., SYMMETRIC_UNIFORM)`` floors it (``1e-8`` per
+    missing token), and the whole is renormalised (``renormalize=True``). Under the uniform rule this is
+    exactly DistillKit's densified target; the prior rule spreads the same missing mass by the cross-fitted
+    prior. Bytes: the compressor's output (``compressed_logprobs`` + ``bytepacked_indices``) per position,
+    without Parquet's own overhead.
+    """
+    from labelstore.tools.fidelity import bucket_kl, kl_to_reconstruction
+
+    N, V = logits.shape
+    cfg = dk.DistributionQuantizationConfig(d=V, **DISTILLKIT_CONFIGS[name])
+    comp = dk.LogprobCompressor(cfg)
+    ids_l, p_l, t_l, nbytes = [], [], [], 0
+    t0 = time.perf_counter()
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        row = comp.compress(torch.log_softmax(logits[a:b].double(), -1))
+        nbytes += sum(v.numel() * v.element_size() for v in row.values())
+        ids, vals = comp.decompress_to_sparse(row)
+        p = vals.double().exp()
+        t = (1 - p.sum(-1)).clamp_min((V - p.shape[1]) * DISTILLKIT_MISSING_FLOOR)
+        total = p.sum(-1) + t
+        ids_l.append(ids.long())
+        p_l.append(p / total[:, None])
+        t_l.append(t / total)
+    seconds = time.perf_counter() - t0
+    ids, probs, tail = torch.cat(ids_l), torch.cat(p_l), torch.cat(t_l)
+    counts = torch.full((N,), ids.shape[1], dtype=torch.long)
+    uni = kl_to_reconstruction(logits, ids, probs, tail, counts)
+    return {"tool": "DistillKit", "setting": name, "config": {"d": V, **DISTILLKIT_CONFIGS[name]},
+            "positions": N, "vocab_size": V, "bytes_per_token": nbytes / N,
+            "documented_bytes_per_token": cfg.total_bits() / 8, "fit_dtype": "float64",
+            "kl_mean": float(uni["kl"].mean()), "kl_p99": float(np.quantile(uni["kl"], 0.99)),
+            "kl_mean_prior": float(prior_kl_crossfit(logits, ids, probs, tail, counts, folds).mean()),
+            "kl_mean_bucket": float(bucket_kl(logits, ids, probs, tail, counts).mean()),
+            "kept_mass": float(uni["kept_mass"].mean()), "top1_agreement": float(uni["top1"].mean()),
+            "compress_decompress_seconds": seconds}
+
+
+RULE_KEYS = {"uniform": "kl_mean", "prior": "kl_mean_prior"}  # the rules a comparison at equal KL can use
+
+
+def equal_fidelity(results: list[dict], dk_rows: list[dict]) -> list[dict]:
+    """For each DistillKit row and rule: the smallest measured labelstore top-k zstd (log8) row whose KL under
+    the SAME rule is at most DistillKit's, and the byte ratio. Under the prior rule both sides pay the prior
+    file amortised at the scale (DistillKit would need the same file to use that rule).
+
+    The bucket rule is left out: it makes truncation free, so a smaller k would always "match"."""
+    out = []
+    for d in dk_rows:
+        curve = sorted((r for r in results if r["source"] == d["source"] and r["mode"] == "topk"
+                        and r["codec"] == "log8" and r["encoding"] == "zstd" and r["kl_mean"] is not None),
+                       key=lambda r: r["bytes_per_token"])
+        for rule, key in RULE_KEYS.items():
+            extra = curve[0]["prior_bytes_per_token_at_scale"] if (rule == "prior" and curve) else 0.0
+            match = next((r for r in curve if r[key] <= d[key]), None)
+            row = {"source": d["source"], "rule": rule, "distillkit": d["setting"],
+                   "distillkit_bytes": d["bytes_per_token"] + extra, "distillkit_kl": d[key],
+                   "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None}
+            row["interpolated_bytes"] = row["interpolated_ratio"] = None
+            if match is not None:
+                ls_bytes = match["bytes_per_token"] + extra
+                row.update(labelstore_k=match["k"], labelstore_bytes=ls_bytes, labelstore_kl=match[key],
+                           ratio=ls_bytes / row["distillkit_bytes"])
+                i = curve.index(match)
+                if i > 0 and curve[i - 1][key] > d[key] > 0:  # bytes at exactly DistillKit's KL, log-linear in KL
+                    lo, hi = curve[i - 1], match
+                    f = math.log(lo[key] / d[key]) / math.log(lo[key] / hi[key])
+                    b = lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"]) + extra
+                    row.update(interpolated_bytes=b, interpolated_ratio=b / row["distillkit_bytes"])
+            out.append(row)
+    return out
+
+
+def run_bench(sources: list[tuple], settings: list[dict] | None = None, log=print,
+              scale_tokens: float = 5e12) -> list[dict]:
     settings = settings or default_settings()
     results = []
     work = Path(tempfile.mkdtemp(prefix="labelstore-bench-"))
     try:
         for name, logits, nxt in sources:
             for st in settings:
-                r = measure(logits, nxt, st, work)
+                r = measure(logits, nxt, st, work, scale_tokens=scale_tokens)
                 r["source"] = name
                 results.append(r)
-                kl = "-" if r["kl_mean"] is None else f"{r['kl_mean']:.4f}"
+                kl = "-" if r["kl_mean"] is None else f"{r['kl_mean']:.4f} / {r['kl_mean_prior']:.4f}"
                 log(f"{name:<22} {st['mode']:<7} k={st['k']:<4} {st['codec']:<5} {st['encoding']:<6} "
-                    f"{r['bytes_per_token']:8.1f} B/tok  KL {kl}")
+                    f"{r['bytes_per_token']:8.1f} B/tok  KL uniform / prior {kl}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 # ------------------------------------------------------------------------------------------------ reporting
+def _f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
 def markdown_table(results: list[dict]) -> str:
     lines = ["| source | mode | k | codec | encoding | bytes/token | entries/token | x dense fp32 | x dense fp8 | "
-             "KL mean | KL p99 | KL mean, prior tail | KL(rec||teacher) | kept mass | top-1 agree | 5T tokens (GB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "KL uniform | KL p99 uniform | KL prior (cross-fit) | KL bucket | KL(rec||teacher) | kept mass | "
+             "top-1 agree | 5T tokens (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        def f(x, fmt):
-            return "-" if x is None else format(x, fmt)
+        f = _f
         lines.append(
             f"| {r['source']} | {r['mode']} | {r['k']} | {r['codec']} | {r['encoding']} | {r['bytes_per_token']:.1f} | "
             f"{r['entries_per_token']:.1f} | {r['ratio_vs_dense']['fp32']:,.0f} | {r['ratio_vs_dense']['fp8']:,.0f} | "
             f"{f(r['kl_mean'], '.4f')} | {f(r['kl_p99'], '.3f')} | {f(r.get('kl_mean_prior'), '.4f')} | "
-            f"{f(r.get('ce_gap_mean'), '.4f')} | "
+            f"{f(r.get('kl_mean_bucket'), '.5f')} | {f(r.get('ce_gap_mean'), '.4f')} | "
             f"{f(r['kept_mass'], '.3f')} | "
             f"{r['top1_agreement']:.3f} | {r['projected_5T_tokens_GB']:,.0f} |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> bool:
+def costs_paragraph(results: list[dict], scale_tokens: float) -> str:
+    """Fixed costs, measured: the shard's fixed bytes and the prior file, per source vocabulary."""
+    fixed = sorted(r["fixed_bytes_per_shard"] for r in results)
+    meta = sorted(r["shard_metadata_bytes"] for r in results)
+    lines = [f"Fixed cost of a shard (bytes of a one-shard store minus its marginal bytes): median "
+             f"{fixed[len(fixed) // 2]:,} B (range {fixed[0]:,}-{fixed[-1]:,}), of which the store metadata "
+             f"(compile-shaped, one data file listed: {meta[0]:,}-{meta[-1]:,} B) is stored twice (schema message "
+             "and footer); a compile listing many data files has proportionally more.", ""]
+    seen = {}
+    for r in results:
+        if r["prior_file_bytes"]:
+            seen.setdefault(r["source"], r)
+    for src, r in seen.items():
+        lines.append(f"- {src}: tail prior file {r['prior_file_bytes']:,} B = "
+                     f"{r['prior_bytes_per_token_at_bench_positions']:.1f} B/token over the bench's "
+                     f"{r['positions']:,} positions, {r['prior_bytes_per_token_at_scale']:.2e} B/token at "
+                     f"{scale_tokens:.0e} tokens (charged under the prior rule below)")
+    return "\n".join(lines)
+
+
+def distillkit_tables(dk_rows: list[dict], comparisons: list[dict], dk_note: str) -> str:
+    lines = ["## DistillKit, run from its own source, on the same distributions", "", dk_note, "",
+             "| source | DistillKit setting | bytes/token (payload) | documented bytes/token | KL uniform | "
+             "KL prior (cross-fit) | KL bucket | kept mass | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d in dk_rows:
+        lines.append(f"| {d['source']} | {d['setting']} | {d['bytes_per_token']:.1f} | "
+                     f"{d['documented_bytes_per_token']:.1f} | {d['kl_mean']:.4f} | {d['kl_mean_prior']:.4f} | "
+                     f"{d['kl_mean_bucket']:.5f} | {d['kept_mass']:.3f} | {d['top1_agreement']:.3f} |")
+    lines += ["", "## Equal fidelity, rule by rule", "",
+              "The smallest measured labelstore top-k row (log8, zstd) whose mean KL under the SAME rule is at most "
+              "DistillKit's; under the prior rule both sides are charged the prior file at the scale above. "
+              "Interpolated: bytes at exactly DistillKit's KL between the two measured k around it (log-linear in "
+              "KL; an estimate, not a measured store). The bucket rule is not compared (truncation is free there).",
+              "",
+              "| source | rule | DistillKit | its bytes/token | its KL | labelstore top-k | bytes/token | KL | "
+              "bytes ratio | interpolated bytes at its KL | interpolated ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['source']} | {c['rule']} | {c['distillkit']} | {c['distillkit_bytes']:.1f} | "
+                     f"{c['distillkit_kl']:.4f} | {_f(c['labelstore_k'], 'd')} | {_f(c['labelstore_bytes'], '.1f')} | "
+                     f"{_f(c['labelstore_kl'], '.4f')} | {_f(c['ratio'], '.2f')} | "
+                     f"{_f(c.get('interpolated_bytes'), '.1f')} | {_f(c.get('interpolated_ratio'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path, dk_rows: list[dict] | None = None) -> bool:
     try:
         import matplotlib
 
@@ -257,14 +510,16 @@ def plot(results: list[dict], path: Path) -> bool:
         rs = sorted(rs, key=lambda r: r["bytes_per_token"])
         ax.plot([r["bytes_per_token"] for r in rs], [max(r["kl_mean"], 1e-6) for r in rs], marker="o",
                 label=f"{src} {mode} {enc}")
-    for label, x in (("DistillKit k=50 (~114 B)", 114), ("DistillKit k=128 (~300 B)", 300),
-                     ("Megatron k=128 (~640 B, pre-zstd)", 640), ("sampled ~12 (~37 B)", 37)):
+    for d in dk_rows or []:
+        ax.plot([d["bytes_per_token"]], [d["kl_mean"]], marker="x", ms=9, ls="none",
+                label=f"DistillKit {d['setting']} ({d['source']}, run here)")
+    for label, x in (("Megatron k=128 (~640 B, pre-zstd)", 640), ("sampled ~12 (~37 B)", 37)):
         ax.axvline(x, color="grey", ls=":", lw=1)
         ax.text(x, 1.0, label, rotation=90, va="top", ha="right", fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("bytes per token on disk")
-    ax.set_ylabel("mean KL(teacher || stored), nats")
+    ax.set_ylabel("mean KL(teacher || stored), nats, uniform rule")
     ax.set_title("labelstore: storage against fidelity (log8 values; SYNTHETIC sources labelled)")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
@@ -282,6 +537,14 @@ def add_arguments(parser) -> None:
                         help="comma-separated vocabulary sizes of SYNTHETIC sources ('' for none)")
     parser.add_argument("--synthetic-positions", type=int, default=1024)
     parser.add_argument("--entropy", type=float, default=2.5, help="mean entropy (nats) of SYNTHETIC sources")
+    parser.add_argument("--scale-tokens", type=float, default=5e12,
+                        help="tokens the tail prior file is amortised over (default: the seed's 5T)")
+    parser.add_argument("--distillkit-src", default=os.environ.get("LABELSTORE_DISTILLKIT_SRC"),
+                        help="a checkout of github.com/arcee-ai/DistillKit: run its compressor on the same "
+                             "distributions (default $LABELSTORE_DISTILLKIT_SRC)")
+    parser.add_argument("--include", action="append", default=[],
+                        help="compression.json of an earlier run whose sources are reported beside this run's "
+                             "(repeatable; each run's parameters are kept in the output's 'runs')")
     parser.add_argument("--out", default="benchmarks/results", help="directory for compression.json/.md/.png")
 
 
@@ -298,15 +561,52 @@ def run(args) -> int:
         ent = float(-(lp.exp() * lp).sum(-1).mean())
         print(f"source {name}: {logits.shape[0]} positions, V={logits.shape[1]}, mean entropy {ent:.2f} nats "
               f"(log V = {math.log(logits.shape[1]):.2f})")
-    results = run_bench(sources)
+    results = run_bench(sources, scale_tokens=args.scale_tokens)
+    dk, why = load_distillkit(args.distillkit_src)
+    dk_rows, comparisons = [], []
+    if dk is None:
+        dk_note = f"DistillKit was not run: {why}."
+    else:
+        dk_note = (f"DistillKit's `LogprobCompressor` from {args.distillkit_src} (sha256 of its compression/*.py: "
+                   f"{dk.source_sha256[:16]}), fed float64 log-probabilities so its least-squares fit runs in "
+                   "float64 (in float32 its 6-term fit is ill-conditioned and moves with the thread count); decoded "
+                   "by its own decoder; missing mass as its densify(SYMMETRIC_UNIFORM, renormalize=True). Bytes: "
+                   "its compressed payload, without Parquet's overhead. Prior rule: the same cross-fitted priors.")
+        for name, logits, _ in sources:
+            mix = next(r["prior_mix"] for r in results if r["source"] == name and "prior_mix" in r)
+            folds = crossfit_folds(logits, mix)
+            for setting in DISTILLKIT_CONFIGS:
+                d = distillkit_measure(logits, setting, dk, folds)
+                d["source"] = name
+                dk_rows.append(d)
+                print(f"{name:<22} DistillKit {setting:<12} {d['bytes_per_token']:8.1f} B/tok  KL uniform / prior "
+                      f"{d['kl_mean']:.4f} / {d['kl_mean_prior']:.4f}")
+        comparisons = equal_fidelity(results, dk_rows)
+    print(dk_note)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": platform.machine(), "time": time.time(), "synthetic_mean_entropy": args.entropy,
-           "synthetic_generator": "labelstore.tools.synthetic.zipf_logits", "results": results}
+    run_info = {"machine": platform.machine(), "time": time.time(), "synthetic_mean_entropy": args.entropy,
+                "synthetic_generator": "labelstore.tools.synthetic.zipf_logits", "scale_tokens": args.scale_tokens,
+                "demo_positions": None if args.no_demo else args.demo_positions,
+                "synthetic_vocab": args.synthetic_vocab, "synthetic_positions": args.synthetic_positions,
+                "sources": [name for name, _, _ in sources]}
+    runs = [run_info]
+    for path in args.include:  # an earlier run's sources, reported beside these (not re-measured)
+        prev = json.loads(Path(path).read_text())
+        if prev.get("scale_tokens", args.scale_tokens) != args.scale_tokens:
+            raise ValueError(f"{path} amortised the prior over {prev.get('scale_tokens')} tokens, not "
+                             f"{args.scale_tokens}: rerun it with the same --scale-tokens")
+        runs += prev.get("runs", [{k: v for k, v in prev.items() if k not in ("results", "distillkit")}])
+        results = prev["results"] + results
+        dk_rows = prev.get("distillkit", {}).get("rows", []) + dk_rows
+        comparisons = prev.get("distillkit", {}).get("equal_fidelity", []) + comparisons
+    doc = {**run_info, "runs": runs, "results": results,
+           "distillkit": {"ran": bool(dk_rows), "note": dk_note, "rows": dk_rows, "equal_fidelity": comparisons}}
     (out / "compression.json").write_text(json.dumps(doc, indent=1))
-    table = markdown_table(results)
+    table = "\n\n".join([markdown_table(results), costs_paragraph(results, args.scale_tokens),
+                          distillkit_tables(dk_rows, comparisons, dk_note)])
     (out / "compression.md").write_text(table + "\n")
-    plotted = plot(results, out / "compression.png")
+    plotted = plot(results, out / "compression.png", dk_rows)
     print(table)
     print(f"wrote {out / 'compression.json'}, {out / 'compression.md'}" + (", compression.png" if plotted else ""))
     return 0

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelstore.student import losses
+from labelstore.errors import ConfigMismatchError
+from labelstore.student import losses, targets
 from labelstore_kernels.sparse_kl_torch import (
     SparseKLTerm,
     sparse_kl_torch,
@@ -193,6 +194,133 @@ def test_sparse_kl_tail_bucket_is_a_lower_bound_of_the_full_kl():
     sparse = losses.sparse_kl(z, *[batch[k] for k in keys], reduction="none")
     assert torch.all(sparse[pm] <= full[pm] + 1e-6)
     assert torch.all(sparse[~pm] == 0)
+
+
+# ------------------------------------------------------------------------------------ spread tail rules
+def ref_spread_target(batch, kept, prior, rule):
+    """Dense float64 teacher target [N, V]: kept probabilities plus the tail spread by ``rule``, with the scale
+    found by plain bisection per row (no labelstore code). Also returns how many rows hit the cap / fell back."""
+    ids = batch["teacher_ids"].reshape(-1, batch["teacher_ids"].shape[-1])
+    mask = batch["teacher_mask"].reshape(ids.shape)
+    probs = batch["teacher_probs"].reshape(ids.shape).double()
+    tail = batch["teacher_tail"].reshape(-1).double()
+    kept = kept.reshape(ids.shape[0], -1)
+    N, V = kept.shape
+    target = torch.zeros(N, V, dtype=torch.float64)
+    capped = fallback = 0
+    for r in range(N):
+        off = ~kept[r]
+        g = torch.ones(V, dtype=torch.float64) if rule == "uniform" else prior.double().clone()
+        g = torch.where(off, g, 0.0)
+        cap = probs[r][mask[r]].min().item() if (rule == "prior" and mask[r].any()) else float("inf")
+        t = tail[r].item()
+        if t > cap * off.sum().item():  # cannot hold the tail under the cap: no cap
+            cap, fallback = float("inf"), fallback + 1
+        lo, hi = 0.0, t / g[off].min().item() + 1.0
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if torch.minimum(mid * g, torch.tensor(cap)).sum() < t else (lo, mid)
+        row = torch.minimum(hi * g, torch.tensor(cap))
+        capped += int(bool((row >= cap * (1 - 1e-12)).any()))
+        for k in range(ids.shape[1]):
+            if mask[r, k]:
+                row[ids[r, k]] = probs[r, k]
+        target[r] = row
+    return target, capped, fallback
+
+
+@pytest.mark.parametrize("rule", ["prior", "uniform"])
+@pytest.mark.parametrize("temperature,reduction", [(1.0, "mean"), (2.0, "none"), (0.7, "sum")])
+def test_spread_tail_matches_dense_reference(rule, temperature, reduction):
+    z, batch, _, kept = make_batch(B=3, T=6, V=23, K=4, seed=21)
+    # one position whose tail does not fit under its cap (0.39 > 21 x 0.01): the rule drops the cap there
+    ids = batch["teacher_ids"][1, 3] = torch.tensor([5, 7, 0, 0])
+    batch["teacher_probs"][1, 3] = torch.tensor([0.6, 0.01, 0.0, 0.0])
+    batch["teacher_mask"][1, 3] = torch.tensor([True, True, False, False])
+    batch["teacher_tail"][1, 3] = 0.39
+    kept[1, 3] = False
+    kept[1, 3, ids[:2]] = True
+    prior = torch.rand(23, generator=torch.Generator().manual_seed(5), dtype=torch.float64) ** 4 + 0.01
+    target, capped, fallback = ref_spread_target(batch, kept, prior, rule)
+    if rule == "prior":  # the case covers both branches of the water-filling
+        assert capped > 0 and fallback > 0
+    pm = batch["position_mask"]
+    keys = ("teacher_ids", "teacher_probs", "teacher_tail", "teacher_mask", "position_mask")
+
+    def ours(x):
+        return losses.sparse_kl(x, *[batch[k] for k in keys], temperature=temperature, tail=rule,
+                                prior=prior if rule == "prior" else None, reduction=reduction)
+
+    def ref(x):
+        logq = torch.log_softmax(x.reshape(target.shape) / temperature, -1)
+        rows = (torch.xlogy(target, target) - target * logq).sum(-1) * temperature**2
+        return reduce_ref(rows, pm.reshape(-1), reduction, x.shape[:-1])
+
+    assert_close_value_and_grad(ours, ref, z, atol=1e-9, rtol=1e-8)
+    # the dense targets follow the same rule
+    dense = targets.to_dense(batch["teacher_ids"], batch["teacher_probs"], batch["teacher_tail"],
+                             batch["teacher_mask"], 23, prior=prior if rule == "prior" else None)
+    rows = pm.reshape(-1) & (batch["teacher_mask"].reshape(-1, 4).any(-1) | (rule == "prior"))
+    torch.testing.assert_close(dense.reshape(-1, 23)[rows].double(), target[rows], atol=2e-7, rtol=1e-5)
+
+
+def test_spread_tail_gradcheck_and_prior_default():
+    z, batch, _, kept = make_batch(B=1, T=4, V=9, K=3, seed=22)
+    prior = torch.rand(9, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.05
+    keys = ("teacher_ids", "teacher_probs", "teacher_tail", "teacher_mask", "position_mask")
+    args = [batch[k] for k in keys]
+    x = z.clone().requires_grad_(True)
+    for rule in ("prior", "uniform"):
+        assert torch.autograd.gradcheck(lambda v, r=rule: losses.sparse_kl(v, *args, tail=r, prior=prior,
+                                                                            temperature=1.3), (x,))
+    # defaults: a prior given (or carried by the batch) means the prior rule; without one, the bucket
+    with_prior = losses.sparse_kl(z, *args, tail="prior", prior=prior)
+    assert losses.sparse_kl(z, *args, prior=prior) == with_prior
+    assert losses.distillation_loss(z, {**batch, "teacher_prior": prior.float()}) == pytest.approx(
+        with_prior.item(), rel=1e-6)
+    bucket = losses.sparse_kl(z, *args, tail="bucket")
+    assert losses.distillation_loss(z, batch) == bucket == losses.sparse_kl(z, *args, tail=True)
+    assert losses.distillation_loss(z, batch, tail="none") == losses.sparse_kl(z, *args, tail=False)
+    assert with_prior != bucket
+    # reverse KL / JSD have only the bucket forms; a prior in the batch does not change their default
+    assert losses.distillation_loss(z, {**batch, "teacher_prior": prior}, method="reverse_kl") == \
+        losses.reverse_kl(z, *args)
+    with pytest.raises(ValueError, match="forward KL"):
+        losses.reverse_kl(z, *args, tail="prior")
+    with pytest.raises(ValueError, match="needs the tail prior"):
+        losses.sparse_kl(z, *args, tail="prior")
+    with pytest.raises(ValueError, match="tail must be one of"):
+        losses.sparse_kl(z, *args, tail="gaussian")
+    with pytest.raises(ConfigMismatchError, match="> 0 everywhere"):
+        losses.sparse_kl(z, *args, prior=torch.zeros(9))
+    with pytest.raises(ConfigMismatchError, match="9 entries"):
+        losses.sparse_kl(z, *args, prior=torch.ones(10))
+
+
+def test_water_fill_scale_matches_the_sorting_reference():
+    from labelstore.reconstruction import kept_cap, prepare_prior, spread_fill, spread_tail, water_fill_scale
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        V, K, N = int(torch.randint(8, 60, (1,), generator=g)), 6, 8
+        prior = (torch.rand(V, generator=g, dtype=torch.float64) ** 3 + 1e-3).float().double()
+        if trial % 3 == 0:
+            prior[:5] = 0.5  # ties
+        teacher = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2, -1)
+        ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)])
+        mask = torch.rand(N, K, generator=g) > 0.3
+        mask[1] = False  # nothing kept: no cap
+        probs = torch.where(mask, teacher.gather(1, ids), 0.0)
+        tail = torch.rand(N, generator=g, dtype=torch.float64) * (0.9 if trial % 2 else 0.05)
+        tail[2] = 0.0
+        cap = kept_cap(probs, mask)
+        pp = prepare_prior(prior, V)
+        fill = spread_fill(*water_fill_scale(tail, ids, mask, cap, pp, V), pp.weights, V)
+        w = prior[None].expand(N, V).clone()
+        rows, cols = mask.nonzero(as_tuple=True)
+        w[rows, ids[rows, cols]] = 0
+        fill[rows, ids[rows, cols]] = 0
+        torch.testing.assert_close(fill, spread_tail(tail, w, cap), atol=1e-13, rtol=1e-12)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
@@ -467,8 +595,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import json, os
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
-    from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch
+    from labelstore.errors import ConfigMismatchError
+    from labelstore.reconstruction import kept_cap, prepare_prior, water_fill_scale
+    from labelstore_kernels.sparse_kl_torch import SparseKLTerm, TailSpread, sparse_kl_torch
     from labelstore_kernels.sparse_kl_triton import sparse_kl_triton
+
+    def spread(term, V, rule, seed):
+        mask = term.mask
+        prior = torch.rand(V, generator=torch.Generator().manual_seed(seed)) ** 3 + 0.01
+        pp = prepare_prior(prior, V) if rule == "prior" else None
+        cap = kept_cap(term.probs, mask) if pp is not None else torch.full_like(term.tail, float("inf"))
+        c, cap = water_fill_scale(term.tail, term.ids, mask, cap, pp, V)
+        return term._replace(spread=TailSpread(c, cap, None if pp is None else pp.weights))
 
     def terms(N, V, K, seed, tail_zero=False, full=False):
         g = torch.Generator().manual_seed(seed)
@@ -502,15 +640,22 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         "full_support": dict(N=3, V=24, K=24, block_v=8, reduction="sum", full=True),
         "inplace": dict(N=4, V=33, K=4, block_v=16, reduction="sum", inplace=True),
         "extreme_range": dict(N=3, V=40, K=4, block_v=16, reduction="none", extreme=True),
+        "prior_tail": dict(N=6, V=50, K=5, block_v=16, reduction="none", spread="prior", offset=40.0),
+        "prior_tail_two_terms": dict(N=4, V=70, K=7, block_v=32, reduction="sum", two=True, spread="prior"),
+        "uniform_tail": dict(N=5, V=37, K=5, block_v=None, reduction="sum", spread="uniform"),
+        "prior_tail_inplace": dict(N=4, V=33, K=4, block_v=16, reduction="sum", inplace=True, spread="prior"),
     }
     report = {}
     torch.manual_seed(1234)
     for name, c in cases.items():
         kl, ce = terms(c["N"], c["V"], c["K"], seed=len(report), tail_zero=c.get("tail_zero", False),
                        full=c.get("full", False))
+        if c.get("spread"):
+            kl = spread(kl, c["V"], c["spread"], seed=len(report))
         ts = [kl, ce] if c.get("two") else [kl]
-        z = torch.randn(c["N"], c["V"]) * 3
-        z[1, 3] = float("-inf")  # a masked-out vocabulary entry
+        z = torch.randn(c["N"], c["V"]) * 3 + c.get("offset", 0.0)
+        if not (c.get("spread") and c["reduction"] == "sum"):  # (a spread tail on it makes the sum infinite)
+            z[1, 3] = float("-inf")  # a masked-out vocabulary entry
         if c.get("extreme"):  # kept logits 110 nats above the rest: Q underflows fp32, log Q must not
             z = torch.full((c["N"], c["V"]), -60.0) + torch.rand(c["N"], c["V"])
             z.scatter_(1, torch.where(kl.mask, kl.ids, 0), 50.0)
@@ -529,10 +674,27 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             continue
         va, pa, ga = run(sparse_kl_triton, z, ts, c["reduction"], block_v=c["block_v"])
         vb, pb, gb = run(sparse_kl_torch, z, ts, c["reduction"])
+        if c.get("spread"):  # tail mass on the -inf logit: an infinite loss on that row, in both
+            fin = torch.isfinite(vb)
+            assert bool((va[~fin] == vb[~fin]).all()) and bool(fin.any()), (va, vb)
+            va, vb = va[fin], vb[fin]
+            pa, pb = pa[..., fin] if pa.dim() > 1 else pa, pb[..., fin] if pb.dim() > 1 else pb
         report[name] = dict(value=(va - vb).abs().max().item(), parts=(pa - pb).abs().max().item(),
                             grad=(ga - gb).abs().max().item(), scale=gb.abs().max().item(),
-                            vscale=vb.abs().max().item(),
+                            vscale=vb.abs().max().item(), zscale=z[torch.isfinite(z)].abs().max().item(),
                             finite=bool(torch.isfinite(va).all() and torch.isfinite(ga).all()))
+    # guard: an id outside [0, V) is refused like the twin refuses it (a masked padding id is not checked)
+    bad = kl._replace(ids=torch.where(kl.mask, kl.ids, 10**6))
+    bad.ids[0, 0] = c["V"]
+    errors = []
+    for fn in (sparse_kl_triton, sparse_kl_torch):
+        try:
+            fn(torch.randn(c["N"], c["V"]), [bad])
+            errors.append(None)
+        except ConfigMismatchError as e:
+            errors.append(str(e))
+    report["id_guard"] = dict(errors=errors, padding_ok=bool(torch.isfinite(
+        sparse_kl_triton(torch.randn(c["N"], c["V"]), [kl._replace(ids=torch.where(kl.mask, kl.ids, 10**6))])[0])))
     print("REPORT" + json.dumps(report))
     """
 )
@@ -553,26 +715,78 @@ def interpreter_report():
 
 @pytest.mark.parametrize(
     "case",
-    ["one_tile", "multi_tile", "k_not_pow2_two_terms", "no_tail", "full_support", "inplace", "extreme_range"],
+    ["one_tile", "multi_tile", "k_not_pow2_two_terms", "no_tail", "full_support", "inplace", "extreme_range",
+     "prior_tail", "prior_tail_two_terms", "uniform_tail", "prior_tail_inplace"],
 )
 def test_triton_kernel_matches_twin_in_interpreter(interpreter_report, case):
     r = interpreter_report[case]
     # float32 sums in a different order: a few ulps of the loss's magnitude
     assert r["value"] < 1e-6 * max(10.0, r["vscale"]), r
-    assert r["grad"] < 1e-6 * max(1.0, r["scale"]) + 1e-7, r
+    # exp(z - lse) in fp32 carries an absolute error ~ |z| ulp: large logits (prior_tail: +40) scale the bound
+    assert r["grad"] < 1e-6 * max(1.0, r["scale"]) * max(1.0, r.get("zscale", 0.0) / 10) + 1e-7, r
     assert r.get("parts", 0.0) < 1e-6 * max(10.0, r["vscale"]), r
     assert r.get("finite", True), r
     assert r.get("same", True), r
 
 
+def test_triton_kernel_refuses_ids_outside_the_vocabulary(interpreter_report):
+    r = interpreter_report["id_guard"]
+    assert all(e is not None and "outside the student's vocabulary" in e for e in r["errors"]), r
+    assert r["padding_ok"], r
+
+
+def test_fused_op_guards_backward_and_inplace():
+    kl, ce = _random_terms(6, 11, 4, seed=4)
+    z = torch.randn(6, 11, dtype=torch.float64)
+    # ids outside [0, V) on real entries are refused (a masked entry may hold anything)
+    bad = kl._replace(ids=kl.ids.clone())
+    bad.ids[0, 0] = 11
+    with pytest.raises(ConfigMismatchError, match="outside the student's vocabulary"):
+        sparse_kl_torch(z, [bad])
+    bad.ids[0, 0] = -1
+    with pytest.raises(ConfigMismatchError):
+        sparse_kl_torch(z, [bad])
+    # once-differentiable: a second-order gradient refuses instead of returning a wrong (zero) one
+    x = z.clone().requires_grad_(True)
+    v = torch.ones((), dtype=torch.float64, requires_grad=True)  # (Hessian-vector products look like this)
+    (gx,) = torch.autograd.grad(sparse_kl_torch(x, [kl])[0], x, grad_outputs=v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()
+    # the upstream gradient scales the saved one (no special case for 1), also on a retained second pass
+    _, g1 = value_and_grad(lambda v: sparse_kl_torch(v, [kl, ce])[0], z)
+    x = z.clone().requires_grad_(True)
+    loss = sparse_kl_torch(x, [kl, ce])[0]
+    (2.5 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 2.5 * g1)
+    x.grad = None
+    (-0.5 * loss).backward()
+    torch.testing.assert_close(x.grad, -0.5 * g1)
+    # inplace marks the logits dirty: a leaf that requires grad is refused, and so is an op that saved them
+    with pytest.raises(RuntimeError, match="leaf"):
+        sparse_kl_torch(z.clone().requires_grad_(True), [kl], inplace=True)
+    leaf = z.clone().requires_grad_(True)
+    work = leaf * 1.0
+    other = work.sin()  # saves work for its backward
+    loss = sparse_kl_torch(work, [kl], inplace=True)[0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other.sum()).backward()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter test covers CPU)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_matches_twin_on_gpu(dtype):
+@pytest.mark.parametrize("rule", ["bucket", "prior"])
+def test_triton_kernel_matches_twin_on_gpu(dtype, rule):
+    from labelstore.reconstruction import kept_cap, prepare_prior, water_fill_scale
+    from labelstore_kernels.sparse_kl_torch import TailSpread
     from labelstore_kernels.sparse_kl_triton import sparse_kl_triton
 
     kl, ce = _random_terms(64, 5000, 32, dtype=torch.float32, seed=3)
     kl = SparseKLTerm(*[x.cuda() if isinstance(x, torch.Tensor) else x for x in kl])
     ce = SparseKLTerm(*[x.cuda() if isinstance(x, torch.Tensor) else x for x in ce])
+    if rule == "prior":
+        pp = prepare_prior(torch.rand(5000, device="cuda") ** 4 + 1e-3, 5000)
+        c, cap = water_fill_scale(kl.tail, kl.ids, kl.mask, kept_cap(kl.probs, kl.mask), pp, 5000)
+        kl = kl._replace(spread=TailSpread(c, cap, pp.weights))
     z = (torch.randn(64, 5000, device="cuda") * 3).to(dtype)
     va, ga = value_and_grad(lambda x: sparse_kl_triton(x, [kl, ce])[0], z)
     vb, gb = value_and_grad(lambda x: sparse_kl_torch(x, [kl, ce])[0], z)
@@ -670,3 +884,41 @@ def test_codistillation_module_runs_both_models():
     out.total.backward()
     assert all(p.grad is not None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
+
+
+# ------------------------------------------------------------------------------- the store's prior in batches
+def test_collator_attaches_the_store_prior_and_the_loss_uses_it(tmp_path):
+    import numpy as np
+    from store_factory import make_meta
+
+    from labelstore.store.writer import StoreWriter
+    from labelstore.student.dataset import StoreDataset
+
+    V, K = 40, 4
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "s", make_meta(V, K)) as w:
+        for i in range(3):
+            T = 6
+            ids = np.concatenate([rng.choice(V, K, replace=False) for _ in range(T)])
+            w.add(i, rng.integers(0, V, T), np.full(T, K), ids, rng.integers(0, 120, T * K).astype(np.uint8),
+                  (rng.random(T) * 0.5).astype(np.float32))
+        w.add_teacher_mass(rng.random(V) * 3, 10)
+    ds = StoreDataset(tmp_path / "s")
+    prior = ds.store.tail_prior()
+    collate = ds.collator(dense=True)
+    b1, b2 = collate([ds[0], ds[1]]), collate([ds[2]])
+    assert b1["teacher_prior"] is b2["teacher_prior"]  # one tensor, not a copy per batch
+    np.testing.assert_array_equal(b1["teacher_prior"].numpy(), prior)
+    keys = ("teacher_ids", "teacher_probs", "teacher_tail", "teacher_mask", "position_mask")
+    z = torch.randn(2, 6, V, dtype=torch.float64)
+    ref = losses.sparse_kl(z, *[b1[k] for k in keys], tail="prior", prior=torch.from_numpy(prior))
+    assert losses.distillation_loss(z, b1).item() == pytest.approx(ref.item(), rel=1e-6)
+    dense = targets.to_dense(*[b1[k] for k in keys[:4]], V, prior=prior)
+    torch.testing.assert_close(b1["teacher_dense"], dense)
+    # the dense target's KL is the loss (the same rule in both)
+    pm = b1["position_mask"]
+    t = b1["teacher_dense"].double()
+    rows = (torch.xlogy(t, t) - t * torch.log_softmax(z, -1)).sum(-1)
+    assert rows[pm].mean().item() == pytest.approx(ref.item(), rel=1e-5)
+    # an id map or re-tempering changes the distribution the prior describes: no prior attached
+    assert "teacher_prior" not in StoreDataset(tmp_path / "s", id_map=np.arange(V)).collator()([ds[0]])

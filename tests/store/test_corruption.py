@@ -8,14 +8,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_factory import make_meta, random_rows, write_rows
 
 from labelstore.errors import LabelStoreError
+from labelstore.store.format import with_digest
 from labelstore.store.reader import LabelStore
-from labelstore.store.verify import verify_store
 from labelstore.store.writer import StoreWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -54,10 +55,19 @@ def pristine(tmp_path_factory):
 
 
 def _read_everything(path):
+    """Every row as numpy arrays (raises only labelstore errors on a damaged store)."""
     s = LabelStore(path)
-    for x in s:
-        x.probs.sum()
-    return verify_store(path)
+    return [(x.sample_id, x.input_ids.numpy(), x.ids.numpy(), x.probs.numpy(), x.tail.numpy()) for x in s]
+
+
+def _same_rows(got, want) -> bool:
+    return len(got) == len(want) and all(
+        a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:])) for a, b in zip(got, want))
+
+
+@pytest.fixture(scope="module")
+def pristine_rows(pristine):
+    return _read_everything(pristine)
 
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
@@ -69,7 +79,7 @@ json_value = st.recursive(json_leaf, lambda c: st.one_of(st.lists(c, max_size=4)
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzzed_manifest_only_raises_labelstore_errors(pristine, tmp_path_factory, data):
+def test_fuzzed_manifest_only_raises_labelstore_errors(pristine, pristine_rows, tmp_path_factory, data):
     good = json.loads((pristine / "manifest.json").read_text())
     mode = data.draw(st.sampled_from(["replace_leaf", "random_json", "raw_bytes"]))
     if mode == "random_json":
@@ -90,19 +100,23 @@ def test_fuzzed_manifest_only_raises_labelstore_errors(pristine, tmp_path_factor
                 man["meta"][field] = data.draw(json_value)
             else:
                 man[key] = data.draw(json_value)
+        if data.draw(st.booleans()):  # a forger who also recomputes the digest: the edit itself must be caught
+            man = with_digest({k: v for k, v in man.items() if k != "digest"})
         body = json.dumps(man).encode()
     d = tmp_path_factory.mktemp("m")
     shutil.copytree(pristine / "shards", d / "shards")
     (d / "manifest.json").write_bytes(body)
     try:
-        _read_everything(d)
+        rows = _read_everything(d)
     except LabelStoreError:
-        pass
+        return
+    # read without an error: then it must be the original data, never different numbers
+    assert _same_rows(rows, pristine_rows)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=st.binary(min_size=0, max_size=4000), keep=st.integers(0, 3000))
-def test_fuzzed_shard_bytes_only_raise_labelstore_errors(pristine, tmp_path_factory, blob, keep):
+def test_fuzzed_shard_bytes_only_raise_labelstore_errors(pristine, pristine_rows, tmp_path_factory, blob, keep):
     """A shard whose bytes are garbage (or a real prefix + garbage) but whose manifest entry matches its size and
     checksum, as a malicious store would: opening and reading raise labelstore errors only."""
     good = json.loads((pristine / "manifest.json").read_text())
@@ -115,11 +129,15 @@ def test_fuzzed_shard_bytes_only_raise_labelstore_errors(pristine, tmp_path_fact
     man = dict(good, shards=[rec])
     man["totals"] = dict(good["totals"], shards=1, samples=rec["rows"], tokens=rec["tokens"],
                          entries=rec["entries"], bytes=len(data))
+    man = with_digest({k: v for k, v in man.items() if k != "digest"})  # forged consistently: the shard is parsed
     (d / "manifest.json").write_text(json.dumps(man))
     try:
-        _read_everything(d)
+        rows = _read_everything(d)
     except LabelStoreError:
-        pass
+        return
+    # read without an error: the rows it holds must be the original shard's rows, exactly
+    first = [r for r in pristine_rows if rec["first_sample_id"] <= r[0] <= rec["last_sample_id"]][:rec["rows"]]
+    assert _same_rows(rows, first)
 
 
 def test_symlinked_shards_refused(pristine, tmp_path):

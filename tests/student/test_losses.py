@@ -791,8 +791,9 @@ def test_triton_kernel_matches_twin_on_gpu(dtype, rule):
     va, ga = value_and_grad(lambda x: sparse_kl_triton(x, [kl, ce])[0], z)
     vb, gb = value_and_grad(lambda x: sparse_kl_torch(x, [kl, ce])[0], z)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(va, vb, atol=tol, rtol=tol)
-    torch.testing.assert_close(ga, gb, atol=tol, rtol=tol)
+    # scale-relative: gradients are ~1e-4 each, so an absolute 1e-2 would accept anything
+    torch.testing.assert_close(va, vb, atol=tol * vb.abs().item(), rtol=tol)
+    torch.testing.assert_close(ga, gb, atol=tol * gb.abs().max().item(), rtol=tol)
 
 
 def test_backend_dispatch(monkeypatch):

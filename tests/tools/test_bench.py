@@ -22,7 +22,6 @@ def test_measure_bytes_and_kl_against_hand_computation(tmp_path):
     kl = (p * (p.log() - q.log())).sum(-1)
     assert abs(r["kl_mean"] - kl.mean().item()) < 2e-3 * kl.mean().item() + 1e-6
     assert abs(r["kept_mass"] - top.sum(-1).mean().item()) < 1e-5
-    assert r["ratio_vs_dense"]["fp32"] == 4000 / r["bytes_per_token"]
 
 
 def test_zstd_never_larger_on_repetitive_ids(tmp_path):

@@ -162,3 +162,37 @@ def extract(
 
 
 __all__ += ["extract", "extract_select_torch", "extract_select_triton", "parse_selection"]
+
+
+# ------------------------------------------------------------- fused LM head: extraction from hidden states
+from labelstore_kernels.fused_head_torch import LMHead, extract_fused_torch, head_logits  # noqa: E402,I001
+
+
+def extract_fused(
+    hidden: torch.Tensor,
+    head: LMHead,
+    selection: dict,
+    *,
+    temperature: float = 1.0,
+    codec: str | dict | ValueCodec = "log8",
+    seed: int = 0,
+    row_ids=None,
+    backend: str | None = None,
+    on_block=None,
+    block_elems: int | None = None,
+) -> Extracted:
+    """``extract(head_logits(hidden, head), selection, ...)`` without ever holding the ``[N, V]`` logits.
+
+    ``hidden`` ``[N, D]`` are the teacher's final hidden states, ``head`` an :class:`LMHead` (weight, bias,
+    scale, soft-cap, vocabulary mask, compute dtype). The result is that of :func:`extract` on the materialised
+    logits (same contract, same draws for the same ``row_ids``). The pure-torch path
+    (:mod:`labelstore_kernels.fused_head_torch`) runs the head on row blocks of bounded size and extracts each
+    block with the dispatched extraction kernel; ``backend="torch"`` forces the torch twin throughout.
+    ``on_block(s0, z, ex)`` sees each block's logits (used for the tail prior's teacher mass); ``block_elems``
+    bounds a block's logits (default :data:`labelstore_kernels.fused_head_torch.FUSED_BLOCK_ELEMS`).
+    """
+    return extract_fused_torch(hidden, head, selection, temperature=temperature, codec=codec, seed=seed,
+                               row_ids=row_ids, backend=backend, on_block=on_block, block_elems=block_elems)
+
+
+__all__ += ["LMHead", "extract_fused", "extract_fused_torch", "head_logits"]

@@ -114,6 +114,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "max_samples": opts.max_samples,
             "dtype": str(dtype).removeprefix("torch."),
             "tail_prior": opts.uses_tail_prior,
+            **opts.head_settings(),
             "add_special_tokens": True,
             "eos_between_documents": True,
             **config,
@@ -200,7 +201,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                     return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
                                    seed=opts.seed, row_ids=row_ids)
             result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
-                                  pad_id, rank, world)
+                                  pad_id, rank, world, vocab_limit=len(tokenizer) if opts.mask_vocab_padding else None)
         _barrier(world)
         if world > 1 and rank == 0:
             finalize_store(opts.out, world)

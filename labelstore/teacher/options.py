@@ -16,6 +16,9 @@ from labelstore.codecs import CODEC_NAMES, DEFAULT_CODEC
 from labelstore.constants import MAX_SAMPLES
 from labelstore.selection import COMPILE_MODES, SelectionError, check_selection, default_codec
 
+LM_HEAD_MODES = ("auto", "fused", "materialized")  # labelstore.teacher.head reads these
+HEAD_DTYPES = ("auto", "float32")
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENCODING_NAMES = ("packed", "zstd")
 
@@ -81,6 +84,15 @@ class CompileOptions:
     dtype: str = _opt("auto", "teacher weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
                       choices=("auto", *DTYPE_NAMES))
     device: str = _opt("auto", "cpu, cuda, cuda:N (default: cuda if available)")
+    lm_head: str = _opt("auto", "where the logits come from: fused (extraction straight from the final hidden states "
+                                "in row blocks; the [N, V] logits never exist), materialized (model(...).logits), "
+                                "or auto: fused when labelstore can reproduce the teacher's head, else "
+                                "materialized with a one-line notice naming why", choices=LM_HEAD_MODES)
+    head_dtype: str = _opt("auto", "dtype of the LM head matmul and everything after it: auto (the teacher's) or "
+                                   "float32 (exact logits from a bfloat16 teacher; changes the labels)",
+                           choices=HEAD_DTYPES)
+    mask_vocab_padding: bool = _opt(False, "give ids >= the tokenizer's vocabulary probability 0 (padding rows of "
+                                           "a larger head); the store's vocabulary stays the head's rows")
     shard_mb: float = _opt(256.0, "shard size in MiB")
     encoding: str = _opt("packed", "row encoding: packed (format v1, fastest reads) or zstd (format v2, entropy-coded "
                                    "ids and values, about a third smaller on real teachers; docs/FORMAT.md 6b)",
@@ -145,6 +157,16 @@ class CompileOptions:
         return {"mode": "topk+sample", "k_exact": self.k_exact, "samples": self.samples,
                 "k": self.k_exact + self.samples}
 
+    def head_settings(self) -> dict:
+        """The head settings that change the labels, for ``compile_config`` (empty by default: old stores
+        resume)."""
+        out = {}
+        if self.head_dtype != "auto":
+            out["head_dtype"] = self.head_dtype
+        if self.mask_vocab_padding:
+            out["mask_vocab_padding"] = True
+        return out
+
     @property
     def uses_tail_prior(self) -> bool:
         """The tail prior spreads a stored tail: hard labels and pure ``sample`` stores have none."""
@@ -171,5 +193,9 @@ class CompileOptions:
             raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
         if self.tokens_per_batch < 1:
             raise ValueError(f"--tokens-per-batch must be >= 1, got {self.tokens_per_batch}")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"--head-dtype must be one of {', '.join(HEAD_DTYPES)}, got {self.head_dtype!r}")
         if not self.shard_mb > 0:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")

@@ -14,6 +14,7 @@ numerics. Every rank writes its own shards; rank 0 writes the manifest after a b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -31,12 +32,14 @@ from labelstore.teacher.batching import plan_batches
 from labelstore.teacher.inputs import InputConfig, Plan, build_plan
 from labelstore.teacher.model import (
     config_vocab_size,
+    context_length,
     display_name,
     load_teacher,
     load_tokenizer,
     output_vocab_size,
     resolve_device,
     resolve_dtype,
+    resolve_max_length,
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
@@ -163,6 +166,8 @@ def compile_store(opts: CompileOptions) -> CompileResult:
     try:
         tokenizer = load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
         V = config_vocab_size(opts.teacher, opts.trust_remote_code)
+        opts = dataclasses.replace(opts, max_length=resolve_max_length(
+            opts.max_length, context_length(opts.teacher, opts.trust_remote_code), opts.tokens_per_batch))
         if len(tokenizer) > V:
             raise ConfigMismatchError(
                 f"the tokenizer has {len(tokenizer):,} tokens but the teacher's output vocabulary is {V:,}: "

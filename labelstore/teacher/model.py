@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from labelstore.errors import LabelStoreError
+from labelstore.errors import ConfigMismatchError, LabelStoreError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLE_VALUES = 4096  # values per parameter tensor hashed into the teacher fingerprint
@@ -56,8 +56,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise LabelStoreError(f"cannot load tokenizer {name!r}: {exc}") from None
 
 
-def config_vocab_size(name: str, trust_remote_code: bool = False) -> int:
-    """The teacher's vocabulary from its config alone (inputs are validated before the weights load)."""
+def text_config(name: str, trust_remote_code: bool = False):
+    """The teacher's (text) config alone, without its weights."""
     from transformers import AutoConfig
 
     kwargs = {"trust_remote_code": True} if trust_remote_code else {}
@@ -65,8 +65,40 @@ def config_vocab_size(name: str, trust_remote_code: bool = False) -> int:
         cfg = AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise LabelStoreError(f"cannot load the config of teacher {name!r}: {exc}") from None
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(text.vocab_size)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def config_vocab_size(name: str, trust_remote_code: bool = False) -> int:
+    """The teacher's vocabulary from its config alone (inputs are validated before the weights load)."""
+    return int(text_config(name, trust_remote_code).vocab_size)
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+DEFAULT_MAX_LENGTH = 2048  # when the config names no context length
+
+
+def context_length(name: str, trust_remote_code: bool = False) -> tuple[int | None, str]:
+    """``(positions the teacher was built for, the config key saying so)``, or ``(None, "")`` if it says nothing."""
+    cfg = text_config(name, trust_remote_code)
+    for key in CONTEXT_KEYS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, key
+    return None, ""
+
+
+def resolve_max_length(requested: int | None, context: tuple[int | None, str], tokens_per_batch: int) -> int:
+    """``--max-length``: the teacher's context length capped by ``--tokens-per-batch`` when not given; a value
+    above the context length is refused before anything is read or written (positions past it crash the
+    teacher, e.g. GPT-2's position table, or give garbage)."""
+    ctx, key = context
+    if requested is None:
+        return min(ctx, tokens_per_batch) if ctx else min(DEFAULT_MAX_LENGTH, tokens_per_batch)
+    if ctx is not None and requested > ctx:
+        raise ConfigMismatchError(f"--max-length {requested} exceeds the teacher's context length {ctx} ({key} in "
+                                  f"its config): use --max-length {ctx} or less, or omit it (default: the context "
+                                  "length). Nothing was written.")
+    return requested
 
 
 def output_vocab_size(model) -> int:

@@ -71,7 +71,8 @@ class CompileOptions:
     codec: str | None = _opt(None, f"value codec for the kept probabilities (default {DEFAULT_CODEC}; count8, the "
                                    "only choice, for --selection sample)",
                              choices=[c for c in CODEC_NAMES if c != "none"])
-    max_length: int = _opt(2048, "tokens per sequence")
+    max_length: int | None = _opt(None, "tokens per sequence (default: the teacher's context length from its config, "
+                                        "at most --tokens-per-batch; 2048 if the config names none)", type=int)
     pack: bool = _opt(True, "concatenate documents with EOS separators, cut into max-length sequences (default)",
                       negative=("--truncate",), negative_help="one sequence per document, cut to max-length")
     text_field: str = _opt("text", "JSONL field / table column holding the text")
@@ -191,6 +192,8 @@ class CompileOptions:
                 raise ValueError(cli_message(exc)) from None
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or self.max_length < 1):
+            raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
         if self.tokens_per_batch < 1:
             raise ValueError(f"--tokens-per-batch must be >= 1, got {self.tokens_per_batch}")
         if self.lm_head not in LM_HEAD_MODES:

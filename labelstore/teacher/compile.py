@@ -159,6 +159,9 @@ def compile_store(opts: CompileOptions) -> CompileResult:
     dtype = resolve_dtype(opts.dtype, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if opts.device_map is not None and world > 1:
+        raise LabelStoreError(f"--device-map {opts.device_map} places one teacher across all of this node's devices: "
+                              "run one process per node, not under torchrun")
     if world > 1 and not torch.distributed.is_initialized():
         # ranks may finish far apart (a resumed store, uneven documents): wait long at the final barrier
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
@@ -179,7 +182,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                              token_field=opts.token_field, max_samples=opts.max_samples)
         with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
             plan = build_plan(opts.data, tokenizer, in_cfg, V, workdir=workdir)  # validates every input
-            model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code)
+            model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code, device_map=opts.device_map)
             if output_vocab_size(model) != V:
                 raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
                                           f"its config says vocab_size {V:,}; fix the model's config.json")

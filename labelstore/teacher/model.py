@@ -29,8 +29,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_teacher(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
-    """``AutoModelForCausalLM.from_pretrained`` exactly as a user would call it, in eval mode on ``device``."""
+def load_teacher(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+                 device_map: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` exactly as a user would call it, in eval mode on ``device``.
+
+    ``device_map`` (e.g. ``"auto"``) is handed to ``from_pretrained``: accelerate places the layers across this
+    node's GPUs, then CPU memory, and moves activations between them; ``device`` is then unused.
+    """
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -39,11 +44,22 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device, trust_remo
     kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
     if trust_remote_code:  # never passed unless the user asked for it
         kwargs["trust_remote_code"] = True
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise LabelStoreError(f"cannot load teacher {name!r}: {exc}") from None
-    return model.to(device).eval()
+    return (model if device_map is not None else model.to(device)).eval()
+
+
+def input_device(model, default: torch.device) -> torch.device:
+    """Where a batch's token ids go: the input embedding's device (the first one under a device map)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor) and w.device.type != "meta":
+        return w.device
+    return default
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -18,6 +18,7 @@ from labelstore.selection import COMPILE_MODES, SelectionError, check_selection,
 
 LM_HEAD_MODES = ("auto", "fused", "materialized")  # labelstore.teacher.head reads these
 HEAD_DTYPES = ("auto", "float32")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's named placements
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENCODING_NAMES = ("packed", "zstd")
@@ -85,6 +86,9 @@ class CompileOptions:
     dtype: str = _opt("auto", "teacher weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
                       choices=("auto", *DTYPE_NAMES))
     device: str = _opt("auto", "cpu, cuda, cuda:N (default: cuda if available)")
+    device_map: str | None = _opt(None, "auto: place a teacher too large for one device across this node's GPUs "
+                                        "(then CPU memory) with accelerate (from_pretrained's device_map); one "
+                                        "process per node, not under torchrun", choices=DEVICE_MAPS)
     lm_head: str = _opt("auto", "where the logits come from: fused (extraction straight from the final hidden states "
                                 "in row blocks; the [N, V] logits never exist), materialized (model(...).logits), "
                                 "or auto: fused when labelstore can reproduce the teacher's head, else "
@@ -200,5 +204,7 @@ class CompileOptions:
             raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
         if self.head_dtype not in HEAD_DTYPES:
             raise ValueError(f"--head-dtype must be one of {', '.join(HEAD_DTYPES)}, got {self.head_dtype!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
         if not self.shard_mb > 0:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")

@@ -28,6 +28,7 @@ from labelstore.store.format import has_tail_column
 from labelstore.teacher.batching import pad_batch, row_ids
 from labelstore.teacher.head import body_hidden, plan_head
 from labelstore.teacher.inputs import Plan
+from labelstore.teacher.model import input_device
 from labelstore.teacher.prior import MassAccumulator, teacher_mass
 from labelstore_kernels import extract_fused, head_logits
 
@@ -121,11 +122,12 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
     first = next((b for b in mine if len(b)), None)
     hp = plan_head(model, opts.lm_head, head_dtype=opts.head_dtype, valid_vocab=vocab_limit,
                    probe_ids=None if first is None else torch.from_numpy(plan.sequence(int(first[0])).astype(np.int64)),
-                   device=device, notice=rank == 0)
+                   device=input_device(model, device), notice=rank == 0)
     if hp.head is not None and hp.head.vocab_size != V:
         raise ConfigMismatchError(f"the teacher's LM head has {hp.head.vocab_size} rows, expected its output "
                                   f"vocabulary of {V}")
     selection = opts.selection_meta(V)
+    device = input_device(model, device)  # under --device-map: where the embedding lives
     committed = writer.committed_sample_ids()
     todo_masks = [~np.isin(b, committed) for b in mine]
     total = int(sum(int(t.sum()) for t in todo_masks))

@@ -44,7 +44,7 @@ from labelstore.teacher.model import (
     tokenizer_fingerprint,
 )
 from labelstore.teacher.options import CompileOptions
-from labelstore.teacher.pipeline import CompileResult, run_batches
+from labelstore.teacher.pipeline import CompileResult, resolve_tokens_per_batch, run_batches
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
 
@@ -186,6 +186,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
             if output_vocab_size(model) != V:
                 raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
                                           f"its config says vocab_size {V:,}; fix the model's config.json")
+            opts = dataclasses.replace(opts, tokens_per_batch=resolve_tokens_per_batch(opts, model, V, device))
             meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
                               tokenizer_fingerprint(tokenizer), world)
             _check_inputs_still_there(opts.out, plan)

@@ -91,6 +91,7 @@ def config_vocab_size(name: str, trust_remote_code: bool = False) -> int:
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 DEFAULT_MAX_LENGTH = 2048  # when the config names no context length
+AUTO_LENGTH_CAP = 16384  # default --max-length cap under --tokens-per-batch auto
 
 
 def context_length(name: str, trust_remote_code: bool = False) -> tuple[int | None, str]:
@@ -103,11 +104,13 @@ def context_length(name: str, trust_remote_code: bool = False) -> tuple[int | No
     return None, ""
 
 
-def resolve_max_length(requested: int | None, context: tuple[int | None, str], tokens_per_batch: int) -> int:
-    """``--max-length``: the teacher's context length capped by ``--tokens-per-batch`` when not given; a value
-    above the context length is refused before anything is read or written (positions past it crash the
-    teacher, e.g. GPT-2's position table, or give garbage)."""
+def resolve_max_length(requested: int | None, context: tuple[int | None, str], tokens_per_batch: int | str) -> int:
+    """``--max-length``: the teacher's context length capped by ``--tokens-per-batch`` (16384 when ``auto``) when
+    not given; a value above the context length is refused before anything is read or written (positions past
+    it crash the teacher, e.g. GPT-2's position table, or give garbage)."""
     ctx, key = context
+    if not isinstance(tokens_per_batch, int):
+        tokens_per_batch = AUTO_LENGTH_CAP
     if requested is None:
         return min(ctx, tokens_per_batch) if ctx else min(DEFAULT_MAX_LENGTH, tokens_per_batch)
     if ctx is not None and requested > ctx:

@@ -27,6 +27,16 @@ ENCODING_NAMES = ("packed", "zstd")
 FLAGS = {"k": "--k", "p": "--top-p", "min_k": "--min-k", "samples": "--samples", "k_exact": "--k-exact"}
 
 
+def tokens_arg(text: str) -> int | str:
+    """``--tokens-per-batch``: a positive int or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None
+
+
 def _opt(default, help: str, **cli):
     return field(default=default, metadata={"help": help, **cli})
 
@@ -82,7 +92,9 @@ class CompileOptions:
     hard_labels: bool = _opt(False, "store only the teacher's argmax token per position (no values, no tail)")
     tail_prior: bool = _opt(True, "skip the teacher's mean distribution (the store's tail prior, one extra pass over "
                                   "the logits)", negative=("--no-tail-prior",))
-    tokens_per_batch: int = _opt(16384, "padded tokens per teacher forward")
+    tokens_per_batch: int | str = _opt(16384, "padded tokens per teacher forward, or auto: sized from the device's "
+                                              "free memory, the vocabulary and whether the logits are materialised "
+                                              "(a resume reuses the store's value)", type=tokens_arg)
     dtype: str = _opt("auto", "teacher weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
                       choices=("auto", *DTYPE_NAMES))
     device: str = _opt("auto", "cpu, cuda, cuda:N (default: cuda if available)")
@@ -198,8 +210,9 @@ class CompileOptions:
             raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
         if self.max_length is not None and (isinstance(self.max_length, bool) or self.max_length < 1):
             raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
-        if self.tokens_per_batch < 1:
-            raise ValueError(f"--tokens-per-batch must be >= 1, got {self.tokens_per_batch}")
+        tpb = self.tokens_per_batch
+        if tpb != "auto" and (isinstance(tpb, bool) or not isinstance(tpb, int) or tpb < 1):
+            raise ValueError(f"--tokens-per-batch must be >= 1, got {tpb}")
         if self.lm_head not in LM_HEAD_MODES:
             raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
         if self.head_dtype not in HEAD_DTYPES:

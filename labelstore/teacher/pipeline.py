@@ -12,12 +12,14 @@ samples are added.
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,12 +27,20 @@ import torch
 from labelstore.errors import ConfigMismatchError, InvalidLogitsError
 from labelstore.store.bitpack import packed_nbytes
 from labelstore.store.format import has_tail_column
-from labelstore.teacher.batching import pad_batch, row_ids
-from labelstore.teacher.head import body_hidden, plan_head
+from labelstore.store.manifest import CONFIG
+from labelstore.teacher.batching import (
+    auto_tokens_per_batch,
+    bytes_per_token,
+    free_memory,
+    pad_batch,
+    row_ids,
+)
+from labelstore.teacher.head import body_hidden, plan_head, read_head
 from labelstore.teacher.inputs import Plan
 from labelstore.teacher.model import input_device
 from labelstore.teacher.prior import MassAccumulator, teacher_mass
 from labelstore_kernels import extract_fused, head_logits
+from labelstore_kernels.fused_head_torch import rows_per_block
 
 QUEUE_BATCHES = 2  # extracted batches waiting for the writer thread (bounds memory)
 
@@ -184,6 +194,27 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
     return CompileResult(out=str(opts.out), rank=rank, world_size=world, samples=thread.samples,
                          tokens=thread.tokens, skipped=skipped, seconds=time.perf_counter() - t0,
                          cpu_seconds=time.process_time() - c0)
+
+
+def resolve_tokens_per_batch(opts, model, V: int, device: torch.device) -> int:
+    """``--tokens-per-batch``: the number given, or for ``auto`` the value a store being resumed recorded (the
+    batches, hence the numerics, stay those of the first run), else what fits the free memory of ``device``
+    (:func:`labelstore.teacher.batching.auto_tokens_per_batch`) on the path the head allows."""
+    if opts.tokens_per_batch != "auto":
+        return int(opts.tokens_per_batch)
+    try:
+        cfg = json.loads((Path(opts.out) / CONFIG).read_text())
+        return int(cfg["runtime"]["tokens_per_batch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a new store
+    head, _ = read_head(model)
+    fused = head is not None and opts.lm_head != "materialized"
+    w = next(model.parameters())
+    head_bytes = 4 if opts.head_dtype == "float32" else w.element_size()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    per_token = bytes_per_token(cfg, V, opts.max_length, w.element_size(), fused, head_bytes)
+    fixed = rows_per_block(V, device) * V * 4 * 2 if fused else 0  # the logits block and its float32 work copy
+    return auto_tokens_per_batch(free_memory(device), device.type, per_token, fixed, opts.max_length)
 
 
 def real_rows(m: torch.Tensor) -> torch.Tensor | None:

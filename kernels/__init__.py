@@ -190,7 +190,25 @@ def extract_fused(
     block with the dispatched extraction kernel; ``backend="torch"`` forces the torch twin throughout.
     ``on_block(s0, z, ex)`` sees each block's logits (used for the tail prior's teacher mass); ``block_elems``
     bounds a block's logits (default :data:`labelstore_kernels.fused_head_torch.FUSED_BLOCK_ELEMS`).
+
+    ``backend="triton"`` (or ``LABELSTORE_EXTRACT_BACKEND=triton``) runs the fused Triton kernel
+    (:mod:`labelstore_kernels.fused_head_triton`: matmul tiles, tile top-k, merge; vocabulary tiles, no ``[R, V]``
+    block) for ``topk`` / ``argmax`` selections without ``on_block``. It is opt-in until its GPU speed is measured
+    (``benchmarks/gpu_check.sh``); by default CUDA tensors take the row-block path with the Triton extraction.
     """
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    if name == "triton":
+        sel, cdc = parse_selection(selection, codec)
+        if sel["mode"] not in ("topk", "argmax") or on_block is not None:
+            raise ValueError("the fused Triton kernel does topk and argmax selections without on_block (no tail "
+                             f"prior); got mode {sel['mode']!r}{' with on_block' if on_block else ''}: use "
+                             "backend='torch' or None")
+        if not triton_available(hidden.device):
+            raise ValueError(f"the fused Triton kernel cannot run on a {hidden.device.type} tensor here: it needs "
+                             "CUDA with triton (or TRITON_INTERPRET=1 for CPU tensors); use backend='torch'")
+        from labelstore_kernels.fused_head_triton import extract_fused_topk_triton
+
+        return extract_fused_topk_triton(hidden, head, sel["k"], temperature=temperature, codec=cdc)
     return extract_fused_torch(hidden, head, selection, temperature=temperature, codec=codec, seed=seed,
                                row_ids=row_ids, backend=backend, on_block=on_block, block_elems=block_elems)
 

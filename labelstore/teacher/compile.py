@@ -44,6 +44,7 @@ from labelstore.teacher.model import (
     tokenizer_fingerprint,
 )
 from labelstore.teacher.options import CompileOptions
+from labelstore.teacher.parallel import FollowerWriter, same_on_all_ranks, tp_layout, tp_mesh
 from labelstore.teacher.pipeline import CompileResult, resolve_tokens_per_batch, run_batches
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
@@ -166,6 +167,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
         # ranks may finish far apart (a resumed store, uneven documents): wait long at the final barrier
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(hours=24))
+    tp = tp_layout(rank, world, opts.tp_size)  # groups of --tp-size ranks; for the store a group is one rank
     try:
         tokenizer = load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
         V = config_vocab_size(opts.teacher, opts.trust_remote_code)
@@ -182,19 +184,22 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                              token_field=opts.token_field, max_samples=opts.max_samples)
         with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
             plan = build_plan(opts.data, tokenizer, in_cfg, V, workdir=workdir)  # validates every input
-            model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code, device_map=opts.device_map)
+            model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code, device_map=opts.device_map,
+                                 tp_mesh=tp_mesh(tp, device) if tp.tp_size > 1 else None)
             if output_vocab_size(model) != V:
                 raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
                                           f"its config says vocab_size {V:,}; fix the model's config.json")
-            opts = dataclasses.replace(opts, tokens_per_batch=resolve_tokens_per_batch(opts, model, V, device))
+            opts = dataclasses.replace(opts, tokens_per_batch=same_on_all_ranks(
+                resolve_tokens_per_batch(opts, model, V, device), world))
             meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
-                              tokenizer_fingerprint(tokenizer), world)
+                              tokenizer_fingerprint(tokenizer), tp.groups)
             _check_inputs_still_there(opts.out, plan)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
-            mine = batches[rank::world]
+            mine = batches[tp.group::tp.groups]
             try:
-                writer = StoreWriter(opts.out, meta, rank=rank, world_size=world,
-                                     shard_bytes=max(1, int(opts.shard_mb * (1 << 20))))
+                writer = (StoreWriter(opts.out, meta, rank=tp.group, world_size=tp.groups,
+                                      shard_bytes=max(1, int(opts.shard_mb * (1 << 20))))
+                          if tp.leader else FollowerWriter(opts.out))
             except OSError as exc:  # e.g. the lock file of a read-only store (the writer wraps its other I/O)
                 raise StoreWriteError(
                     f"cannot open {opts.out} for writing: {exc.strerror or exc}"
@@ -210,10 +215,12 @@ def compile_store(opts: CompileOptions) -> CompileResult:
                     return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
                                    seed=opts.seed, row_ids=row_ids)
             result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
-                                  pad_id, rank, world, vocab_limit=len(tokenizer) if opts.mask_vocab_padding else None)
+                                  pad_id, tp.group, tp.groups,
+                                  vocab_limit=len(tokenizer) if opts.mask_vocab_padding else None,
+                                  notice=rank == 0, follower=not tp.leader)
         _barrier(world)
         if world > 1 and rank == 0:
-            finalize_store(opts.out, world)
+            finalize_store(opts.out, tp.groups)
         _barrier(world)
         return result
     finally:

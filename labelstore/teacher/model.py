@@ -30,11 +30,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_teacher(name: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                 device_map: str | None = None):
+                 device_map: str | None = None, tp_mesh=None):
     """``AutoModelForCausalLM.from_pretrained`` exactly as a user would call it, in eval mode on ``device``.
 
     ``device_map`` (e.g. ``"auto"``) is handed to ``from_pretrained``: accelerate places the layers across this
-    node's GPUs, then CPU memory, and moves activations between them; ``device`` is then unused.
+    node's GPUs, then CPU memory, and moves activations between them; ``device`` is then unused. ``tp_mesh`` (a
+    1-D device mesh of this rank's tensor-parallel group) loads the teacher with transformers' own tensor
+    parallelism, ``tp_plan="auto"`` (:mod:`labelstore.teacher.parallel`).
     """
     import transformers
     from transformers import AutoModelForCausalLM
@@ -46,11 +48,13 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device, trust_remo
         kwargs["trust_remote_code"] = True
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if tp_mesh is not None:
+        kwargs.update(tp_plan="auto", device_mesh=tp_mesh)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise LabelStoreError(f"cannot load teacher {name!r}: {exc}") from None
-    return (model if device_map is not None else model.to(device)).eval()
+    return (model if device_map is not None or tp_mesh is not None else model.to(device)).eval()
 
 
 def input_device(model, default: torch.device) -> torch.device:
@@ -131,6 +135,8 @@ def teacher_fingerprint(model) -> str:
     """SHA-256 over every parameter's name, shape and up to 4096 evenly spaced values (fast for any size)."""
     h = hashlib.sha256(json.dumps(list(getattr(model.config, "architectures", None) or [])).encode())
     for name, p in sorted(model.state_dict().items()):
+        if hasattr(p, "full_tensor"):  # a tensor-parallel shard (DTensor): hash the whole tensor, like one process
+            p = p.full_tensor()
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // SAMPLE_VALUES)
         sample = flat[::step][:SAMPLE_VALUES].float().cpu().numpy()

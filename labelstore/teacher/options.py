@@ -101,6 +101,8 @@ class CompileOptions:
     device_map: str | None = _opt(None, "auto: place a teacher too large for one device across this node's GPUs "
                                         "(then CPU memory) with accelerate (from_pretrained's device_map); one "
                                         "process per node, not under torchrun", choices=DEVICE_MAPS)
+    tp_size: int = _opt(1, "under torchrun: ranks per tensor-parallel group (transformers' tp_plan=auto); groups "
+                           "split the data and one rank per group writes")
     lm_head: str = _opt("auto", "where the logits come from: fused (extraction straight from the final hidden states "
                                 "in row blocks; the [N, V] logits never exist), materialized (model(...).logits), "
                                 "or auto: fused when labelstore can reproduce the teacher's head, else "
@@ -213,6 +215,8 @@ class CompileOptions:
         tpb = self.tokens_per_batch
         if tpb != "auto" and (isinstance(tpb, bool) or not isinstance(tpb, int) or tpb < 1):
             raise ValueError(f"--tokens-per-batch must be >= 1, got {tpb}")
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"--tp-size must be >= 1, got {self.tp_size}")
         if self.lm_head not in LM_HEAD_MODES:
             raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
         if self.head_dtype not in HEAD_DTYPES:

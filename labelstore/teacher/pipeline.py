@@ -122,22 +122,26 @@ class WriterThread(threading.Thread):
 
 
 def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world,
-                vocab_limit: int | None = None):
+                vocab_limit: int | None = None, notice: bool | None = None, follower: bool = False):
     """Compile this rank's batches ``mine`` into ``writer`` (module docstring); returns this rank's figures.
 
     ``vocab_limit`` (``--mask-vocab-padding``: the tokenizer's size) gives the ids at and above it probability 0.
     Where the logits come from (fused or materialised) is decided here, once, by
-    :func:`labelstore.teacher.head.plan_head`.
+    :func:`labelstore.teacher.head.plan_head` (its notice printed where ``notice``, default on rank 0).
+    ``follower``: a non-leader member of a tensor-parallel group (:mod:`labelstore.teacher.parallel`) runs the
+    leader's forwards and nothing else; ``writer`` is then a :class:`~labelstore.teacher.parallel.FollowerWriter`.
     """
     first = next((b for b in mine if len(b)), None)
     hp = plan_head(model, opts.lm_head, head_dtype=opts.head_dtype, valid_vocab=vocab_limit,
                    probe_ids=None if first is None else torch.from_numpy(plan.sequence(int(first[0])).astype(np.int64)),
-                   device=input_device(model, device), notice=rank == 0)
+                   device=input_device(model, device), notice=(rank == 0) if notice is None else notice)
     if hp.head is not None and hp.head.vocab_size != V:
         raise ConfigMismatchError(f"the teacher's LM head has {hp.head.vocab_size} rows, expected its output "
                                   f"vocabulary of {V}")
     selection = opts.selection_meta(V)
     device = input_device(model, device)  # under --device-map: where the embedding lives
+    if follower:
+        return follow_batches(model, hp, plan, mine, writer, pad_id, device, rank, world)
     committed = writer.committed_sample_ids()
     todo_masks = [~np.isin(b, committed) for b in mine]
     total = int(sum(int(t.sum()) for t in todo_masks))
@@ -215,6 +219,23 @@ def resolve_tokens_per_batch(opts, model, V: int, device: torch.device) -> int:
     per_token = bytes_per_token(cfg, V, opts.max_length, w.element_size(), fused, head_bytes)
     fixed = rows_per_block(V, device) * V * 4 * 2 if fused else 0  # the logits block and its float32 work copy
     return auto_tokens_per_batch(free_memory(device), device.type, per_token, fixed, opts.max_length)
+
+
+def follow_batches(model, hp, plan, mine, writer, pad_id, device, rank, world) -> CompileResult:
+    """A tensor-parallel follower: the same forwards as its group's leader (each is a collective), no output."""
+    committed = writer.committed_sample_ids()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for batch in mine:
+            if not (~np.isin(batch, committed)).any():
+                continue
+            x, m, _ = pad_batch(plan, batch, pad_id)
+            if hp.head is None:
+                model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
+            else:
+                body_hidden(model, x.to(device), m.to(device))
+    return CompileResult(out="", rank=rank, world_size=world, samples=0, tokens=0, skipped=0,
+                         seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 
 
 def real_rows(m: torch.Tensor) -> torch.Tensor | None:

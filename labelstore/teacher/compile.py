@@ -160,6 +160,7 @@ def compile_store(opts: CompileOptions) -> CompileResult:
     dtype = resolve_dtype(opts.dtype, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    tp = tp_layout(rank, world, opts.tp_size)  # groups of --tp-size ranks; for the store a group is one rank
     if opts.device_map is not None and world > 1:
         raise LabelStoreError(f"--device-map {opts.device_map} places one teacher across all of this node's devices: "
                               "run one process per node, not under torchrun")
@@ -167,7 +168,6 @@ def compile_store(opts: CompileOptions) -> CompileResult:
         # ranks may finish far apart (a resumed store, uneven documents): wait long at the final barrier
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(hours=24))
-    tp = tp_layout(rank, world, opts.tp_size)  # groups of --tp-size ranks; for the store a group is one rank
     try:
         tokenizer = load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
         V = config_vocab_size(opts.teacher, opts.trust_remote_code)

@@ -127,11 +127,13 @@ def plan_head(model, mode: str, *, head_dtype: str = "auto", valid_vocab: int | 
     if mode not in LM_HEAD_MODES:
         raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {mode!r}")
     dtype = torch.float32 if head_dtype == "float32" else None
+    needs_head = dtype is not None or valid_vocab is not None
+    if mode == "materialized" and not needs_head:
+        return HeadPlan(None, False, "--lm-head materialized")  # model(...).logits as is: nothing to probe
     head, why = read_head(model, dtype=dtype, valid_vocab=valid_vocab)
     if head is not None and probe_ids is not None and len(probe_ids):
         why = probe(model, head, probe_ids, device or head.weight.device)
         head = None if why else head
-    needs_head = dtype is not None or valid_vocab is not None
     if head is None and (mode == "fused" or needs_head):
         what = ("--lm-head fused" if mode == "fused" else
                 "--head-dtype float32" if dtype is not None else "--mask-vocab-padding")

@@ -196,3 +196,28 @@ def test_fused_store_equals_materialised_store(env, tmp_path, arch, kw):
         np.testing.assert_allclose(a[sid]["tail"], b[sid]["tail"], rtol=1e-5)
     pa, pb = LabelStore(tmp_path / "fused").tail_prior(), LabelStore(tmp_path / "materialized").tail_prior()
     np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-12)
+
+
+def test_head_settings_are_recorded_and_change_the_labels_only_as_asked(env, tmp_path):
+    """--mask-vocab-padding keeps ids below the tokenizer's size; --head-dtype float32 is recorded (a resume
+    with another head setting is refused); on a float32 teacher the float32 head gives the same labels."""
+    from labelstore.errors import ConfigMismatchError
+
+    teacher = save_teacher(env["base"] / "padded", "llama", env["tok"], extra_vocab=40)
+    base = dict(teacher=str(teacher), data=[str(env["corpus"])], max_length=32, tokens_per_batch=32, k=64,
+                device="cpu", progress=False)
+    compile_store(CompileOptions(out=str(tmp_path / "plain"), **base))
+    compile_store(CompileOptions(out=str(tmp_path / "masked"), mask_vocab_padding=True, **base))
+    compile_store(CompileOptions(out=str(tmp_path / "f32"), head_dtype="float32", **base))
+    plain, masked, f32 = (raw_store_rows(tmp_path / n) for n in ("plain", "masked", "f32"))
+    n_tok = len(env["tok"])
+    assert any((r["ids"] >= n_tok).any() for r in plain.values())  # padding rows do get mass unmasked
+    assert all((r["ids"] < n_tok).all() for r in masked.values())
+    for sid in plain:
+        np.testing.assert_array_equal(plain[sid]["ids"], f32[sid]["ids"])
+        np.testing.assert_array_equal(plain[sid]["values"], f32[sid]["values"])
+    cfg = LabelStore(tmp_path / "f32").meta["compile_config"]
+    assert cfg["head_dtype"] == "float32" and "head_dtype" not in LabelStore(tmp_path / "plain").meta["compile_config"]
+    assert LabelStore(tmp_path / "masked").meta["compile_config"]["mask_vocab_padding"] is True
+    with pytest.raises(ConfigMismatchError, match="head_dtype"):
+        compile_store(CompileOptions(out=str(tmp_path / "plain"), head_dtype="float32", **base))

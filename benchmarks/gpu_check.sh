@@ -12,6 +12,7 @@
 #    bad-row check), the twin, and the naive log_softmax -> topk -> encode; GB/s of logits read against
 #    the H200's 4.8 TB/s and against a measured device copy.
 # 3. A small tile / warp sweep at V = 131072, k = 64.
+# 4. The fused LM-head kernel: benchmarks/gpu_check_fused.py (see the end of this script).
 # Results: benchmarks/results/gpu_extract.json (and $OUT/gpu_extract.json when $OUT is set). Exit status 1
 # if a parity check failed. Stages past a 250 s budget are skipped and marked so.
 set -euo pipefail
@@ -41,7 +42,8 @@ export PYTHONPATH="$PWD:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null || true
 
-"$PY" - "$@" <<'PYEOF'
+rc=0
+"$PY" - "$@" <<'PYEOF' || rc=$?
 import json
 import os
 import platform
@@ -312,3 +314,7 @@ if os.environ.get("OUT"):
         f.write(text)
 sys.exit(1 if failures else 0)
 PYEOF
+# 4. The fused LM-head extraction (issue 14): parity of the fused Triton kernel with its twin, and its time
+#    against the materialised and row-block paths (benchmarks/gpu_check_fused.py, results gpu_fused.json).
+"$PY" benchmarks/gpu_check_fused.py "$@" || rc=1
+exit $rc

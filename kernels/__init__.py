@@ -162,3 +162,55 @@ def extract(
 
 
 __all__ += ["extract", "extract_select_torch", "extract_select_triton", "parse_selection"]
+
+
+# ------------------------------------------------------------- fused LM head: extraction from hidden states
+from labelstore_kernels.fused_head_torch import LMHead, extract_fused_torch, head_logits  # noqa: E402,I001
+
+
+def extract_fused(
+    hidden: torch.Tensor,
+    head: LMHead,
+    selection: dict,
+    *,
+    temperature: float = 1.0,
+    codec: str | dict | ValueCodec = "log8",
+    seed: int = 0,
+    row_ids=None,
+    backend: str | None = None,
+    on_block=None,
+    block_elems: int | None = None,
+) -> Extracted:
+    """``extract(head_logits(hidden, head), selection, ...)`` without ever holding the ``[N, V]`` logits.
+
+    ``hidden`` ``[N, D]`` are the teacher's final hidden states, ``head`` an :class:`LMHead` (weight, bias,
+    scale, soft-cap, vocabulary mask, compute dtype). The result is that of :func:`extract` on the materialised
+    logits (same contract, same draws for the same ``row_ids``). The pure-torch path
+    (:mod:`labelstore_kernels.fused_head_torch`) runs the head on row blocks of bounded size and extracts each
+    block with the dispatched extraction kernel; ``backend="torch"`` forces the torch twin throughout.
+    ``on_block(s0, z, ex)`` sees each block's logits (used for the tail prior's teacher mass); ``block_elems``
+    bounds a block's logits (default :data:`labelstore_kernels.fused_head_torch.FUSED_BLOCK_ELEMS`).
+
+    ``backend="triton"`` (or ``LABELSTORE_EXTRACT_BACKEND=triton``) runs the fused Triton kernel
+    (:mod:`labelstore_kernels.fused_head_triton`: matmul tiles, tile top-k, merge; vocabulary tiles, no ``[R, V]``
+    block) for ``topk`` / ``argmax`` selections without ``on_block``. It is opt-in until its GPU speed is measured
+    (``benchmarks/gpu_check.sh``); by default CUDA tensors take the row-block path with the Triton extraction.
+    """
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    if name == "triton":
+        sel, cdc = parse_selection(selection, codec)
+        if sel["mode"] not in ("topk", "argmax") or on_block is not None:
+            raise ValueError("the fused Triton kernel does topk and argmax selections without on_block (no tail "
+                             f"prior); got mode {sel['mode']!r}{' with on_block' if on_block else ''}: use "
+                             "backend='torch' or None")
+        if not triton_available(hidden.device):
+            raise ValueError(f"the fused Triton kernel cannot run on a {hidden.device.type} tensor here: it needs "
+                             "CUDA with triton (or TRITON_INTERPRET=1 for CPU tensors); use backend='torch'")
+        from labelstore_kernels.fused_head_triton import extract_fused_topk_triton
+
+        return extract_fused_topk_triton(hidden, head, sel["k"], temperature=temperature, codec=cdc)
+    return extract_fused_torch(hidden, head, selection, temperature=temperature, codec=codec, seed=seed,
+                               row_ids=row_ids, backend=backend, on_block=on_block, block_elems=block_elems)
+
+
+__all__ += ["LMHead", "extract_fused", "extract_fused_torch", "head_logits"]

@@ -70,3 +70,45 @@ def row_ids(batch: np.ndarray, lengths: np.ndarray, max_length: int) -> np.ndarr
     """Global row id ``sample_id * max_length + position`` of every real position of a batch (FORMAT.md 5b)."""
     return np.concatenate([int(sid) * max_length + np.arange(int(n), dtype=np.int64)
                            for sid, n in zip(batch, lengths)]).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ --tokens-per-batch auto
+AUTO_MAX_TOKENS = 1 << 16  # larger batches buy nothing once the device is busy
+AUTO_FRACTION = {"cuda": 0.5, "cpu": 0.25}  # of the free memory: the rest is the model's, the writer's, others'
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: ``cudaMemGetInfo`` on CUDA, ``MemAvailable`` of /proc/meminfo on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown: assume a modest machine
+
+
+def bytes_per_token(config, V: int, max_length: int, weight_bytes: int, fused: bool, head_bytes: int) -> int:
+    """Peak working memory per token of a teacher forward + extraction (an upper estimate).
+
+    Body: hidden states and MLP activations of one layer at a time (``8 D + 2 I`` values) plus eager attention's
+    ``heads x max_length`` float32 scores. Materialised path: the ``[N, V]`` logits in the head's dtype and a
+    float32 copy; the fused path holds one fixed-size block instead (accounted separately).
+    """
+    D = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
+    inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * D)
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 32)
+    body = weight_bytes * (8 * D + 2 * inter) + 4 * heads * max_length
+    return body + (0 if fused else V * (head_bytes + 4))
+
+
+def auto_tokens_per_batch(free: int, device_type: str, per_token: int, fixed: int, max_length: int) -> int:
+    """``--tokens-per-batch auto``: what fits ``AUTO_FRACTION`` of ``free`` bytes after ``fixed`` ones, as a
+    multiple of ``max_length`` in ``[max_length, AUTO_MAX_TOKENS]`` (one sequence at least)."""
+    budget = free * AUTO_FRACTION.get(device_type, 0.5) - fixed
+    n = int(max(0.0, budget) // max(1, per_token))
+    n = min(n, max(AUTO_MAX_TOKENS, max_length))
+    return max(max_length, n // max_length * max_length)

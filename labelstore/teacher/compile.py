@@ -17,6 +17,7 @@ numerics. Every rank writes its own shards; rank 0 writes the manifest after a b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -36,13 +37,16 @@ from labelstore.teacher.hf_sources import object_sources
 from labelstore.teacher.inputs import PROGRESS_EVERY, InputConfig, Plan, build_plan
 from labelstore.teacher.labels import LabelPositionsWriter
 from labelstore.teacher.model import (
+    config_context_length,
     config_vocab_size,
+    context_length,
     display_name,
     load_teacher,
     load_tokenizer,
     output_vocab_size,
     resolve_device,
     resolve_dtype,
+    resolve_max_length,
     teacher_fingerprint,
     tokenizer_fingerprint,
 )
@@ -56,7 +60,8 @@ from labelstore.teacher.objects import (
 )
 from labelstore.teacher.options import CompileOptions
 from labelstore.teacher.outdir import barrier, check_out, open_writer
-from labelstore.teacher.pipeline import CompileResult, run_batches
+from labelstore.teacher.parallel import FollowerWriter, same_on_all_ranks, tp_layout, tp_mesh
+from labelstore.teacher.pipeline import CompileResult, resolve_tokens_per_batch, run_batches
 from labelstore_kernels.select_torch import SAMPLER_VERSION
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
@@ -133,6 +138,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "max_samples": opts.max_samples,
             "dtype": str(dtype).removeprefix("torch."),
             "tail_prior": opts.uses_tail_prior,
+            **opts.head_settings(),
             "add_special_tokens": True,
             "eos_between_documents": True,
             # batch composition changes the teacher's numerics (padding, matmul shapes) and the tail prior's sums
@@ -242,6 +248,10 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
     dtype = resolve_dtype(opts.dtype, device) if objs.model is None else model_dtype(objs.model, opts.dtype)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    tp = tp_layout(rank, world, opts.tp_size)  # groups of --tp-size ranks; for the store a group is one rank
+    if opts.device_map is not None and world > 1:
+        raise LabelStoreError(f"--device-map {opts.device_map} places one teacher across all of this node's devices: "
+                              "run one process per node, not under torchrun")
     if world > 1 and not torch.distributed.is_initialized():
         # ranks may finish far apart (a resumed store, uneven documents): wait long at the final barrier
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
@@ -251,6 +261,9 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
         tokenizer = objs.tokenizer or load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
         V = model_vocab(objs.model) if objs.model is not None else \
             config_vocab_size(opts.teacher, opts.trust_remote_code)
+        ctx = (config_context_length(objs.model.config) if objs.model is not None
+               else context_length(opts.teacher, opts.trust_remote_code))
+        opts = dataclasses.replace(opts, max_length=resolve_max_length(opts.max_length, ctx, opts.tokens_per_batch))
         if len(tokenizer) > V:
             raise ConfigMismatchError(
                 f"the tokenizer has {len(tokenizer):,} tokens but the teacher's output vocabulary is {V:,}: "
@@ -276,18 +289,22 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                 if opts.device != "auto":
                     model.to(device)
             else:
-                model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code)
+                model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code, device_map=opts.device_map,
+                                     tp_mesh=tp_mesh(tp, device) if tp.tp_size > 1 else None)
             if output_vocab_size(model) != V:
                 raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
                                           f"its config says vocab_size {V:,}; fix the model's config.json")
+            opts = dataclasses.replace(opts, tokens_per_batch=same_on_all_ranks(
+                resolve_tokens_per_batch(opts, model, V, device), world))
             meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
-                              tokenizer_fingerprint(tokenizer), world)
+                              tokenizer_fingerprint(tokenizer), tp.groups)
             _check_inputs_still_there(opts.out, plan)
             _accept_older_config(opts.out, meta)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
-            mine = rank_batches(batches, rank, world)
-            writer = open_writer(opts, meta, rank, world, store_there)
-            if plan.label_mask is not None:  # --assistant-only: no entry where the next token is not a target
+            mine = rank_batches(batches, tp.group, tp.groups)
+            writer = open_writer(opts, meta, tp.group, tp.groups, store_there) if tp.leader else \
+                FollowerWriter(opts.out)
+            if plan.label_mask is not None and tp.leader:  # --assistant-only: no entry where no target follows
                 writer = LabelPositionsWriter(writer, plan)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             if meta["selection"]["mode"] in ("topk", "argmax"):
@@ -298,10 +315,12 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                     return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
                                    seed=opts.seed, row_ids=row_ids)
             result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
-                                  pad_id, rank, world)
+                                  pad_id, tp.group, tp.groups,
+                                  vocab_limit=len(tokenizer) if opts.mask_vocab_padding else None,
+                                  notice=rank == 0, follower=not tp.leader)
         barrier(world)
         if world > 1 and rank == 0:
-            finalize_store(opts.out, world)
+            finalize_store(opts.out, tp.groups)
         barrier(world)
         result.input_stats = dict(plan.stats)
         return result

@@ -18,12 +18,26 @@ from labelstore.codecs import CODEC_NAMES, DEFAULT_CODEC
 from labelstore.constants import MAX_SAMPLES
 from labelstore.selection import COMPILE_MODES, SelectionError, check_selection, default_codec
 
+LM_HEAD_MODES = ("auto", "fused", "materialized")  # labelstore.teacher.head reads these
+HEAD_DTYPES = ("auto", "float32")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's named placements
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENCODING_NAMES = ("packed", "zstd")
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 FLAGS = {"k": "--k", "p": "--top-p", "min_k": "--min-k", "samples": "--samples", "k_exact": "--k-exact"}
+
+
+def tokens_arg(text: str) -> int | str:
+    """``--tokens-per-batch``: a positive int or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None
 
 
 def _opt(default, help: str, **cli):
@@ -73,7 +87,8 @@ class CompileOptions:
     codec: str | None = _opt(None, f"value codec for the kept probabilities (default {DEFAULT_CODEC}; count8, the "
                                    "only choice, for --selection sample)",
                              choices=[c for c in CODEC_NAMES if c != "none"])
-    max_length: int = _opt(2048, "tokens per sequence")
+    max_length: int | None = _opt(None, "tokens per sequence (default: the teacher's context length from its config, "
+                                        "at most --tokens-per-batch; 2048 if the config names none)", type=int)
     pack: bool = _opt(True, "concatenate documents with EOS separators, cut into max-length sequences (default)",
                       negative=("--truncate",), negative_help="one sequence per document, cut to max-length")
     text_field: str = _opt("text", "JSONL field / table column holding the text")
@@ -93,10 +108,26 @@ class CompileOptions:
     hard_labels: bool = _opt(False, "store only the teacher's argmax token per position (no values, no tail)")
     tail_prior: bool = _opt(True, "skip the teacher's mean distribution (the store's tail prior, one extra pass over "
                                   "the logits)", negative=("--no-tail-prior",))
-    tokens_per_batch: int = _opt(16384, "padded tokens per teacher forward")
+    tokens_per_batch: int | str = _opt(16384, "padded tokens per teacher forward, or auto: sized from the device's "
+                                              "free memory, the vocabulary and whether the logits are materialised "
+                                              "(a resume reuses the store's value)", type=tokens_arg)
     dtype: str = _opt("auto", "teacher weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
                       choices=("auto", *DTYPE_NAMES))
     device: str = _opt("auto", "cpu, cuda, cuda:N (default: cuda if available)")
+    device_map: str | None = _opt(None, "auto: place a teacher too large for one device across this node's GPUs "
+                                        "(then CPU memory) with accelerate (from_pretrained's device_map); one "
+                                        "process per node, not under torchrun", choices=DEVICE_MAPS)
+    tp_size: int = _opt(1, "under torchrun: ranks per tensor-parallel group (transformers' tp_plan=auto); groups "
+                           "split the data and one rank per group writes")
+    lm_head: str = _opt("auto", "where the logits come from: fused (extraction straight from the final hidden states "
+                                "in row blocks; the [N, V] logits never exist), materialized (model(...).logits), "
+                                "or auto: fused when labelstore can reproduce the teacher's head, else "
+                                "materialized with a one-line notice naming why", choices=LM_HEAD_MODES)
+    head_dtype: str = _opt("auto", "dtype of the LM head matmul and everything after it: auto (the teacher's) or "
+                                   "float32 (exact logits from a bfloat16 teacher; changes the labels)",
+                           choices=HEAD_DTYPES)
+    mask_vocab_padding: bool = _opt(False, "give ids >= the tokenizer's vocabulary probability 0 (padding rows of "
+                                           "a larger head); the store's vocabulary stays the head's rows")
     shard_mb: float = _opt(256.0, "shard size in MiB")
     encoding: str = _opt("packed", "row encoding: packed (format v1, fastest reads) or zstd (format v2, entropy-coded "
                                    "ids and values, about a third smaller on real teachers; docs/FORMAT.md 6b)",
@@ -161,6 +192,16 @@ class CompileOptions:
         return {"mode": "topk+sample", "k_exact": self.k_exact, "samples": self.samples,
                 "k": self.k_exact + self.samples}
 
+    def head_settings(self) -> dict:
+        """The head settings that change the labels, for ``compile_config`` (empty by default: old stores
+        resume)."""
+        out = {}
+        if self.head_dtype != "auto":
+            out["head_dtype"] = self.head_dtype
+        if self.mask_vocab_padding:
+            out["mask_vocab_padding"] = True
+        return out
+
     @property
     def uses_tail_prior(self) -> bool:
         """The tail prior spreads a stored tail: hard labels and pure ``sample`` stores have none."""
@@ -185,11 +226,21 @@ class CompileOptions:
                 raise ValueError(cli_message(exc)) from None
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
-        if self.tokens_per_batch < 1:
-            raise ValueError(f"--tokens-per-batch must be >= 1, got {self.tokens_per_batch}")
+        tpb = self.tokens_per_batch
+        if tpb != "auto" and (isinstance(tpb, bool) or not isinstance(tpb, int) or tpb < 1):
+            raise ValueError(f"--tokens-per-batch must be >= 1, got {tpb}")
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"--tp-size must be >= 1, got {self.tp_size}")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"--head-dtype must be one of {', '.join(HEAD_DTYPES)}, got {self.head_dtype!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
         if not self.shard_mb > 0:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 1):  # None: the teacher's context length
             raise ValueError(f"--max-length must be a positive integer, got {self.max_length!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ValueError(f"--max-samples must be a positive integer, got {self.max_samples!r}")

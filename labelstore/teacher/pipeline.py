@@ -17,16 +17,28 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from labelstore.errors import ConfigMismatchError, InvalidLogitsError
+from labelstore.errors import ConfigMismatchError, InvalidLogitsError, LabelStoreError
 from labelstore.store.bitpack import packed_nbytes
 from labelstore.store.format import has_tail_column
-from labelstore.teacher.batching import pad_batch, row_ids
+from labelstore.store.manifest import read_config
+from labelstore.teacher.batching import (
+    auto_tokens_per_batch,
+    bytes_per_token,
+    free_memory,
+    pad_batch,
+    row_ids,
+)
+from labelstore.teacher.head import body_hidden, plan_head, read_head
 from labelstore.teacher.inputs import Plan
-from labelstore.teacher.prior import teacher_mass
+from labelstore.teacher.model import input_device
+from labelstore.teacher.prior import MassAccumulator, teacher_mass
+from labelstore_kernels import extract_fused, head_logits
+from labelstore_kernels.fused_head_torch import rows_per_block
 
 QUEUE_BATCHES = 2  # extracted batches waiting for the writer thread (bounds memory)
 
@@ -108,7 +120,27 @@ class WriterThread(threading.Thread):
                                      f"{self.payload / max(self.tokens, 1):.1f} B/tok", refresh=False)
 
 
-def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world):
+def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world,
+                vocab_limit: int | None = None, notice: bool | None = None, follower: bool = False):
+    """Compile this rank's batches ``mine`` into ``writer`` (module docstring); returns this rank's figures.
+
+    ``vocab_limit`` (``--mask-vocab-padding``: the tokenizer's size) gives the ids at and above it probability 0.
+    Where the logits come from (fused or materialised) is decided here, once, by
+    :func:`labelstore.teacher.head.plan_head` (its notice printed where ``notice``, default on rank 0).
+    ``follower``: a non-leader member of a tensor-parallel group (:mod:`labelstore.teacher.parallel`) runs the
+    leader's forwards and nothing else; ``writer`` is then a :class:`~labelstore.teacher.parallel.FollowerWriter`.
+    """
+    first = next((b for b in mine if len(b)), None)
+    hp = plan_head(model, opts.lm_head, head_dtype=opts.head_dtype, valid_vocab=vocab_limit,
+                   probe_ids=None if first is None else torch.from_numpy(plan.sequence(int(first[0])).astype(np.int64)),
+                   device=input_device(model, device), notice=(rank == 0) if notice is None else notice)
+    if hp.head is not None and hp.head.vocab_size != V:
+        raise ConfigMismatchError(f"the teacher's LM head has {hp.head.vocab_size} rows, expected its output "
+                                  f"vocabulary of {V}")
+    selection = opts.selection_meta(V)
+    device = input_device(model, device)  # under --device-map: where the embedding lives
+    if follower:
+        return follow_batches(model, hp, plan, mine, writer, pad_id, device, rank, world)
     committed = writer.committed_ranges()  # [start, end) runs: never expanded id by id
     todo_masks = [~writer.committed_mask(b, committed) for b in mine]
     total = int(sum(int(t.sum()) for t in todo_masks))
@@ -130,20 +162,11 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
                 if thread.error is not None:
                     break
                 x, m, lengths = pad_batch(plan, batch, pad_id)
-                padded = bool((m == 0).any())
-                logits = model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False).logits
-                if logits.shape[-1] != V:
-                    raise ConfigMismatchError(f"the teacher returned {logits.shape[-1]} logits per position, "
-                                              f"expected its output vocabulary of {V}")
-                flat = logits.reshape(-1, V)
-                if padded:  # padding positions are never extracted
-                    flat = flat[m.reshape(-1).nonzero().flatten().to(device)]
-                try:
-                    ex = extract_fn(flat, row_ids(batch, lengths, opts.max_length))
-                except InvalidLogitsError as exc:
-                    raise locate_invalid(exc, batch, lengths) from None
-                mass = teacher_mass(flat, ex.lse, lengths, opts.temperature) if opts.uses_tail_prior else None
-                del logits, flat
+                rids = row_ids(batch, lengths, opts.max_length)
+                if hp.fused:
+                    ex, mass = fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device)
+                else:
+                    ex, mass = materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opts, device)
                 thread.queue.put((batch, lengths, todo, ex, mass))
         thread.queue.put(None)
         thread.join()
@@ -173,6 +196,90 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
     return CompileResult(out=str(opts.out), rank=rank, world_size=world, samples=thread.samples,
                          tokens=thread.tokens, skipped=skipped, seconds=time.perf_counter() - t0,
                          cpu_seconds=time.process_time() - c0)
+
+
+def resolve_tokens_per_batch(opts, model, V: int, device: torch.device) -> int:
+    """``--tokens-per-batch``: the number given, or for ``auto`` the value a store being resumed recorded (the
+    batches, hence the numerics, stay those of the first run), else what fits the free memory of ``device``
+    (:func:`labelstore.teacher.batching.auto_tokens_per_batch`) on the path the head allows."""
+    if opts.tokens_per_batch != "auto":
+        return int(opts.tokens_per_batch)
+    try:  # compile_config since 0.2 (compared on resume), runtime before
+        cfg = read_config(Path(opts.out))
+        return int(cfg["compile_config"].get("tokens_per_batch", cfg["runtime"]["tokens_per_batch"]))
+    except (LabelStoreError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # a new store
+    head, _ = read_head(model)
+    fused = head is not None and opts.lm_head != "materialized"
+    w = next(model.parameters())
+    head_bytes = 4 if opts.head_dtype == "float32" else w.element_size()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    per_token = bytes_per_token(cfg, V, opts.max_length, w.element_size(), fused, head_bytes)
+    fixed = rows_per_block(V, device) * V * 4 * 2 if fused else 0  # the logits block and its float32 work copy
+    return auto_tokens_per_batch(free_memory(device), device.type, per_token, fixed, opts.max_length)
+
+
+def follow_batches(model, hp, plan, mine, writer, pad_id, device, rank, world) -> CompileResult:
+    """A tensor-parallel follower: the same forwards as its group's leader (each is a collective), no output."""
+    committed = writer.committed_sample_ids()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for batch in mine:
+            if not (~np.isin(batch, committed)).any():
+                continue
+            x, m, _ = pad_batch(plan, batch, pad_id)
+            if hp.head is None:
+                model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
+            else:
+                body_hidden(model, x.to(device), m.to(device))
+    return CompileResult(out="", rank=rank, world_size=world, samples=0, tokens=0, skipped=0,
+                         seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+
+
+def real_rows(m: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the real (non-padding) positions of a flattened batch, None when nothing is padded."""
+    flat = m.reshape(-1)
+    return None if bool((flat != 0).all()) else flat.nonzero().flatten()
+
+
+def materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opts, device):
+    """One batch through ``model(...).logits`` (or, with ``hp.head``, the body then that head on every row)."""
+    real = real_rows(m)
+    if hp.head is None:
+        logits = model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False).logits
+        if logits.shape[-1] != V:
+            raise ConfigMismatchError(f"the teacher returned {logits.shape[-1]} logits per position, "
+                                      f"expected its output vocabulary of {V}")
+        flat = logits.reshape(-1, V)
+        if real is not None:  # padding positions are never extracted
+            flat = flat[real.to(flat.device)]
+    else:
+        h = body_hidden(model, x.to(device), m.to(device))
+        h = h.reshape(-1, h.shape[-1])
+        flat = head_logits(h if real is None else h[real.to(h.device)], hp.head)
+    try:
+        ex = extract_fn(flat, rids)
+    except InvalidLogitsError as exc:
+        raise locate_invalid(exc, batch, lengths) from None
+    mass = teacher_mass(flat, ex.lse, lengths, opts.temperature) if opts.uses_tail_prior else None
+    return ex, mass
+
+
+def fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device):
+    """One batch from the body's final hidden states: the ``[N, V]`` logits never exist (row blocks only)."""
+    h = body_hidden(model, x.to(device), m.to(device))
+    h = h.reshape(-1, h.shape[-1])
+    real = real_rows(m)
+    if real is not None:
+        h = h[real.to(h.device)]
+    acc = (MassAccumulator(lengths, hp.head.vocab_size, opts.temperature, hp.head.weight.device)
+           if opts.uses_tail_prior else None)
+    try:
+        ex = extract_fused(h, hp.head, selection, temperature=opts.temperature, codec=codec, seed=opts.seed,
+                           row_ids=rids, on_block=None if acc is None else (lambda s0, z, e: acc.add(s0, z, e.lse)))
+    except InvalidLogitsError as exc:
+        raise locate_invalid(exc, batch, lengths) from None
+    return ex, None if acc is None else acc.out
 
 
 def locate_invalid(exc: InvalidLogitsError, batch: np.ndarray, lengths: np.ndarray) -> InvalidLogitsError:

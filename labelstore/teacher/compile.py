@@ -62,6 +62,7 @@ from labelstore.teacher.options import CompileOptions
 from labelstore.teacher.outdir import barrier, check_out, open_writer
 from labelstore.teacher.parallel import FollowerWriter, same_on_all_ranks, tp_layout, tp_mesh
 from labelstore.teacher.pipeline import CompileResult, resolve_tokens_per_batch, run_batches
+from labelstore.teacher.resume_checks import accept_older_config, accept_older_teacher_hash, check_inputs_still_there
 from labelstore_kernels.select_torch import SAMPLER_VERSION
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
@@ -298,8 +299,9 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                 resolve_tokens_per_batch(opts, model, V, device), world))
             meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
                               tokenizer_fingerprint(tokenizer), tp.groups)
-            _check_inputs_still_there(opts.out, plan)
-            _accept_older_config(opts.out, meta)
+            check_inputs_still_there(opts.out, plan)  # a resume: what the store recorded still holds
+            accept_older_config(opts.out, meta)
+            accept_older_teacher_hash(opts.out, meta, model)
             batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
             mine = rank_batches(batches, tp.group, tp.groups)
             writer = open_writer(opts, meta, tp.group, tp.groups, store_there) if tp.leader else \
@@ -341,55 +343,3 @@ def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:
                  f"{plan.labelled_positions:,}); a larger --max-length or --pack keeps them"
                  if st.get("truncated_label_positions") else ""),
               file=sys.stderr)
-
-
-def _check_inputs_still_there(out, plan: Plan) -> None:
-    """On resume: if the data changed because input files the store was compiled from vanished, name them.
-
-    (The config check would refuse the resume anyway, but only as a changed data fingerprint.) Input files are
-    read once, while planning: after that a compile runs from the plan's own copy of the tokens.
-    """
-    from labelstore.store.manifest import read_config
-
-    try:  # read_config refuses a FIFO, a folder or a link before reading a byte
-        cfg = read_config(Path(out))
-        old_sha, old_files = cfg["compile_config"]["data"]["sha256"], list(cfg["runtime"]["data_files"])
-    except (LabelStoreError, OSError, ValueError, KeyError, TypeError):
-        return  # a new store, or a damaged config that the writer reports
-    if old_sha == plan.fingerprint:
-        return
-    now = set(plan.files)
-    gone = [f for f in old_files if f not in now and not f.startswith(("hf:", "<")) and not Path(f).exists()]
-    if gone:
-        raise InputDataError(
-            f"{out} was compiled from input file(s) that no longer exist: {', '.join(gone[:5])}"
-            f"{f' and {len(gone) - 5} more' if len(gone) > 5 else ''}. Restore them and rerun the same command to "
-            "resume; committed shards are intact."
-        )
-
-
-# keys added to compile_config after stores were written without them: (key, runtime key that held it, or None)
-LATER_KEYS = (("tokens_per_batch", "tokens_per_batch"), ("sampler_version", None))
-
-
-def _accept_older_config(out, meta: dict) -> None:
-    """Resume a store written before a compared key existed: drop the key from ``meta`` if the store's own record
-    agrees (for ``tokens_per_batch``, its ``runtime`` entry), else refuse naming the key."""
-    from labelstore.store.manifest import read_config
-
-    try:
-        old = read_config(Path(out))
-        old_cfg, old_runtime = old["compile_config"], old.get("runtime", {})
-    except (LabelStoreError, OSError, ValueError, KeyError, TypeError):
-        return  # a new store, or a damaged config that the writer reports
-    for key, runtime_key in LATER_KEYS:
-        if key in old_cfg or key not in meta["compile_config"]:
-            continue
-        now = meta["compile_config"].pop(key)
-        if runtime_key is not None and old_runtime.get(runtime_key) != now:
-            raise ConfigMismatchError(
-                f"{out} was compiled with {runtime_key} {old_runtime.get(runtime_key)!r}, this run asks for {now!r}: "
-                f"it changes the labels' numerics. Rerun with --{key.replace('_', '-')} "
-                f"{old_runtime.get(runtime_key)} to resume; committed shards are intact."
-            )
-

@@ -137,8 +137,32 @@ def output_vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
 
-def teacher_fingerprint(model) -> str:
-    """SHA-256 over every parameter's name, shape and up to 4096 evenly spaced values (fast for any size)."""
+CHECKSUM_CHUNK = 1 << 22  # elements per step of the full-weight checksum (bounded temporary memory)
+_PRIME = 65521
+
+
+def _weight_checksum(p: torch.Tensor) -> tuple[int, int]:
+    """Two 64-bit sums over every element's bits: ``sum b_i`` and ``sum b_i * (i mod 65521 + 1)``, modulo 2^64.
+
+    Integer arithmetic modulo 2^64 is exact in any order, so the result is the same on any device and for any
+    chunking; any change of one element, and of almost any set of elements, changes it (a checksum for telling
+    teachers apart, not a defence against an adversary). Runs where the weight lives, a chunk at a time.
+    """
+    x = p.detach().reshape(-1)
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        x = x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    s1 = s2 = 0
+    for a in range(0, x.numel(), CHECKSUM_CHUNK):
+        b = x[a:a + CHECKSUM_CHUNK].to(torch.int64)
+        w = torch.arange(a, a + b.numel(), dtype=torch.int64, device=b.device) % _PRIME + 1
+        s1 = (s1 + int(b.sum())) % (1 << 64)
+        s2 = (s2 + int((b * w).sum())) % (1 << 64)
+    return s1, s2
+
+
+def legacy_teacher_fingerprint(model) -> str:
+    """The 0.1 identity: every parameter's name, shape and up to 4096 evenly spaced values. Kept only to resume
+    stores that recorded it (:func:`labelstore.teacher.compile` accepts it for them)."""
     h = hashlib.sha256(json.dumps(list(getattr(model.config, "architectures", None) or [])).encode())
     for name, p in sorted(model.state_dict().items()):
         if hasattr(p, "full_tensor"):  # a tensor-parallel shard (DTensor): hash the whole tensor, like one process
@@ -148,6 +172,17 @@ def teacher_fingerprint(model) -> str:
         sample = flat[::step][:SAMPLE_VALUES].float().cpu().numpy()
         h.update(f"{name}:{tuple(p.shape)}".encode())
         h.update(sample.tobytes())
+    return h.hexdigest()
+
+
+def teacher_fingerprint(model) -> str:
+    """SHA-256 over the architecture and every parameter's name, shape, dtype and a checksum of all of its
+    elements (:func:`_weight_checksum`): two teachers that differ in any weight get different identities."""
+    h = hashlib.sha256(json.dumps(["v2", list(getattr(model.config, "architectures", None) or [])]).encode())
+    for name, p in sorted(model.state_dict().items()):
+        if hasattr(p, "full_tensor"):  # a tensor-parallel shard (DTensor): hash the whole tensor, like one process
+            p = p.full_tensor()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{_weight_checksum(p)}".encode())
     return h.hexdigest()
 
 

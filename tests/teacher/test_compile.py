@@ -270,17 +270,17 @@ def test_changed_config_is_refused_and_the_store_left_intact(env, tmp_path):
 
 def test_a_store_from_before_tokens_per_batch_was_compared_resumes_only_with_its_own(tmp_path):
     """Stores written by 0.1 kept tokens_per_batch under `runtime`: the same value resumes, another is refused."""
-    from labelstore.teacher.compile import _accept_older_config
+    from labelstore.teacher.resume_checks import accept_older_config
 
     old = {"format_version": 2, "compile_config": {"max_length": 64}, "runtime": {"tokens_per_batch": 256}}
     (tmp_path / "config.json").write_text(json.dumps(old))
     meta = {"compile_config": {"max_length": 64, "tokens_per_batch": 256}}
-    _accept_older_config(tmp_path, meta)
+    accept_older_config(tmp_path, meta)
     assert meta == {"compile_config": {"max_length": 64}}  # now equal to what the store recorded
     with pytest.raises(ConfigMismatchError, match="tokens_per_batch 256, this run asks for 512"):
-        _accept_older_config(tmp_path, {"compile_config": {"max_length": 64, "tokens_per_batch": 512}})
+        accept_older_config(tmp_path, {"compile_config": {"max_length": 64, "tokens_per_batch": 512}})
     new = {"compile_config": {"tokens_per_batch": 512}}
-    _accept_older_config(tmp_path / "absent", new)  # a new store: nothing to reconcile
+    accept_older_config(tmp_path / "absent", new)  # a new store: nothing to reconcile
     assert new == {"compile_config": {"tokens_per_batch": 512}}
 
 

@@ -91,20 +91,66 @@ class Tokenized:
     targets: np.ndarray | None  # bool [n]; None: a plain document (no target tokens)
 
 
+LONG_DOC_CHARS = 1 << 20  # text documents longer than this are tokenized in pieces (bounded memory per call)
+
+
+def _pieces(text: str, size: int):
+    """``text`` in pieces of at most ``size`` characters, each cut just after a newline (else a space) if it has
+    one, so that a tokenizer's pre-tokenization rarely straddles a cut."""
+    a = 0
+    while a < len(text):
+        b = min(len(text), a + size)
+        if b < len(text):
+            cut = text.rfind("\n", a, b)
+            if cut <= a:
+                cut = text.rfind(" ", a, b)
+            if cut > a:
+                b = cut + 1
+        yield text[a:b]
+        a = b
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids ``add_special_tokens=True`` puts before and after a text (e.g. ``[BOS]`` and ``[]``)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i]), list(full[i + len(plain):])
+    return [], []
+
+
+def tokenize_long(tokenizer, text: str, size: int | None = None) -> np.ndarray:
+    """A long text document's ids, tokenized a piece at a time (:func:`_pieces`): memory per call stays bounded
+    whatever the document's size (a 50 MB single-line file tokenized whole took 7 GB). Tokens at a cut can differ
+    from tokenizing the whole text at once where a pre-token would have spanned the cut (a whitespace run)."""
+    size = size or LONG_DOC_CHARS
+    head, tail = _special_tokens(tokenizer)
+    parts = [np.asarray(head, dtype=np.int64)]
+    parts += [np.asarray(tokenizer(p, add_special_tokens=False)["input_ids"], dtype=np.int64)
+              for p in _pieces(text, size)]
+    parts.append(np.asarray(tail, dtype=np.int64))
+    return np.concatenate(parts)
+
+
 def iter_token_documents(sources: Sequence[Source], cfg: InputConfig, tokenizer, vocab_size: int,
                          renderer: ChatRenderer | None = None) -> Iterator[Tokenized]:
     """Documents as int32 token arrays (text tokenized in batches), each ending with EOS where there is one."""
     eos = _eos_id(tokenizer)
     renderer = renderer or ChatRenderer(tokenizer, cfg.chat_template)
     pending: list = []
+    chars = 0
 
     def flush():
-        texts = [d for d in pending if isinstance(d, str)]
+        texts = [d for d in pending if isinstance(d, str) and len(d) <= LONG_DOC_CHARS]
         encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
         for d in pending:
             targets = None
             if isinstance(d, str):
-                ids = np.asarray(next(encoded), dtype=np.int64)
+                if len(d) > LONG_DOC_CHARS:
+                    ids = tokenize_long(tokenizer, d)
+                else:
+                    ids = np.asarray(next(encoded), dtype=np.int64)
                 if not d:  # an empty document contributes nothing (not even an EOS)
                     continue
             elif isinstance(d, Chat):
@@ -138,8 +184,10 @@ def iter_token_documents(sources: Sequence[Source], cfg: InputConfig, tokenizer,
                     f"completions ('prompt'+'completion' records), but this source holds plain "
                     f"{'token ids' if isinstance(doc, np.ndarray) else 'text'}: drop --assistant-only or the source")
             pending.append(doc)
-            if len(pending) >= TOKENIZE_BATCH:
+            chars += len(doc) if isinstance(doc, str) and len(doc) <= LONG_DOC_CHARS else 0
+            if len(pending) >= TOKENIZE_BATCH or chars > LONG_DOC_CHARS:  # bounded text per tokenizer call
                 yield from flush()
+                chars = 0
     yield from flush()
 
 

@@ -184,3 +184,24 @@ def test_large_tables_stream_in_batches_and_nulls_are_refused(tmp_path, tok):
     n = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"text": ["fine", None]}), n)
     check_error([n], tok, "holds null rows")
+
+
+def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok, monkeypatch):
+    """Past LONG_DOC_CHARS a text is tokenized a piece at a time, cut after newlines: with lines that start with a
+    non-space character no pre-token straddles a cut, so the ids equal a whole-text tokenization (BOS included)."""
+    import labelstore.teacher.inputs as inputs_mod
+
+    lines = [f"line{i} holds some words {i * 7} and more" for i in range(300)]
+    text = "\n".join(lines) + "\n"
+    (tmp_path / "long.txt").write_text(text)
+    (tmp_path / "short.txt").write_text("a short one\n")
+    monkeypatch.setattr(inputs_mod, "LONG_DOC_CHARS", 200)  # the long file is ~10,000 characters: ~50 pieces
+    plan = build_plan([str(tmp_path / "long.txt"), str(tmp_path / "short.txt")], tok,
+                      InputConfig(max_length=100_000, pack=False), len(tok), workdir=str(tmp_path))
+    whole = list(tok(text, add_special_tokens=True)["input_ids"])
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None and whole[-1:] != [tok.eos_token_id] else []
+    assert plan.sequence(0).tolist() == whole + eos
+    assert len(list(inputs_mod._pieces(text, 200))) > 40
+    assert "".join(inputs_mod._pieces(text, 200)) == text
+    short = list(tok("a short one\n", add_special_tokens=True)["input_ids"])
+    assert plan.sequence(1).tolist() == short + eos

@@ -71,7 +71,9 @@ def test_every_option_has_a_flag_that_sets_it():
                        "--max-samples", "5", "--hard-labels", "--no-tail-prior", "--tokens-per-batch", "77",
                        "--dtype", "float16", "--device", "cpu", "--shard-mb", "1.5", "--encoding", "zstd",
                        "--trust-remote-code", "--quiet", "--assistant-only", "--chat-template", "t.jinja",
-                       "--text-glob", "*.py", "--split", "train", "--streaming", "--overwrite"]
+                       "--text-glob", "*.py", "--split", "train", "--streaming", "--overwrite",
+                       "--lm-head", "fused", "--head-dtype", "float32", "--mask-vocab-padding", "--device-map", "auto",
+                       "--tp-size", "2"]
     got = _parse(argv)
     default = CompileOptions(teacher="T", data=["a.txt", "b.txt"], out="S")
     changed = {f.name for f in dataclasses.fields(CompileOptions)

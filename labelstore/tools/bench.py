@@ -39,6 +39,7 @@ import torch
 
 from labelstore.reconstruction import mixed_prior, uniform_fill
 from labelstore.selection import check_selection, is_sampled
+from labelstore.tools.bench_report import costs_paragraph, distillkit_tables, markdown_table, plot
 
 SEED_FP8_DENSE_GB = 5e12 * 1e5 / 1e9  # the seed's scenario: 5T tokens x 100k vocabulary x 1 byte = 5e8 GB
 DENSE = {"fp32": 4, "bf16": 2, "fp8": 1}
@@ -289,122 +290,6 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
     return out
 
 
-# ------------------------------------------------------------------------------------------------ DistillKit
-# The two configurations DistillKit's README recommends (arcee-ai/DistillKit README, "Recommended configuration"
-# and "budget pick"); ``d`` is set to the source's vocabulary.
-DISTILLKIT_CONFIGS = {
-    "budget": {"k": 50, "exact_k": 1, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, "sqrt"],
-               "term_dtype": "float32", "residual_bins": [], "delta_encoding": False, "error_diffusion": False},
-    "recommended": {"k": 128, "exact_k": 16, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, 2, 3, 4, "sqrt"],
-                    "term_dtype": "float32", "residual_bins": [], "delta_encoding": False,
-                    "error_diffusion": False},
-}
-DISTILLKIT_MISSING_FLOOR = 1e-8  # DistillKit's densify(SYMMETRIC_UNIFORM) floors each missing token at 1e-8
-
-
-def load_distillkit(src: str | None):
-    """DistillKit's ``distillkit.compression`` from a source checkout (its own code, not a copy), or None with
-    the reason. Needs only torch and pydantic."""
-    import hashlib
-    import importlib
-    import sys
-
-    if not src:
-        return None, "no --distillkit-src given (a checkout of github.com/arcee-ai/DistillKit)"
-    root = Path(src)
-    if not (root / "distillkit" / "compression" / "compressor.py").exists():
-        return None, f"{root} holds no distillkit/compression/compressor.py"
-    sys.path.insert(0, str(root))
-    try:
-        mod = importlib.import_module("distillkit.compression")
-        mod.LogprobCompressor  # noqa: B018 (resolves the lazy export: imports the compressor and its deps)
-    except ImportError as e:
-        return None, f"DistillKit's compression code does not import here: {e}"
-    h = hashlib.sha256()
-    for f in sorted((root / "distillkit" / "compression").glob("*.py")):
-        h.update(f.read_bytes())
-    mod.source_sha256 = h.hexdigest()
-    return mod, None
-
-
-def distillkit_measure(logits: torch.Tensor, name: str, dk, folds, chunk: int = 256) -> dict:
-    """Run DistillKit's compressor (configuration ``name``) on the teacher's log-probabilities in float64 and
-    score its decoded targets under every rule.
-
-    Decoded entries: ``p_i = exp(decoded log-prob)``; DistillKit stores no tail, so the missing mass is
-    ``1 - sum p`` floored as DistillKit's own ``densify(..., SYMMETRIC_UNIFORM)`` floors it (``1e-8`` per
-    missing token), and the whole is renormalised (``renormalize=True``). Under the uniform rule this is
-    exactly DistillKit's densified target; the prior rule spreads the same missing mass by the cross-fitted
-    prior. Bytes: the compressor's output (``compressed_logprobs`` + ``bytepacked_indices``) per position,
-    without Parquet's own overhead.
-    """
-    from labelstore.tools.fidelity import bucket_kl, kl_to_reconstruction
-
-    N, V = logits.shape
-    cfg = dk.DistributionQuantizationConfig(d=V, **DISTILLKIT_CONFIGS[name])
-    comp = dk.LogprobCompressor(cfg)
-    ids_l, p_l, t_l, nbytes = [], [], [], 0
-    t0 = time.perf_counter()
-    for a in range(0, N, chunk):
-        b = min(N, a + chunk)
-        row = comp.compress(torch.log_softmax(logits[a:b].double(), -1))
-        nbytes += sum(v.numel() * v.element_size() for v in row.values())
-        ids, vals = comp.decompress_to_sparse(row)
-        p = vals.double().exp()
-        t = (1 - p.sum(-1)).clamp_min((V - p.shape[1]) * DISTILLKIT_MISSING_FLOOR)
-        total = p.sum(-1) + t
-        ids_l.append(ids.long())
-        p_l.append(p / total[:, None])
-        t_l.append(t / total)
-    seconds = time.perf_counter() - t0
-    ids, probs, tail = torch.cat(ids_l), torch.cat(p_l), torch.cat(t_l)
-    counts = torch.full((N,), ids.shape[1], dtype=torch.long)
-    uni = kl_to_reconstruction(logits, ids, probs, tail, counts)
-    return {"tool": "DistillKit", "setting": name, "config": {"d": V, **DISTILLKIT_CONFIGS[name]},
-            "positions": N, "vocab_size": V, "bytes_per_token": nbytes / N,
-            "documented_bytes_per_token": cfg.total_bits() / 8, "fit_dtype": "float64",
-            "kl_mean": float(uni["kl"].mean()), "kl_p99": float(np.quantile(uni["kl"], 0.99)),
-            "kl_mean_prior": float(prior_kl_crossfit(logits, ids, probs, tail, counts, folds).mean()),
-            "kl_mean_bucket": float(bucket_kl(logits, ids, probs, tail, counts).mean()),
-            "kept_mass": float(uni["kept_mass"].mean()), "top1_agreement": float(uni["top1"].mean()),
-            "compress_decompress_seconds": seconds}
-
-
-RULE_KEYS = {"uniform": "kl_mean", "prior": "kl_mean_prior"}  # the rules a comparison at equal KL can use
-
-
-def equal_fidelity(results: list[dict], dk_rows: list[dict]) -> list[dict]:
-    """For each DistillKit row and rule: the smallest measured labelstore top-k zstd (log8) row whose KL under
-    the SAME rule is at most DistillKit's, and the byte ratio. Under the prior rule both sides pay the prior
-    file amortised at the scale (DistillKit would need the same file to use that rule).
-
-    The bucket rule is left out: it makes truncation free, so a smaller k would always "match"."""
-    out = []
-    for d in dk_rows:
-        curve = sorted((r for r in results if r["source"] == d["source"] and r["mode"] == "topk"
-                        and r["codec"] == "log8" and r["encoding"] == "zstd" and r["kl_mean"] is not None),
-                       key=lambda r: r["bytes_per_token"])
-        for rule, key in RULE_KEYS.items():
-            extra = curve[0]["prior_bytes_per_token_at_scale"] if (rule == "prior" and curve) else 0.0
-            match = next((r for r in curve if r[key] <= d[key]), None)
-            row = {"source": d["source"], "rule": rule, "distillkit": d["setting"],
-                   "distillkit_bytes": d["bytes_per_token"] + extra, "distillkit_kl": d[key],
-                   "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None}
-            row["interpolated_bytes"] = row["interpolated_ratio"] = None
-            if match is not None:
-                ls_bytes = match["bytes_per_token"] + extra
-                row.update(labelstore_k=match["k"], labelstore_bytes=ls_bytes, labelstore_kl=match[key],
-                           ratio=ls_bytes / row["distillkit_bytes"])
-                i = curve.index(match)
-                if i > 0 and curve[i - 1][key] > d[key] > 0:  # bytes at exactly DistillKit's KL, log-linear in KL
-                    lo, hi = curve[i - 1], match
-                    f = math.log(lo[key] / d[key]) / math.log(lo[key] / hi[key])
-                    b = lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"]) + extra
-                    row.update(interpolated_bytes=b, interpolated_ratio=b / row["distillkit_bytes"])
-            out.append(row)
-    return out
-
-
 def run_bench(sources: list[tuple], settings: list[dict] | None = None, log=print,
               scale_tokens: float = 5e12) -> list[dict]:
     settings = settings or default_settings()
@@ -422,111 +307,6 @@ def run_bench(sources: list[tuple], settings: list[dict] | None = None, log=prin
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
-
-
-# ------------------------------------------------------------------------------------------------ reporting
-def _f(x, fmt):
-    return "-" if x is None else format(x, fmt)
-
-
-def markdown_table(results: list[dict]) -> str:
-    lines = ["| source | mode | k | codec | encoding | bytes/token | entries/token | x dense fp32 | x dense fp8 | "
-             "KL uniform | KL p99 uniform | KL prior (cross-fit) | KL bucket | KL(rec||teacher) | kept mass | "
-             "top-1 agree | 5T tokens (GB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        f = _f
-        lines.append(
-            f"| {r['source']} | {r['mode']} | {r['k']} | {r['codec']} | {r['encoding']} | {r['bytes_per_token']:.1f} | "
-            f"{r['entries_per_token']:.1f} | {r['ratio_vs_dense']['fp32']:,.0f} | {r['ratio_vs_dense']['fp8']:,.0f} | "
-            f"{f(r['kl_mean'], '.4f')} | {f(r['kl_p99'], '.3f')} | {f(r.get('kl_mean_prior'), '.4f')} | "
-            f"{f(r.get('kl_mean_bucket'), '.5f')} | {f(r.get('ce_gap_mean'), '.4f')} | "
-            f"{f(r['kept_mass'], '.3f')} | "
-            f"{r['top1_agreement']:.3f} | {r['projected_5T_tokens_GB']:,.0f} |")
-    return "\n".join(lines)
-
-
-def costs_paragraph(results: list[dict], scale_tokens: float) -> str:
-    """Fixed costs, measured: the shard's fixed bytes and the prior file, per source vocabulary."""
-    fixed = sorted(r["fixed_bytes_per_shard"] for r in results)
-    meta = sorted(r["shard_metadata_bytes"] for r in results)
-    lines = [f"Fixed cost of a shard (bytes of a one-shard store minus its marginal bytes): median "
-             f"{fixed[len(fixed) // 2]:,} B (range {fixed[0]:,}-{fixed[-1]:,}), of which the store metadata "
-             f"(compile-shaped, one data file listed: {meta[0]:,}-{meta[-1]:,} B) is stored twice (schema message "
-             "and footer); a compile listing many data files has proportionally more.", ""]
-    seen = {}
-    for r in results:
-        if r["prior_file_bytes"]:
-            seen.setdefault(r["source"], r)
-    for src, r in seen.items():
-        lines.append(f"- {src}: tail prior file {r['prior_file_bytes']:,} B = "
-                     f"{r['prior_bytes_per_token_at_bench_positions']:.1f} B/token over the bench's "
-                     f"{r['positions']:,} positions, {r['prior_bytes_per_token_at_scale']:.2e} B/token at "
-                     f"{scale_tokens:.0e} tokens (charged under the prior rule below)")
-    return "\n".join(lines)
-
-
-def distillkit_tables(dk_rows: list[dict], comparisons: list[dict], dk_note: str) -> str:
-    lines = ["## DistillKit, run from its own source, on the same distributions", "", dk_note, "",
-             "| source | DistillKit setting | bytes/token (payload) | documented bytes/token | KL uniform | "
-             "KL prior (cross-fit) | KL bucket | kept mass | top-1 agree |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for d in dk_rows:
-        lines.append(f"| {d['source']} | {d['setting']} | {d['bytes_per_token']:.1f} | "
-                     f"{d['documented_bytes_per_token']:.1f} | {d['kl_mean']:.4f} | {d['kl_mean_prior']:.4f} | "
-                     f"{d['kl_mean_bucket']:.5f} | {d['kept_mass']:.3f} | {d['top1_agreement']:.3f} |")
-    lines += ["", "## Equal fidelity, rule by rule", "",
-              "The smallest measured labelstore top-k row (log8, zstd) whose mean KL under the SAME rule is at most "
-              "DistillKit's; under the prior rule both sides are charged the prior file at the scale above. "
-              "Interpolated: bytes at exactly DistillKit's KL between the two measured k around it (log-linear in "
-              "KL; an estimate, not a measured store). The bucket rule is not compared (truncation is free there).",
-              "",
-              "| source | rule | DistillKit | its bytes/token | its KL | labelstore top-k | bytes/token | KL | "
-              "bytes ratio | interpolated bytes at its KL | interpolated ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in comparisons:
-        lines.append(f"| {c['source']} | {c['rule']} | {c['distillkit']} | {c['distillkit_bytes']:.1f} | "
-                     f"{c['distillkit_kl']:.4f} | {_f(c['labelstore_k'], 'd')} | {_f(c['labelstore_bytes'], '.1f')} | "
-                     f"{_f(c['labelstore_kl'], '.4f')} | {_f(c['ratio'], '.2f')} | "
-                     f"{_f(c.get('interpolated_bytes'), '.1f')} | {_f(c.get('interpolated_ratio'), '.2f')} |")
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path, dk_rows: list[dict] | None = None) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    groups: dict[tuple, list] = {}
-    for r in results:
-        if r["kl_mean"] is None or r["codec"] != "log8":
-            continue
-        groups.setdefault((r["source"], r["mode"], r["encoding"]), []).append(r)
-    for (src, mode, enc), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["bytes_per_token"])
-        ax.plot([r["bytes_per_token"] for r in rs], [max(r["kl_mean"], 1e-6) for r in rs], marker="o",
-                label=f"{src} {mode} {enc}")
-    for d in dk_rows or []:
-        ax.plot([d["bytes_per_token"]], [d["kl_mean"]], marker="x", ms=9, ls="none",
-                label=f"DistillKit {d['setting']} ({d['source']}, run here)")
-    for label, x in (("Megatron k=128 (~640 B, pre-zstd)", 640), ("sampled ~12 (~37 B)", 37)):
-        ax.axvline(x, color="grey", ls=":", lw=1)
-        ax.text(x, 1.0, label, rotation=90, va="top", ha="right", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("bytes per token on disk")
-    ax.set_ylabel("mean KL(teacher || stored), nats, uniform rule")
-    ax.set_title("labelstore: storage against fidelity (log8 values; SYNTHETIC sources labelled)")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -549,6 +329,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from labelstore.tools.distillkit_compare import (
+        DISTILLKIT_CONFIGS,
+        distillkit_measure,
+        equal_fidelity,
+        load_distillkit,
+    )
+
     torch.manual_seed(0)
     sources = []
     if not args.no_demo:

@@ -114,7 +114,8 @@ def test_distillkit_plumbing_and_equal_fidelity_never_cross_rules(tmp_path):
     exact top-k's with the missing mass as DistillKit's densify leaves it."""
     from types import SimpleNamespace
 
-    from labelstore.tools.bench import crossfit_folds, distillkit_measure, equal_fidelity
+    from labelstore.tools.bench import crossfit_folds
+    from labelstore.tools.distillkit_compare import distillkit_measure, equal_fidelity
     from labelstore.tools.fidelity import kl_to_reconstruction
 
     class Config:

@@ -1,0 +1,109 @@
+"""`labelstore bench`'s report: the markdown tables, the cost paragraph and the plot of bytes against fidelity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| source | mode | k | codec | encoding | bytes/token | entries/token | x dense fp32 | x dense fp8 | "
+             "KL uniform | KL p99 uniform | KL prior (cross-fit) | KL bucket | KL(rec||teacher) | kept mass | "
+             "top-1 agree | 5T tokens (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        f = _f
+        lines.append(
+            f"| {r['source']} | {r['mode']} | {r['k']} | {r['codec']} | {r['encoding']} | {r['bytes_per_token']:.1f} | "
+            f"{r['entries_per_token']:.1f} | {r['ratio_vs_dense']['fp32']:,.0f} | {r['ratio_vs_dense']['fp8']:,.0f} | "
+            f"{f(r['kl_mean'], '.4f')} | {f(r['kl_p99'], '.3f')} | {f(r.get('kl_mean_prior'), '.4f')} | "
+            f"{f(r.get('kl_mean_bucket'), '.5f')} | {f(r.get('ce_gap_mean'), '.4f')} | "
+            f"{f(r['kept_mass'], '.3f')} | "
+            f"{r['top1_agreement']:.3f} | {r['projected_5T_tokens_GB']:,.0f} |")
+    return "\n".join(lines)
+
+
+def costs_paragraph(results: list[dict], scale_tokens: float) -> str:
+    """Fixed costs, measured: the shard's fixed bytes and the prior file, per source vocabulary."""
+    fixed = sorted(r["fixed_bytes_per_shard"] for r in results)
+    meta = sorted(r["shard_metadata_bytes"] for r in results)
+    lines = [f"Fixed cost of a shard (bytes of a one-shard store minus its marginal bytes): median "
+             f"{fixed[len(fixed) // 2]:,} B (range {fixed[0]:,}-{fixed[-1]:,}), of which the store metadata "
+             f"(compile-shaped, one data file listed: {meta[0]:,}-{meta[-1]:,} B) is stored twice (schema message "
+             "and footer); a compile listing many data files has proportionally more.", ""]
+    seen = {}
+    for r in results:
+        if r["prior_file_bytes"]:
+            seen.setdefault(r["source"], r)
+    for src, r in seen.items():
+        lines.append(f"- {src}: tail prior file {r['prior_file_bytes']:,} B = "
+                     f"{r['prior_bytes_per_token_at_bench_positions']:.1f} B/token over the bench's "
+                     f"{r['positions']:,} positions, {r['prior_bytes_per_token_at_scale']:.2e} B/token at "
+                     f"{scale_tokens:.0e} tokens (charged under the prior rule below)")
+    return "\n".join(lines)
+
+
+def distillkit_tables(dk_rows: list[dict], comparisons: list[dict], dk_note: str) -> str:
+    lines = ["## DistillKit, run from its own source, on the same distributions", "", dk_note, "",
+             "| source | DistillKit setting | bytes/token (payload) | documented bytes/token | KL uniform | "
+             "KL prior (cross-fit) | KL bucket | kept mass | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d in dk_rows:
+        lines.append(f"| {d['source']} | {d['setting']} | {d['bytes_per_token']:.1f} | "
+                     f"{d['documented_bytes_per_token']:.1f} | {d['kl_mean']:.4f} | {d['kl_mean_prior']:.4f} | "
+                     f"{d['kl_mean_bucket']:.5f} | {d['kept_mass']:.3f} | {d['top1_agreement']:.3f} |")
+    lines += ["", "## Equal fidelity, rule by rule", "",
+              "The smallest measured labelstore top-k row (log8, zstd) whose mean KL under the SAME rule is at most "
+              "DistillKit's; under the prior rule both sides are charged the prior file at the scale above. "
+              "Interpolated: bytes at exactly DistillKit's KL between the two measured k around it (log-linear in "
+              "KL; an estimate, not a measured store). The bucket rule is not compared (truncation is free there).",
+              "",
+              "| source | rule | DistillKit | its bytes/token | its KL | labelstore top-k | bytes/token | KL | "
+              "bytes ratio | interpolated bytes at its KL | interpolated ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['source']} | {c['rule']} | {c['distillkit']} | {c['distillkit_bytes']:.1f} | "
+                     f"{c['distillkit_kl']:.4f} | {_f(c['labelstore_k'], 'd')} | {_f(c['labelstore_bytes'], '.1f')} | "
+                     f"{_f(c['labelstore_kl'], '.4f')} | {_f(c['ratio'], '.2f')} | "
+                     f"{_f(c.get('interpolated_bytes'), '.1f')} | {_f(c.get('interpolated_ratio'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path, dk_rows: list[dict] | None = None) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    groups: dict[tuple, list] = {}
+    for r in results:
+        if r["kl_mean"] is None or r["codec"] != "log8":
+            continue
+        groups.setdefault((r["source"], r["mode"], r["encoding"]), []).append(r)
+    for (src, mode, enc), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["bytes_per_token"])
+        ax.plot([r["bytes_per_token"] for r in rs], [max(r["kl_mean"], 1e-6) for r in rs], marker="o",
+                label=f"{src} {mode} {enc}")
+    for d in dk_rows or []:
+        ax.plot([d["bytes_per_token"]], [d["kl_mean"]], marker="x", ms=9, ls="none",
+                label=f"DistillKit {d['setting']} ({d['source']}, run here)")
+    for label, x in (("Megatron k=128 (~640 B, pre-zstd)", 640), ("sampled ~12 (~37 B)", 37)):
+        ax.axvline(x, color="grey", ls=":", lw=1)
+        ax.text(x, 1.0, label, rotation=90, va="top", ha="right", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes per token on disk")
+    ax.set_ylabel("mean KL(teacher || stored), nats, uniform rule")
+    ax.set_title("labelstore: storage against fidelity (log8 values; SYNTHETIC sources labelled)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

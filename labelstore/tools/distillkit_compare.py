@@ -1,0 +1,127 @@
+"""DistillKit under the same rules: its own compressor, run from its source on the distributions `labelstore bench`
+measures, scored with labelstore's fidelity metrics, and the equal-KL comparison between the two tools."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelstore.tools.bench import prior_kl_crossfit
+
+# The two configurations DistillKit's README recommends (arcee-ai/DistillKit README, "Recommended configuration"
+# and "budget pick"); ``d`` is set to the source's vocabulary.
+DISTILLKIT_CONFIGS = {
+    "budget": {"k": 50, "exact_k": 1, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, "sqrt"],
+               "term_dtype": "float32", "residual_bins": [], "delta_encoding": False, "error_diffusion": False},
+    "recommended": {"k": 128, "exact_k": 16, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, 2, 3, 4, "sqrt"],
+                    "term_dtype": "float32", "residual_bins": [], "delta_encoding": False,
+                    "error_diffusion": False},
+}
+DISTILLKIT_MISSING_FLOOR = 1e-8  # DistillKit's densify(SYMMETRIC_UNIFORM) floors each missing token at 1e-8
+
+
+def load_distillkit(src: str | None):
+    """DistillKit's ``distillkit.compression`` from a source checkout (its own code, not a copy), or None with
+    the reason. Needs only torch and pydantic."""
+    import hashlib
+    import importlib
+    import sys
+
+    if not src:
+        return None, "no --distillkit-src given (a checkout of github.com/arcee-ai/DistillKit)"
+    root = Path(src)
+    if not (root / "distillkit" / "compression" / "compressor.py").exists():
+        return None, f"{root} holds no distillkit/compression/compressor.py"
+    sys.path.insert(0, str(root))
+    try:
+        mod = importlib.import_module("distillkit.compression")
+        mod.LogprobCompressor  # noqa: B018 (resolves the lazy export: imports the compressor and its deps)
+    except ImportError as e:
+        return None, f"DistillKit's compression code does not import here: {e}"
+    h = hashlib.sha256()
+    for f in sorted((root / "distillkit" / "compression").glob("*.py")):
+        h.update(f.read_bytes())
+    mod.source_sha256 = h.hexdigest()
+    return mod, None
+
+
+def distillkit_measure(logits: torch.Tensor, name: str, dk, folds, chunk: int = 256) -> dict:
+    """Run DistillKit's compressor (configuration ``name``) on the teacher's log-probabilities in float64 and
+    score its decoded targets under every rule.
+
+    Decoded entries: ``p_i = exp(decoded log-prob)``; DistillKit stores no tail, so the missing mass is
+    ``1 - sum p`` floored as DistillKit's own ``densify(..., SYMMETRIC_UNIFORM)`` floors it (``1e-8`` per
+    missing token), and the whole is renormalised (``renormalize=True``). Under the uniform rule this is
+    exactly DistillKit's densified target; the prior rule spreads the same missing mass by the cross-fitted
+    prior. Bytes: the compressor's output (``compressed_logprobs`` + ``bytepacked_indices``) per position,
+    without Parquet's own overhead.
+    """
+    from labelstore.tools.fidelity import bucket_kl, kl_to_reconstruction
+
+    N, V = logits.shape
+    cfg = dk.DistributionQuantizationConfig(d=V, **DISTILLKIT_CONFIGS[name])
+    comp = dk.LogprobCompressor(cfg)
+    ids_l, p_l, t_l, nbytes = [], [], [], 0
+    t0 = time.perf_counter()
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        row = comp.compress(torch.log_softmax(logits[a:b].double(), -1))
+        nbytes += sum(v.numel() * v.element_size() for v in row.values())
+        ids, vals = comp.decompress_to_sparse(row)
+        p = vals.double().exp()
+        t = (1 - p.sum(-1)).clamp_min((V - p.shape[1]) * DISTILLKIT_MISSING_FLOOR)
+        total = p.sum(-1) + t
+        ids_l.append(ids.long())
+        p_l.append(p / total[:, None])
+        t_l.append(t / total)
+    seconds = time.perf_counter() - t0
+    ids, probs, tail = torch.cat(ids_l), torch.cat(p_l), torch.cat(t_l)
+    counts = torch.full((N,), ids.shape[1], dtype=torch.long)
+    uni = kl_to_reconstruction(logits, ids, probs, tail, counts)
+    return {"tool": "DistillKit", "setting": name, "config": {"d": V, **DISTILLKIT_CONFIGS[name]},
+            "positions": N, "vocab_size": V, "bytes_per_token": nbytes / N,
+            "documented_bytes_per_token": cfg.total_bits() / 8, "fit_dtype": "float64",
+            "kl_mean": float(uni["kl"].mean()), "kl_p99": float(np.quantile(uni["kl"], 0.99)),
+            "kl_mean_prior": float(prior_kl_crossfit(logits, ids, probs, tail, counts, folds).mean()),
+            "kl_mean_bucket": float(bucket_kl(logits, ids, probs, tail, counts).mean()),
+            "kept_mass": float(uni["kept_mass"].mean()), "top1_agreement": float(uni["top1"].mean()),
+            "compress_decompress_seconds": seconds}
+
+
+RULE_KEYS = {"uniform": "kl_mean", "prior": "kl_mean_prior"}  # the rules a comparison at equal KL can use
+
+
+def equal_fidelity(results: list[dict], dk_rows: list[dict]) -> list[dict]:
+    """For each DistillKit row and rule: the smallest measured labelstore top-k zstd (log8) row whose KL under
+    the SAME rule is at most DistillKit's, and the byte ratio. Under the prior rule both sides pay the prior
+    file amortised at the scale (DistillKit would need the same file to use that rule).
+
+    The bucket rule is left out: it makes truncation free, so a smaller k would always "match"."""
+    out = []
+    for d in dk_rows:
+        curve = sorted((r for r in results if r["source"] == d["source"] and r["mode"] == "topk"
+                        and r["codec"] == "log8" and r["encoding"] == "zstd" and r["kl_mean"] is not None),
+                       key=lambda r: r["bytes_per_token"])
+        for rule, key in RULE_KEYS.items():
+            extra = curve[0]["prior_bytes_per_token_at_scale"] if (rule == "prior" and curve) else 0.0
+            match = next((r for r in curve if r[key] <= d[key]), None)
+            row = {"source": d["source"], "rule": rule, "distillkit": d["setting"],
+                   "distillkit_bytes": d["bytes_per_token"] + extra, "distillkit_kl": d[key],
+                   "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None}
+            row["interpolated_bytes"] = row["interpolated_ratio"] = None
+            if match is not None:
+                ls_bytes = match["bytes_per_token"] + extra
+                row.update(labelstore_k=match["k"], labelstore_bytes=ls_bytes, labelstore_kl=match[key],
+                           ratio=ls_bytes / row["distillkit_bytes"])
+                i = curve.index(match)
+                if i > 0 and curve[i - 1][key] > d[key] > 0:  # bytes at exactly DistillKit's KL, log-linear in KL
+                    lo, hi = curve[i - 1], match
+                    f = math.log(lo[key] / d[key]) / math.log(lo[key] / hi[key])
+                    b = lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"]) + extra
+                    row.update(interpolated_bytes=b, interpolated_ratio=b / row["distillkit_bytes"])
+            out.append(row)
+    return out

@@ -117,7 +117,8 @@ def extract_hard_labels(
     return extract_topk(logits, 1, temperature=temperature, codec="none", backend=backend)
 
 
-from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch, student_bucket_logprobs_torch  # noqa: E402,F401,I001
+from labelstore_kernels.bucket_logprobs_torch import student_bucket_logprobs_torch  # noqa: E402,F401,I001
+from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch  # noqa: E402,F401,I001
 
 
 # ------------------------------------------------------------------- selection modes beyond top-k (FORMAT.md 5b)

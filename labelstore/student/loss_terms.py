@@ -12,12 +12,8 @@ import torch
 from labelstore.constants import IGNORE_INDEX
 from labelstore.errors import ConfigMismatchError
 from labelstore.reconstruction import SPREAD_RULES, PreparedPrior, kept_cap, prepare_prior, water_fill_scale
-from labelstore_kernels.sparse_kl_torch import (
-    SparseKLTerm,
-    TailSpread,
-    sparse_kl_torch,
-    student_bucket_logprobs_torch,
-)
+from labelstore_kernels.bucket_logprobs_torch import student_bucket_logprobs_torch
+from labelstore_kernels.sparse_kl_torch import SparseKLTerm, TailSpread, sparse_kl_torch
 
 _REDUCTIONS = ("mean", "sum", "none")
 _METHODS = ("forward_kl", "reverse_kl", "jsd", "hard")

@@ -18,11 +18,8 @@ import torch.nn.functional as F
 
 from labelstore.errors import ConfigMismatchError
 from labelstore.student import losses, targets
-from labelstore_kernels.sparse_kl_torch import (
-    SparseKLTerm,
-    sparse_kl_torch,
-    student_bucket_logprobs_torch,
-)
+from labelstore_kernels.bucket_logprobs_torch import student_bucket_logprobs_torch
+from labelstore_kernels.sparse_kl_torch import SparseKLTerm, sparse_kl_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

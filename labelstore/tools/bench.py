@@ -51,8 +51,8 @@ def demo_source(positions: int, seq_len: int = 512, log=print):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from labelstore.tools.demo_model import (
-        DemoConfig,
         corpus_files,
+        default_config,
         ensure_demo_teacher,
         read_texts,
         split_files,
@@ -60,7 +60,7 @@ def demo_source(positions: int, seq_len: int = 512, log=print):
         tokenize_stream,
     )
 
-    cfg = DemoConfig()
+    cfg = default_config()
     path = ensure_demo_teacher(cfg=cfg, log=log)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()

@@ -27,6 +27,7 @@ from labelstore.tools.demo_model import (
     corpus_files,
     cpu_threads,
     default_cache_root,
+    default_config,
     demo_info,
     ensure_demo_teacher,
     split_files,
@@ -74,7 +75,7 @@ def _run_demo(*, cache_dir=None, out=None, k: int = 32, codec: str = DEFAULT_COD
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would drown the demo's own report
     t_start = time.perf_counter()
-    cfg = config or DemoConfig()
+    cfg = config or default_config()
     max_length = max_length or cfg.seq_len  # RoPE positions past the training length would be extrapolated
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     built = not (cache_root / cfg.cache_name()).exists() or rebuild

@@ -67,6 +67,23 @@ class DemoConfig:
         return f"{CACHE_VERSION}-{digest[:10]}"
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Without it, bf16 autocast is emulated:
+    measured 12x slower than float32 for the demo teacher's training step on an AVX2-only CPU (174 vs 2,127
+    tokens/s, one thread), which turned a 5-minute first build into hours."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def default_config() -> DemoConfig:
+    """The demo teacher this machine builds: :class:`DemoConfig` (``demo-teacher-v1``, bf16 autocast) where bf16 is
+    native, else the same model trained in float32 (its own cache name, so the two never mix)."""
+    return DemoConfig() if native_bf16() else DemoConfig(bf16_autocast=False)
+
+
 # --------------------------------------------------------------------------------------------------- corpus
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
@@ -336,7 +353,7 @@ def ensure_demo_teacher(cache_root: Path | None = None, cfg: DemoConfig | None =
 
     ``root`` replaces the standard library as the training corpus (tests use a tiny one).
     """
-    cfg = cfg or DemoConfig()
+    cfg = cfg or default_config()
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     target = cache_root / cfg.cache_name()
     if rebuild and target.exists():

@@ -122,3 +122,14 @@ def test_a_failed_build_leaves_no_cache_entry(tmp_path, corpus, monkeypatch):
 def test_cache_names_separate_configurations():
     assert DemoConfig().cache_name() == "demo-teacher-v1"
     assert TINY.cache_name().startswith("demo-teacher-v1-") and TINY.cache_name() != DemoConfig().cache_name()
+
+
+def test_the_demo_trains_in_float32_where_bf16_is_not_native(monkeypatch):
+    """bf16 autocast is emulated (about 12x slower) on CPUs without AVX512-BF16/AMX: the default demo teacher is
+    then the float32-trained one, under its own cache name."""
+    monkeypatch.setattr(demo_model, "native_bf16", lambda: True)
+    assert demo_model.default_config() == DemoConfig() and DemoConfig().bf16_autocast
+    monkeypatch.setattr(demo_model, "native_bf16", lambda: False)
+    fp32 = demo_model.default_config()
+    assert not fp32.bf16_autocast and fp32.cache_name() != DemoConfig().cache_name()
+

@@ -49,9 +49,9 @@ def build(seed: int = 0):
     """(model with the synthetic V_HEAD head, body description)."""
     from transformers import AutoModelForCausalLM
 
-    from labelstore.tools.demo_model import INFO_FILE, DemoConfig, default_cache_root, make_model
+    from labelstore.tools.demo_model import INFO_FILE, DemoConfig, default_cache_root, default_config, make_model
 
-    cached = default_cache_root() / DemoConfig().cache_name()
+    cached = default_cache_root() / default_config().cache_name()
     if (cached / INFO_FILE).exists():
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
         body = f"demo teacher (trained, {cached})"
@@ -172,8 +172,8 @@ def head_dtype_kl(positions: int, seq_len: int = 256) -> dict:
     from labelstore.reconstruction import reconstruct
     from labelstore.teacher.head import body_hidden, read_head
     from labelstore.tools.demo_model import (
-        DemoConfig,
         corpus_files,
+        default_config,
         ensure_demo_teacher,
         read_texts,
         split_files,
@@ -183,7 +183,7 @@ def head_dtype_kl(positions: int, seq_len: int = 256) -> dict:
     from labelstore.tools.fidelity import kl_to_reconstruction
     from labelstore_kernels import extract_topk, head_logits
 
-    cfg = DemoConfig()
+    cfg = default_config()
     path = ensure_demo_teacher(cfg=cfg)
     tok = AutoTokenizer.from_pretrained(path)
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

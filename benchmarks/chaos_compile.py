@@ -101,9 +101,15 @@ KINDS = ["random", "poll-shard-tmp", "poll-commit", "before-replace", "after-rep
 
 def build_inputs(base: Path, demo: bool) -> dict:
     if demo:
-        from labelstore.tools.demo_model import corpus_files, default_cache_root, split_files, utf8_files
+        from labelstore.tools.demo_model import (
+            corpus_files,
+            default_cache_root,
+            default_config,
+            split_files,
+            utf8_files,
+        )
 
-        teacher = default_cache_root() / "demo-teacher-v1"
+        teacher = default_cache_root() / default_config().cache_name()
         if not (teacher / "config.json").exists():
             raise SystemExit(f"--demo: no cached demo teacher at {teacher}; run `labelstore demo` first")
         files = utf8_files(split_files(corpus_files())[1])[:12]

@@ -39,6 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_extract import _status_kb  # noqa: E402  (peak-RSS probe shared with the extraction benchmark)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher.json"
 RESULTS_HEAD_DTYPE = Path(__file__).resolve().parent / "results" / "teacher_head_dtype.json"
 V_HEAD = 151_936
@@ -107,17 +110,6 @@ def runners(model, n_seq: int, length: int):
             return materialised_batch(model, mat, ids, x, m, lengths, rids, extract_fn, V_HEAD, opts, cpu)
 
     return {"materialised": run_mat, "fused": run_fused}
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _mem_probe(method: str, n_seq: int, length: int) -> None:

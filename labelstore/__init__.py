@@ -30,6 +30,7 @@ _EXPORTS = {
     "InputDataError": "labelstore.errors",
     "StoreWriteError": "labelstore.errors",
     "OutputDirectoryError": "labelstore.errors",
+    "RemoteStorageError": "labelstore.errors",
     # store
     "LabelStore": "labelstore.store.reader",
     "StoreWriter": "labelstore.store.writer",
@@ -74,6 +75,7 @@ __all__ = [
     "InputDataError",
     "StoreWriteError",
     "OutputDirectoryError",
+    "RemoteStorageError",
     "LabelStore",
     "StoreWriter",
     "verify_store",
@@ -125,6 +127,7 @@ if TYPE_CHECKING:  # static tools see the real names
         InvalidLogitsError,
         LabelStoreError,
         OutputDirectoryError,
+        RemoteStorageError,
         StoreCorruptError,
         StoreFormatError,
         StoreLockedError,

@@ -45,3 +45,8 @@ class StoreWriteError(LabelStoreError):
 
 class OutputDirectoryError(LabelStoreError):
     """``--out`` is a file or a non-empty folder that is not a store, or a store that needs ``--overwrite``."""
+
+
+class RemoteStorageError(LabelStoreError):
+    """The object store refused or kept failing (no such bucket, access denied, retries exhausted). What was
+    committed before stays committed; fix the cause and rerun the same command."""

@@ -23,3 +23,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free local port for the whole session; its address is put in the environment
+    (``AWS_ENDPOINT_URL`` and test credentials), so labelstore, s3fs and child processes all reach it."""
+    pytest.importorskip("s3fs", reason="s3fs is a dev dependency: make test installs it")
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    server.apply_env()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A new, empty bucket on the session's S3 server; yields its name."""
+    import re
+    import uuid
+
+    from s3_server import make_bucket
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    make_bucket(name)
+    return name

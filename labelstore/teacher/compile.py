@@ -169,10 +169,10 @@ def _full_name(name: str) -> str:
 
 def interrupted_message(out) -> str:
     """What a Ctrl-C'd compile prints: what is kept, and the exact command that resumes it."""
-    from labelstore.store.manifest import list_commits
+    from labelstore.store.locations import commit_records
 
     try:
-        n = len(list_commits(Path(out)))
+        n = len(commit_records(out))
     except (LabelStoreError, OSError):
         n = "?"
     argv = sys.argv[1:]
@@ -234,7 +234,7 @@ def compile_store(opts: CompileOptions | None = None, /, *, teacher=None, tokeni
 
 
 def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
-    from labelstore.store.writer import finalize_store
+    from labelstore.store.locations import finalize
     from labelstore_kernels import extract, extract_topk
 
     opts.validate()
@@ -322,7 +322,7 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                                   notice=rank == 0, follower=not tp.leader)
         barrier(world)
         if world > 1 and rank == 0:
-            finalize_store(opts.out, tp.groups)
+            finalize(opts.out, tp.groups)
         barrier(world)
         result.input_stats = dict(plan.stats)
         return result

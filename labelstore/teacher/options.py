@@ -71,7 +71,8 @@ class CompileOptions:
                            "compressed text, JSON and JSONL too), folders of them, datasets.save_to_disk folders, or "
                            "hf:NAME for datasets.load_dataset (local files or the local cache)",
                            nargs="+", action="extend", metavar="PATH")
-    out: str = _req("store directory (created, or resumed if it exists)")
+    out: str = _req("store directory or object-storage URL such as s3://bucket/prefix (created, or resumed if it "
+                    "exists)")
     tokenizer: str | None = _opt(None, "tokenizer directory or name (default: --teacher)")
     k: int = _opt(32, "kept entries per position (topk), the maximum per position (topp)")
     selection: str = _opt("topk", "which entries a position keeps (docs/FORMAT.md 5b): the k most probable (topk), "

@@ -7,6 +7,9 @@
   ``--overwrite``;
 * a file, or a non-empty directory that is not a store: refused, so a compile never writes beside (or
   deletes) a user's files. ``--overwrite`` removes only the store's own entries.
+
+An object-storage URL (``s3://bucket/prefix``) follows the same rules, with objects for files and the prefix for
+the directory.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from labelstore.errors import ConfigMismatchError, OutputDirectoryError, StoreLockedError, StoreWriteError
 from labelstore.store.manifest import CONFIG, MANIFEST, TAIL_PRIOR, list_commits
+from labelstore.store.objectstore import is_url
 
 try:
     import fcntl
@@ -35,6 +39,8 @@ def is_store(root: Path) -> bool:
 
 def check_out(out) -> bool:
     """Refuse an ``--out`` that is a file or a non-empty non-store folder; True when a store is already there."""
+    if is_url(out):
+        return _check_remote_out(out)
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise OutputDirectoryError(f"--out {root} is a file, not a directory: choose a new or empty directory")
@@ -51,14 +57,37 @@ def check_out(out) -> bool:
     return False
 
 
-def committed_shards(root: Path) -> int:
+def _check_remote_out(url: str) -> bool:
+    from labelstore.store.remote_store import RemoteStore
+
+    store = RemoteStore(url)
+    if store.exists(""):
+        raise OutputDirectoryError(f"--out {url} is an object, not a prefix: choose a new or empty prefix")
+    if store.is_store():
+        return True
+    others = store.other_entries()
+    if others:
+        raise OutputDirectoryError(
+            f"--out {url} holds objects that are not a label store ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}): choose a new or empty prefix; nothing was written")
+    return False
+
+
+def committed_shards(root) -> int:
     """Shards committed in the store at ``root`` (a finalized store counts as committed even without records)."""
+    if is_url(root):
+        from labelstore.store.remote_store import RemoteStore
+
+        store = RemoteStore(root)
+        return max(len(store.commit_records()), 1) if store.exists(MANIFEST) else len(store.commit_records())
     n = len(list_commits(root)) if (root / "commits").is_dir() else 0
     return max(n, 1) if (root / MANIFEST).exists() else n
 
 
 def discard_store(out) -> None:
     """Remove the store's own entries at ``out`` (files of anything else stay). Refused while a writer lives."""
+    if is_url(out):
+        return _discard_remote(out)
     root = Path(out)
     held = []
     try:
@@ -85,6 +114,20 @@ def discard_store(out) -> None:
             os.close(fd)
 
 
+def _discard_remote(url: str) -> None:
+    from labelstore.store.remote_store import RemoteStore
+    from labelstore.store.remote_writer import RemoteLock
+
+    store = RemoteStore(url)
+    for rel in store.listing("locks"):
+        info = store.info(rel)
+        holder = store.get_json(rel, "lock") if info is not None else None
+        if info is not None and not RemoteLock(store, 0)._stale(holder, info)[0]:
+            raise StoreLockedError(f"{url} is being written by another live writer ({rel}): stop it before "
+                                   "replacing the store")
+    store.discard()
+
+
 def barrier(world: int) -> None:
     """Wait for every rank (a no-op in one process)."""
     if world > 1:
@@ -96,7 +139,7 @@ def barrier(world: int) -> None:
 def open_writer(opts, meta: dict, rank: int, world: int, store_there: bool):
     """The store's writer; ``--overwrite`` first discards the store, a store that committed nothing is replaced
     when its settings changed, and a settings mismatch on a store with shards says how to start over."""
-    from labelstore.store.writer import StoreWriter
+    from labelstore.store.locations import open_store_writer as StoreWriter
 
     shard_bytes = max(1, int(opts.shard_mb * (1 << 20)))
     if store_there and opts.overwrite:
@@ -107,7 +150,7 @@ def open_writer(opts, meta: dict, rank: int, world: int, store_there: bool):
         try:
             return StoreWriter(opts.out, meta, rank=rank, world_size=world, shard_bytes=shard_bytes)
         except ConfigMismatchError as exc:
-            n = committed_shards(Path(opts.out))
+            n = committed_shards(opts.out)
             if n or world > 1:
                 raise ConfigMismatchError(f"{exc}\nOr pass --overwrite to discard its {n} committed shard(s) and "
                                           "compile it anew.") from None

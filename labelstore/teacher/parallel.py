@@ -12,7 +12,6 @@ skips, reading the same commit records (:class:`FollowerWriter`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,12 +53,12 @@ class FollowerWriter:
     """What a non-leader member needs of the store: the committed sample ids (read-only, no lock)."""
 
     def __init__(self, root):
-        self.root = Path(root)
+        self.root = root
 
     def committed_sample_ids(self) -> np.ndarray:
-        from labelstore.store.manifest import list_commits
+        from labelstore.store.locations import commit_records
 
-        parts = [np.arange(a, b, dtype=np.int64) for c in list_commits(self.root)
+        parts = [np.arange(a, b, dtype=np.int64) for c in commit_records(self.root)
                  for a, b in c.get("sample_ranges", [])]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 

@@ -16,10 +16,10 @@ def check_inputs_still_there(out, plan: Plan) -> None:
     (The config check would refuse the resume anyway, but only as a changed data fingerprint.) Input files are
     read once, while planning: after that a compile runs from the plan's own copy of the tokens.
     """
-    from labelstore.store.manifest import read_config
+    from labelstore.store.locations import read_store_config
 
     try:  # read_config refuses a FIFO, a folder or a link before reading a byte
-        cfg = read_config(Path(out))
+        cfg = read_store_config(out)
         old_sha, old_files = cfg["compile_config"]["data"]["sha256"], list(cfg["runtime"]["data_files"])
     except (LabelStoreError, OSError, ValueError, KeyError, TypeError):
         return  # a new store, or a damaged config that the writer reports
@@ -42,10 +42,10 @@ LATER_KEYS = (("tokens_per_batch", "tokens_per_batch"), ("sampler_version", None
 def accept_older_config(out, meta: dict) -> None:
     """Resume a store written before a compared key existed: drop the key from ``meta`` if the store's own record
     agrees (for ``tokens_per_batch``, its ``runtime`` entry), else refuse naming the key."""
-    from labelstore.store.manifest import read_config
+    from labelstore.store.locations import read_store_config
 
     try:
-        old = read_config(Path(out))
+        old = read_store_config(out)
         old_cfg, old_runtime = old["compile_config"], old.get("runtime", {})
     except (LabelStoreError, OSError, ValueError, KeyError, TypeError):
         return  # a new store, or a damaged config that the writer reports
@@ -65,10 +65,10 @@ def accept_older_teacher_hash(out, meta: dict, model) -> None:
     """A store written by 0.1 recorded the teacher's sampled-values identity: when that identity matches this
     teacher, keep it (the resume goes on; the store's identity stays the weaker 0.1 one), else leave ours, which
     the writer then reports as a different teacher."""
-    from labelstore.store.manifest import read_config
+    from labelstore.store.locations import read_store_config
 
     try:
-        old = read_config(Path(out))["teacher"]["hash"]
+        old = read_store_config(out)["teacher"]["hash"]
     except (LabelStoreError, OSError, ValueError, KeyError, TypeError):
         return
     if old != meta["teacher"]["hash"] and old == legacy_teacher_fingerprint(model):

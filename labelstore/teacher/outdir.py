@@ -61,7 +61,7 @@ def _check_remote_out(url: str) -> bool:
     from labelstore.store.remote_store import RemoteStore
 
     store = RemoteStore(url)
-    if store.exists(""):
+    if (store.info("") or {}).get("type") == "file":
         raise OutputDirectoryError(f"--out {url} is an object, not a prefix: choose a new or empty prefix")
     if store.is_store():
         return True

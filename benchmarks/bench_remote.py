@@ -1,0 +1,184 @@
+"""Object storage against a local disk, side by side: writing a store, and a loader reading it.
+
+    python benchmarks/bench_remote.py [--samples 48] [--repeats 3] [--delays 0,20]
+
+The S3 endpoint is moto's S3 server on this machine (tests/s3_server.py), so it has **no real network**: every
+byte crosses the loopback interface and is held in the server's memory. To imitate a cloud region, each request
+is also delayed by ``--delays`` milliseconds inside the server (one sleeping thread per request, so concurrent
+requests overlap as against a real region). Bandwidth is not limited; real figures depend on it.
+
+Content (synthetic, clearly so, as in bench_loader.py): ``--samples`` sequences of T = 2048 tokens, V = 32000,
+k = 32 entries per position with a Zipf-like decay, log8 values, 8 MiB shards (about 0.6 MB per sequence).
+
+* **write**: the same rows through ``StoreWriter`` to a local folder and through ``RemoteStoreWriter`` to the
+  bucket (shards spooled locally, uploaded by two background threads, verified, committed), until the store is
+  finalized. Tokens per second of wall clock, and the producer's time blocked in ``add``/``commit`` (what a
+  teacher would wait), both to the finalized store. The teacher itself is not run: this isolates the store.
+* **read**: ``StoreLoader`` (B = 8, shuffled, 0 workers) over the whole store, from the local folder (page cache
+  warm), from the bucket with a **cold** cache (an empty cache folder: every shard downloaded during the epoch,
+  prefetched in the order the epoch reads them) and **warm** (the same cache again). Same batches, same repeats.
+
+Writes ``benchmarks/results/remote.json`` and prints a table. Ratios are remote / local in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from bench_loader import K, T, V, synth  # noqa: E402
+from s3_server import S3Server, make_bucket  # noqa: E402
+
+from labelstore.codecs import get_codec  # noqa: E402
+from labelstore.store.locations import open_store_writer  # noqa: E402
+
+SHARD_BYTES = 8 << 20
+
+
+def meta():
+    return {"vocab_size": V, "label_kind": "soft", "selection": {"mode": "topk", "k": K},
+            "value_codec": get_codec("log8").to_json(), "temperature": 1.0,
+            "teacher": {"name": "synthetic", "hash": "0" * 16}, "tokenizer": {"name": "synthetic", "hash": "0" * 16}}
+
+
+def write_once(out: str, rows) -> dict:
+    blocked = 0.0
+    t0 = time.perf_counter()
+    w = open_store_writer(out, meta(), shard_bytes=SHARD_BYTES)
+    for i, x, ids, _probs, tail, codes in rows:
+        a = time.perf_counter()
+        w.add(i, x, np.full(T, K), ids, codes, tail)
+        blocked += time.perf_counter() - a
+    a = time.perf_counter()
+    w.close()
+    closing = time.perf_counter() - a
+    wall = time.perf_counter() - t0
+    tokens = len(rows) * T
+    return {"wall_s": wall, "tokens_per_s": tokens / wall, "blocked_s": blocked, "close_s": closing}
+
+
+def bench_write(server, bucket, delays, rows, repeats, tmp: Path) -> list[dict]:
+    out = []
+    for target in ["local"] + [f"s3+{d}ms" for d in delays]:
+        runs = []
+        for r in range(repeats):
+            if target == "local":
+                dest = str(tmp / f"w-local-{r}")
+            else:
+                server.delay_s = int(target[3:-2]) / 1000
+                dest = f"s3://{bucket}/w-{target}-{r}"
+            runs.append(write_once(dest, rows))
+            if target == "local":
+                shutil.rmtree(dest)
+        server.delay_s = 0.0
+        med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        out.append({"target": target, **med, "runs": runs})
+    base = out[0]["tokens_per_s"]
+    for o in out:
+        o["ratio_vs_local"] = o["tokens_per_s"] / base
+    return out
+
+
+def loader_epoch(path, cache_dir=None) -> tuple[float, int]:
+    from labelstore.student.dataset import StoreDataset
+    from labelstore.student.loader import StoreLoader
+
+    kw = {} if cache_dir is None else {"cache_dir": str(cache_dir)}
+    ds = StoreDataset(path, **kw)
+    loader = StoreLoader(ds, batch_size=8, seed=0, rank=0, world_size=1, num_workers=0)
+    t0 = time.perf_counter()
+    tokens = 0
+    for batch in loader:
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+    return time.perf_counter() - t0, tokens
+
+
+def bench_read(server, bucket, delays, rows, repeats, tmp: Path) -> list[dict]:
+    local = tmp / "r-local"
+    w = open_store_writer(str(local), meta(), shard_bytes=SHARD_BYTES)
+    for i, x, ids, _probs, tail, codes in rows:
+        w.add(i, x, np.full(T, K), ids, codes, tail)
+    w.close()
+    url = f"s3://{bucket}/r-store"
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(local) + "/", url[len("s3://"):], recursive=True)
+    loader_epoch(local)  # page cache warm, imports done
+    out = []
+    results = {"local": []}
+    for d in delays:
+        results[f"s3+{d}ms cold"] = []
+        results[f"s3+{d}ms warm"] = []
+    for r in range(repeats):
+        results["local"].append(loader_epoch(local))
+        for d in delays:
+            server.delay_s = d / 1000
+            cache = tmp / f"cache-{d}-{r}"
+            results[f"s3+{d}ms cold"].append(loader_epoch(url, cache))
+            results[f"s3+{d}ms warm"].append(loader_epoch(url, cache))
+            shutil.rmtree(cache, ignore_errors=True)
+            server.delay_s = 0.0
+    for name, runs in results.items():
+        secs = statistics.median(s for s, _ in runs)
+        out.append({"source": name, "seconds": secs, "tokens": runs[0][1], "tokens_per_s": runs[0][1] / secs,
+                    "runs_s": [s for s, _ in runs]})
+    base = out[0]["tokens_per_s"]
+    for o in out:
+        o["ratio_vs_local"] = o["tokens_per_s"] / base
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--delays", default="0,20", help="per-request delays in ms, comma-separated")
+    ap.add_argument("--skip-read", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "remote.json"))
+    args = ap.parse_args(argv)
+    delays = [int(x) for x in args.delays.split(",") if x.strip()]
+    server = S3Server().start()
+    server.apply_env()
+    bucket = "bench-remote"
+    make_bucket(bucket)
+    rows = list(synth(args.samples))
+    with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
+        os.environ["LABELSTORE_SPOOL_DIR"] = str(Path(tmp) / "spool")
+        write = bench_write(server, bucket, delays, rows, args.repeats, Path(tmp))
+        read = [] if args.skip_read else bench_read(server, bucket, delays, rows, args.repeats, Path(tmp))
+    server.stop()
+    print(f"\nSYNTHETIC rows: {args.samples} x {T} tokens, V={V}, k={K}; moto S3 server on localhost "
+          f"(no real network; delays are injected per request); median of {args.repeats}")
+    print(f"{'write to':<14} {'tokens/s':>10} {'vs local':>9} {'blocked s':>10} {'close s':>8}")
+    for o in write:
+        print(f"{o['target']:<14} {o['tokens_per_s']:>10,.0f} {o['ratio_vs_local']:>8.2f}x "
+              f"{o['blocked_s']:>10.2f} {o['close_s']:>8.2f}")
+    if read:
+        print(f"\n{'loader from':<16} {'tokens/s':>10} {'vs local':>9}")
+        for o in read:
+            print(f"{o['source']:<16} {o['tokens_per_s']:>10,.0f} {o['ratio_vs_local']:>8.2f}x")
+    res = {"synthetic": True, "samples": args.samples, "T": T, "V": V, "k": K, "shard_bytes": SHARD_BYTES,
+           "repeats": args.repeats, "delays_ms": delays, "endpoint": "moto S3 server on localhost (no network)",
+           "write": write, "read": read, "machine": platform.node(), "cpus": os.cpu_count(),
+           "load_avg": os.getloadavg()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

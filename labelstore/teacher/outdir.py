@@ -80,6 +80,7 @@ def committed_shards(root) -> int:
 
         store = RemoteStore(root)
         return max(len(store.commit_records()), 1) if store.exists(MANIFEST) else len(store.commit_records())
+    root = Path(root)
     n = len(list_commits(root)) if (root / "commits").is_dir() else 0
     return max(n, 1) if (root / MANIFEST).exists() else n
 

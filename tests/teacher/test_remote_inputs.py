@@ -233,6 +233,7 @@ def teacher(tmp_path_factory, tok):
 
 
 def test_compile_from_a_bucket_writes_the_local_store(tmp_path, s3_bucket, tok, docs, teacher):
+    from labelstore.cli import main as cli_main
     from labelstore.store.manifest import read_config
     from labelstore.teacher.compile import CompileOptions, compile_store
     from labelstore.teacher.resume_checks import check_inputs_still_there
@@ -247,7 +248,11 @@ def test_compile_from_a_bucket_writes_the_local_store(tmp_path, s3_bucket, tok, 
         return store_rows(out), res
 
     want, _ = run([str(local)], tmp_path / "local")
-    got, _ = run([f"s3://{s3_bucket}/corpus/"], tmp_path / "remote")
+    # the command line, as a user types it
+    assert cli_main(["compile", "--teacher", str(teacher), "--data", f"s3://{s3_bucket}/corpus/", "--out",
+                     str(tmp_path / "remote"), "--k", "8", "--max-length", "64", "--tokens-per-batch", "256",
+                     "--device", "cpu", "--quiet"]) == 0
+    got = store_rows(tmp_path / "remote")
     assert len(got) > 3
     assert sorted(got) == sorted(want)
     for sid in want:

@@ -140,8 +140,8 @@ def _open(path: Path | RemoteObject):
 
 def _open_remote(obj: RemoteObject, comp: str | None):
     raw = obj.open()
-    if comp is None:
-        return raw
+    if comp is None:  # fsspec's own readline reads a whole block per line: 40x slower on a 37 MiB JSONL object
+        return io.BufferedReader(raw, buffer_size=1 << 20)
     try:
         if comp == ".zst":
             import zstandard

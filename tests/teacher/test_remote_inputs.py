@@ -8,8 +8,10 @@ not depend on where the bytes live: a store compiled from local files resumes fr
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import shutil
 
 import numpy as np
@@ -73,6 +75,10 @@ def write_kind(path, docs, kind: str) -> None:
         path.write_bytes(zstandard.ZstdCompressor().compress(jsonl(docs)))
     elif kind == "jsonl.gz":
         path.write_bytes(gzip.compress(jsonl(docs)))
+    elif kind == "jsonl.bz2":
+        path.write_bytes(bz2.compress(jsonl(docs)))
+    elif kind == "md.xz":
+        path.write_bytes(lzma.compress("\n\n".join(docs).encode()))
     elif kind == "text":
         path.write_text("\n\n".join(docs))
     else:
@@ -80,7 +86,8 @@ def write_kind(path, docs, kind: str) -> None:
 
 
 NAMES = {"jsonl": "d.jsonl", "json": "d.json", "parquet": "d.parquet", "feather": "d.feather",
-         "arrow-stream": "d.arrow", "jsonl.zst": "d.jsonl.zst", "jsonl.gz": "d.jsonl.gz", "text": "d.md"}
+         "arrow-stream": "d.arrow", "jsonl.zst": "d.jsonl.zst", "jsonl.gz": "d.jsonl.gz", "jsonl.bz2": "d.jsonl.bz2",
+         "md.xz": "d.md.xz", "text": "d.md"}
 
 
 @pytest.mark.parametrize("kind", list(NAMES))

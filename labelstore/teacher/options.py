@@ -69,7 +69,8 @@ class CompileOptions:
     teacher: str = _req("teacher model: a local directory (or hub name) for AutoModelForCausalLM")
     data: list[str] = _req("inputs (repeatable): text, .jsonl, .json, .parquet, .arrow files (.gz/.bz2/.xz/.zst "
                            "compressed text, JSON and JSONL too), folders of them, datasets.save_to_disk folders, or "
-                           "hf:NAME for datasets.load_dataset (local files or the local cache)",
+                           "hf:NAME for datasets.load_dataset (local files or the local cache); also URLs: "
+                           "s3://bucket/key, globs (s3://bucket/corpus/*.parquet), prefixes (s3://bucket/corpus/)",
                            nargs="+", action="extend", metavar="PATH")
     out: str = _req("store directory or object-storage URL such as s3://bucket/prefix (created, or resumed if it "
                     "exists)")

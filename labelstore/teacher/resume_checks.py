@@ -26,13 +26,32 @@ def check_inputs_still_there(out, plan: Plan) -> None:
     if old_sha == plan.fingerprint:
         return
     now = set(plan.files)
-    gone = [f for f in old_files if f not in now and not f.startswith(("hf:", "<")) and not Path(f).exists()]
+    gone = [f for f in old_files if f not in now and not f.startswith(("hf:", "<")) and not _exists(f)]
     if gone:
         raise InputDataError(
             f"{out} was compiled from input file(s) that no longer exist: {', '.join(gone[:5])}"
             f"{f' and {len(gone) - 5} more' if len(gone) > 5 else ''}. Restore them and rerun the same command to "
             "resume; committed shards are intact."
         )
+
+
+def _exists(name: str) -> bool:
+    """Whether the input file (or object, at a URL) named in a store's runtime metadata is still there. An object
+    store that cannot answer (unreachable, access denied) counts as "there": this only names vanished inputs, the
+    changed data fingerprint refuses the resume anyway."""
+    from labelstore.store import objectstore
+
+    if not objectstore.is_url(name):
+        return Path(objectstore.local_path(name)).exists()
+    try:
+        fs, path = objectstore.filesystem(name)
+        fs.invalidate_cache(path)
+        objectstore.call(fs.info, path, url=name, action="checking input", passthrough=(FileNotFoundError,))
+    except FileNotFoundError:
+        return False
+    except (LabelStoreError, ValueError):
+        return True
+    return True
 
 
 # keys added to compile_config after stores were written without them: (key, runtime key that held it, or None)

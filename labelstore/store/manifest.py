@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 
 from labelstore.errors import StoreCorruptError, StoreFormatError, StoreNotFinalizedError, StoreWriteError
@@ -81,6 +82,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def tmp_name(name: str) -> str:
+    """``.tmp-NAME.PID-TOKEN``: the writing process and a random token, so writers on different hosts of a shared
+    filesystem (the same pid is possible there) never pick the same temporary name."""
+    return f".tmp-{name}.{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _write_new_file(tmp: Path, data: bytes) -> None:
     """Create ``tmp`` (refusing a symbolic link or anything already there that is not a plain file), write and
     fsync ``data``."""
@@ -100,7 +107,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     check_no_symlink(path, "store file")
     if os.path.lexists(path) and not is_regular(path):
         raise StoreWriteError(f"{path} exists and is not a regular file; refusing to replace it")
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    tmp = path.with_name(tmp_name(path.name))
     try:
         _write_new_file(tmp, data)
         os.replace(tmp, path)
@@ -122,7 +129,7 @@ def create_exclusive_json(path: Path, obj) -> bool:
     """Atomically create ``path`` with ``obj`` unless it exists. True if this call created it."""
     path = Path(path)
     check_no_symlink(path, "store file")
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    tmp = path.with_name(tmp_name(path.name))
     _write_new_file(tmp, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
     try:
         os.link(tmp, path)  # fails if path exists (a link too: never followed): create-if-absent, atomically
@@ -136,17 +143,18 @@ def create_exclusive_json(path: Path, obj) -> bool:
 
 
 def remove_stale_tmp(root: Path) -> int:
-    """Delete ``.tmp-NAME.PID`` files in the store root (config, manifest, tail prior) and in ``commits/`` (commit
-    records, done markers, teacher mass) left by a writer that died mid-write. Only called once every rank is done
-    (finalize), so no other writer can own one; files of a live local process other than this one are kept anyway,
-    and only regular files are removed (never a link or a folder). Returns how many were removed.
+    """Delete ``.tmp-NAME.PID-TOKEN`` (and older ``.tmp-NAME.PID``) files in the store root (config, manifest, tail
+    prior) and in ``commits/`` (commit records, done markers, teacher mass) left by a writer that died mid-write.
+    Only called once every rank is done (finalize), so no other writer can own one; files of a live local process
+    other than this one are kept anyway, and only regular files are removed (never a link or a folder). Returns how
+    many were removed.
     """
     removed = 0
     for d in (Path(root), Path(root) / "commits"):
         if d.is_symlink() or not d.is_dir():
             continue
         for p in d.glob(".tmp-*"):
-            pid = p.name.rsplit(".", 1)[-1]
+            pid = p.name.rsplit(".", 1)[-1].split("-", 1)[0]
             if not pid.isdigit():
                 continue
             if int(pid) == os.getpid():

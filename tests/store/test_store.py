@@ -382,8 +382,22 @@ def test_finalize_removes_temp_files_of_dead_writers(tmp_path):
     w = StoreWriter(tmp_path / "s", make_meta())
     write_rows(w, rows)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stray = tmp_path / "s" / f".tmp-manifest.json.{dead.stdout.strip()}"
+    stray = tmp_path / "s" / f".tmp-manifest.json.{dead.stdout.strip()}"  # the older name, without a token
     stray.write_text("{half a manifest")
+    stray2 = tmp_path / "s" / "commits" / f".tmp-r00000-000000.json.{dead.stdout.strip()}-0123abcd"
+    stray2.write_text("{half a record")
+    live = tmp_path / "s" / f".tmp-config.json.{os.getpid()}-89abcdef"  # this (live) process's: kept
+    live.write_text("{")
     w.close()
-    assert not stray.exists()
+    assert not stray.exists() and not stray2.exists() and live.exists()
     assert len(LabelStore(tmp_path / "s")) == 3
+
+
+def test_temporary_names_are_unique_per_write():
+    """Two writers on different hosts of a shared filesystem may have the same pid: a random token in every
+    temporary name keeps them from ever writing (or cleaning) the same temporary file."""
+    from labelstore.store.manifest import tmp_name
+
+    names = {tmp_name("config.json") for _ in range(100)}
+    assert len(names) == 100
+    assert all(n.startswith(f".tmp-config.json.{os.getpid()}-") for n in names)

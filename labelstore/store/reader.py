@@ -50,6 +50,13 @@ class RawRow:
     weights: np.ndarray | None  # float32 [sum(counts)] decoded codec weights (None for hard labels)
     tail: np.ndarray  # float32 [T] (zeros for hard labels)
     doc_starts: np.ndarray  # int64 [D]
+    absolute: bool = False  # weights already hold absolute probabilities (the sampled modes): never renormalised
+
+    def padded(self, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids [T, K] int64, probs [T, K] float32)`` by the reconstruction rule (:func:`pad_row`);
+        ``normalize`` False keeps the decoded weights as they are."""
+        return pad_row(self.input_ids, self.counts, self.ids, self.weights, self.tail, k,
+                       normalize and not self.absolute)
 
 
 @dataclass
@@ -309,9 +316,7 @@ class LabelStore:
             if parts["tail"].size != 4 * T:
                 raise StoreCorruptError(f"{where}: tail size disagrees with num_tokens={T}")
             tail = np.frombuffer(parts["tail"], dtype="<f4")
-        if parts["doc_starts"].size % 4:
-            raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
-        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
+        doc_starts = self._doc_starts(parts, where)
         return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
 
     def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
@@ -336,10 +341,16 @@ class LabelStore:
             weights = self._weights(d.values(parts["values"], bpv, counts, n, where), counts)
         if self._has_tail:
             tail = d.tail(parts["tail"], T, where)
+        doc_starts = self._doc_starts(parts, where)
+        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
+
+    def _doc_starts(self, parts: dict, where: str) -> np.ndarray:
+        """doc_starts (never compressed), after checking that the columns this store has no use for are empty."""
+        if (self.label_kind == "hard" and parts["values"].size) or (not self._has_tail and parts["tail"].size):
+            raise StoreCorruptError(f"{where}: a values or tail column that this store does not have holds bytes")
         if parts["doc_starts"].size % 4:
             raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
-        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
-        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
+        return np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
 
     def _weights(self, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Codec weights of a row's value bytes; in topk+sample the sampled entries' bytes are counts (count8)."""
@@ -354,11 +365,11 @@ class LabelStore:
             return raw
         p, tail = sampled_probs(self._mode, self.meta["selection"].get("k_exact", 0), raw.counts, raw.weights,
                                 raw.tail)
-        return RawRow(raw.sample_id, raw.input_ids, raw.counts, raw.ids, p, tail, raw.doc_starts)
+        return RawRow(raw.sample_id, raw.input_ids, raw.counts, raw.ids, p, tail, raw.doc_starts, absolute=True)
 
     def get(self, i: int) -> Sample:
         raw = self.get_raw(i)
-        ids, probs = pad_row(raw.input_ids, raw.counts, raw.ids, raw.weights, raw.tail, self.k, self.normalize)
+        ids, probs = raw.padded(self.k, self.normalize)
         return Sample(
             sample_id=raw.sample_id,
             input_ids=torch.from_numpy(raw.input_ids),

@@ -122,6 +122,20 @@ class ValueCodec:
             raise ValueError("codec 'none' stores no values")
         return self.decode_lut()[codes]
 
+    def int_lut(self, k: int) -> tuple[np.ndarray, int] | None:
+        """``(table, q)``: every code's weight as an exact integer multiple of ``2^-q`` (int64), so that a reader sums
+        up to ``k`` weights of a position exactly (the rounding rule of docs/FORMAT.md 5) with integer adds. None
+        for ``none``, and where ``k`` such integers could overflow int64 (log8 with a step above ~1/12)."""
+        if self.name == "none":
+            return None
+        lut = (_fp16_lut() if self.name == "fp16" else self.decode_lut()).astype(np.float64)
+        q = 0
+        while q < 160 and not np.all(np.ldexp(lut, q) == np.floor(np.ldexp(lut, q))):
+            q += 1
+        if float(lut.max()) * 2.0**q * max(1, k) >= 2.0**62:
+            return None
+        return np.ldexp(lut, q).astype(np.int64), q
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Torch version of :meth:`decode_numpy` (last dim holds the value bytes)."""
         if self.name == "fp16":

@@ -72,16 +72,22 @@ def position_sums(weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
             return s64
     bound = float(counts.max()) * float(aw.max())
     if math.ldexp(bound, -qexp) < 2.0**62:
-        iw = _scale_pow2(w, -qexp).astype(np.int64)  # exact: every weight is a multiple of 2^qexp
-        if full:
-            seg = iw.reshape(T, -1).sum(axis=1)
-        else:  # int64 running sums may wrap modulo 2^64, but each difference (one position's sum) is exact
-            cs = np.concatenate([np.zeros(1, np.int64), np.cumsum(iw)])
-            ends = np.cumsum(counts)
-            seg = cs[ends] - cs[ends - counts]
-        return np.ldexp(seg.astype(np.float64), qexp)  # int64 -> float64: the one rounding
+        return int_position_sums(_scale_pow2(w, -qexp).astype(np.int64), counts, -qexp)  # exact integers
     ends = np.cumsum(counts)
     return np.array([math.fsum(w[e - c:e].tolist()) for e, c in zip(ends.tolist(), counts.tolist())])
+
+
+def int_position_sums(iw: np.ndarray, counts: np.ndarray, q: int) -> np.ndarray:
+    """:func:`position_sums` of weights given as exact int64 multiples ``iw`` of ``2^-q`` (no position's sum may
+    reach ``2^63``): integer sums, in any order, then one rounding to float64."""
+    T = counts.size
+    if T and iw.size == T * int(counts[0]) and bool((counts == counts[0]).all()):
+        seg = iw.reshape(T, -1).sum(axis=1)
+    else:  # int64 running sums may wrap modulo 2^64, but each difference (one position's sum) is exact
+        cs = np.concatenate([np.zeros(1, np.int64), np.cumsum(iw)])
+        ends = np.cumsum(counts)
+        seg = cs[ends] - cs[ends - counts]
+    return seg.astype(np.float64) * 2.0**-q  # int64 -> float64: the one rounding (times 2^-q: exact)
 
 
 def _scale_pow2(w: np.ndarray, e: int) -> np.ndarray:
@@ -113,11 +119,14 @@ def scaled(weights: np.ndarray, counts: np.ndarray, scale: np.ndarray) -> np.nda
     return out
 
 
-def kept_probs(weights: np.ndarray, counts: np.ndarray, tail: np.ndarray) -> np.ndarray:
+def kept_probs(weights: np.ndarray, counts: np.ndarray, tail: np.ndarray, sums: np.ndarray | None = None
+               ) -> np.ndarray:
     """Flat float32 probabilities of a row's kept entries: ``float32(w_i * ((1 - t) / S))`` per position, ``S``
-    the exactly rounded sum of the position's weights (FORMAT.md section 5, bit for bit)."""
+    the exactly rounded sum of the position's weights (FORMAT.md section 5, bit for bit); ``sums``: ``S`` if the
+    caller has it already (the reader, from its integer table)."""
     counts = np.asarray(counts, dtype=np.int64)
-    return scaled(weights, counts, kept_scale(position_sums(weights, counts), tail))
+    s = position_sums(weights, counts) if sums is None else sums
+    return scaled(weights, counts, kept_scale(s, tail))
 
 
 def reconstruct(weights: np.ndarray, tail: np.ndarray, counts_mask: np.ndarray | None = None) -> np.ndarray:
@@ -132,19 +141,21 @@ def reconstruct(weights: np.ndarray, tail: np.ndarray, counts_mask: np.ndarray |
 
 
 def pad_row(input_ids: np.ndarray, counts: np.ndarray, ids: np.ndarray, weights: np.ndarray | None,
-            tail: np.ndarray, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+            tail: np.ndarray, k: int, normalize: bool = True, sums: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """One flat row -> ``(ids [T, K] int64, probs [T, K] float32)``, 0 past each position's count.
 
     ``weights`` None (hard labels): every kept id has probability 1. ``normalize``: apply the kept-entry rule
     (:func:`kept_probs`); otherwise the weights are returned as they are (decoded weights, or probabilities
     already made absolute: :func:`sampled_probs`). A position's output bits depend on its own entries only.
+    ``sums``: the positions' exact weight sums, if known (:func:`kept_probs`).
     """
     T = input_ids.size
     n = ids.size
     if weights is None:
         flat = np.ones(n, dtype=np.float32)
     elif normalize:
-        flat = kept_probs(weights, counts, tail)
+        flat = kept_probs(weights, counts, tail, sums)
     else:
         flat = np.asarray(weights, dtype=np.float32)
     if T and n == T * k:  # every position full: a reshape, no scatter

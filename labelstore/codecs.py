@@ -92,7 +92,12 @@ class ValueCodec:
 
     # ------------------------------------------------------------------ decode
     def decode_lut(self) -> np.ndarray:
-        """The 256-entry float32 table mapping an 8-bit code to its weight."""
+        """The 256-entry float32 table mapping an 8-bit code to its weight.
+
+        log8: ``float32(exp(-code * step))`` (exp in float64, one rounding), code 255 -> 0. e4m3 / e5m2: the
+        float8 value divided by its scale (exact in float32); the codes no writer produces (NaN, infinity,
+        negative values) decode to +0, so a weight is never negative or non-finite. count8: the byte's value.
+        """
         codes = np.arange(256, dtype=np.uint8)
         if self.name == "count8":
             return codes.astype(np.float32)
@@ -103,26 +108,60 @@ class ValueCodec:
             return w.astype(np.float32)
         if self.name in ("e4m3", "e5m2"):
             scale, _, dt = _FP8[self.name]
-            x = torch.from_numpy(codes).view(dt).float().numpy() / scale
-            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-            return x.astype(np.float32)
+            with np.errstate(invalid="ignore"):
+                x = torch.from_numpy(codes).view(dt).float().numpy() / np.float32(scale)
+            return _finite_nonneg(x)
         raise ValueError(f"codec {self.name!r} has no 8-bit decode table")
 
     def decode_numpy(self, codes: np.ndarray) -> np.ndarray:
         """Weights (float32) from the raw value bytes of ``n`` entries."""
         codes = np.asarray(codes, dtype=np.uint8)
         if self.name == "fp16":
-            return codes.view("<f2").astype(np.float32) / np.float32(1024.0)
+            return _fp16_lut()[codes.view("<u2")]
         if self.name == "none":
             raise ValueError("codec 'none' stores no values")
         return self.decode_lut()[codes]
 
+    def int_lut(self, k: int) -> tuple[np.ndarray, int] | None:
+        """``(table, q)``: every code's weight as an exact integer multiple of ``2^-q`` (int64), so that a reader sums
+        up to ``k`` weights of a position exactly (the rounding rule of docs/FORMAT.md 5) with integer adds. None
+        for ``none``, and where ``k`` such integers could overflow int64 (log8 with a step above ~1/12)."""
+        if self.name == "none":
+            return None
+        lut = (_fp16_lut() if self.name == "fp16" else self.decode_lut()).astype(np.float64)
+        q = 0
+        while q < 160 and not np.all(np.ldexp(lut, q) == np.floor(np.ldexp(lut, q))):
+            q += 1
+        if float(lut.max()) * 2.0**q * max(1, k) >= 2.0**62:
+            return None
+        return np.ldexp(lut, q).astype(np.int64), q
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Torch version of :meth:`decode_numpy` (last dim holds the value bytes)."""
         if self.name == "fp16":
-            return codes.contiguous().view(torch.float16).float() / 1024.0
+            x = codes.contiguous().view(torch.float16).float() / 1024.0
+            return torch.where(torch.isfinite(x) & (x > 0), x, torch.zeros_like(x))
         lut = torch.from_numpy(self.decode_lut())
         return lut[codes.long()]
+
+
+def _finite_nonneg(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` with every NaN, infinity and negative value (and -0) replaced by +0."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.where(np.isfinite(x) & (x > 0), x, np.float32(0)).astype(np.float32)
+
+
+_FP16_LUT: np.ndarray | None = None
+
+
+def _fp16_lut() -> np.ndarray:
+    """float32 weight of each of the 65536 fp16 codes: ``float16 value / 1024`` (exact), +0 for NaN, infinity and
+    negative codes."""
+    global _FP16_LUT
+    if _FP16_LUT is None:
+        with np.errstate(invalid="ignore"):  # the signalling-NaN codes
+            _FP16_LUT = _finite_nonneg(np.arange(1 << 16, dtype=np.uint16).view("<f2").astype(np.float32) / 1024)
+    return _FP16_LUT
 
 
 _FP8 = {

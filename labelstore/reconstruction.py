@@ -25,6 +25,7 @@ dense (sorting) form of the same rule, kept as the reference.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -38,48 +39,133 @@ SPREAD_RULES = ("uniform", "prior")  # tail rules that place the tail on tokens 
 
 
 # ----------------------------------------------------------------------------------------------- kept entries
+# Decoding precision (FORMAT.md section 5, normative): a position's probabilities depend on that position's own
+# bytes only. Per position: S = the exact sum of its float32 weights, rounded once to float64 (what Python's
+# math.fsum returns; no summation order is involved), scale = m / S in float64 with m the mass of the part
+# (1 - t, t or 1), and p_i = float32(w_i * scale): the float64 product, rounded to float32.
+def position_sums(weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float64 ``[T]``: each position's weights summed exactly and rounded once to float64 (``math.fsum`` of the
+    position's weights; 0 for a position without entries).
+
+    Every float32 weight is an integer multiple of the ulp ``2^Q`` of the row's smallest one. Where no position
+    sum reaches ``2^52`` ulps, float64 sums are exact in any order; below ``2^62`` ulps they are exact int64 sums
+    with one rounding to float64; beyond (log8 steps above ~1/12 with a wide K) each position goes through
+    ``math.fsum``. All three give the same bits.
+    """
+    w = np.asarray(weights, dtype=np.float32).reshape(-1)
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    T, n = counts.size, w.size
+    if n == 0:
+        return np.zeros(T)
+    aw = np.abs(w)
+    wmin = float(aw.min())
+    if wmin == 0:
+        nz = aw[aw > 0]
+        if nz.size == 0:
+            return np.zeros(T)
+        wmin = float(nz.min())
+    qexp = max(int(np.frexp(np.float32(wmin))[1]) - 24, -149)  # ulp of the smallest weight (float32 subnormals)
+    full = n == T * int(counts[0]) and bool((counts == counts[0]).all())
+    if full:
+        s64 = w.reshape(T, -1).sum(axis=1, dtype=np.float64)
+        if math.ldexp(float(np.abs(s64).max()), -qexp) < 2.0**52:  # every partial sum exact: any order will do
+            return s64
+    bound = float(counts.max()) * float(aw.max())
+    if math.ldexp(bound, -qexp) < 2.0**62:
+        return int_position_sums(_scale_pow2(w, -qexp).astype(np.int64), counts, -qexp)  # exact integers
+    ends = np.cumsum(counts)
+    return np.array([math.fsum(w[e - c:e].tolist()) for e, c in zip(ends.tolist(), counts.tolist())])
+
+
+def int_position_sums(iw: np.ndarray, counts: np.ndarray, q: int) -> np.ndarray:
+    """:func:`position_sums` of weights given as exact int64 multiples ``iw`` of ``2^-q`` (no position's sum may
+    reach ``2^63``): integer sums, in any order, then one rounding to float64."""
+    T = counts.size
+    if T and iw.size == T * int(counts[0]) and bool((counts == counts[0]).all()):
+        seg = iw.reshape(T, -1).sum(axis=1)
+    else:  # int64 running sums may wrap modulo 2^64, but each difference (one position's sum) is exact
+        cs = np.concatenate([np.zeros(1, np.int64), np.cumsum(iw)])
+        ends = np.cumsum(counts)
+        seg = cs[ends] - cs[ends - counts]
+    return seg.astype(np.float64) * 2.0**-q  # int64 -> float64: the one rounding (times 2^-q: exact)
+
+
+def _scale_pow2(w: np.ndarray, e: int) -> np.ndarray:
+    """float32 ``w * 2^e``, exact (no overflow by the caller's bound), in steps float32 can represent."""
+    out = w
+    while e:
+        step = max(-126, min(126, e))
+        out = out * np.float32(2.0**step)
+        e -= step
+    return out
+
+
 def kept_scale(weight_sums: np.ndarray, tail: np.ndarray) -> np.ndarray:
-    """Per-position factor ``(1 - t) / sum(w)`` turning decoded weights into absolute probabilities (0 if no weight)."""
-    s = np.asarray(weight_sums)
-    return (1.0 - tail) / np.where(s > 0, s, 1)
+    """Per-position float64 factor ``(1 - t) / S`` turning decoded weights into absolute probabilities (``S`` 0:
+    the weights are all 0, and so are the probabilities)."""
+    s = np.asarray(weight_sums, dtype=np.float64)
+    return (1.0 - np.asarray(tail, dtype=np.float64)) / np.where(s > 0, s, 1.0)
+
+
+def scaled(weights: np.ndarray, counts: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Flat float32 ``float32(w_i * scale[position of i])``: the product in float64, rounded once."""
+    w = np.asarray(weights, dtype=np.float32).reshape(-1)
+    out = np.empty(w.size, dtype=np.float32)
+    T = counts.size
+    if T and w.size == T * int(counts[0]) and (counts == counts[0]).all():
+        np.multiply(w.reshape(T, -1), scale[:, None], out=out.reshape(T, -1), casting="unsafe")
+    else:
+        np.multiply(w, np.repeat(scale, counts), out=out, casting="unsafe")
+    return out
+
+
+def kept_probs(weights: np.ndarray, counts: np.ndarray, tail: np.ndarray, sums: np.ndarray | None = None
+               ) -> np.ndarray:
+    """Flat float32 probabilities of a row's kept entries: ``float32(w_i * ((1 - t) / S))`` per position, ``S``
+    the exactly rounded sum of the position's weights (FORMAT.md section 5, bit for bit); ``sums``: ``S`` if the
+    caller has it already (the reader, from its integer table)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    s = position_sums(weights, counts) if sums is None else sums
+    return scaled(weights, counts, kept_scale(s, tail))
 
 
 def reconstruct(weights: np.ndarray, tail: np.ndarray, counts_mask: np.ndarray | None = None) -> np.ndarray:
-    """Absolute probabilities ``[T, K]`` from decoded weights ``[T, K]`` and the exact tail ``[T]``.
-
-    ``p = (1 - t) * w / sum(w)``; rows whose weights sum to 0 get 0; entries outside ``counts_mask`` are ignored.
-    """
-    w = weights if counts_mask is None else np.where(counts_mask, weights, 0)
-    s = w.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(s > 0, w * kept_scale(s, np.asarray(tail)[..., None]), 0)
-    return out.astype(np.float32, copy=False)
+    """Absolute probabilities ``[T, K]`` from decoded weights ``[T, K]`` and the exact tail ``[T]``, by the
+    reader's rule (:func:`kept_probs`); rows whose weights sum to 0 get 0; entries outside ``counts_mask`` are
+    ignored (0)."""
+    w = np.asarray(weights, dtype=np.float32)
+    w = w if counts_mask is None else np.where(counts_mask, w, np.float32(0))
+    T, k = int(np.prod(w.shape[:-1])), w.shape[-1]
+    counts = np.full(T, k, dtype=np.int64)
+    return kept_probs(w.reshape(-1), counts, np.asarray(tail).reshape(-1)).reshape(w.shape)
 
 
 def pad_row(input_ids: np.ndarray, counts: np.ndarray, ids: np.ndarray, weights: np.ndarray | None,
-            tail: np.ndarray, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+            tail: np.ndarray, k: int, normalize: bool = True, sums: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """One flat row -> ``(ids [T, K] int64, probs [T, K] float32)``, 0 past each position's count.
 
-    ``weights`` None (hard labels): every kept id has probability 1. ``normalize``: apply the kept-entry rule;
-    otherwise the decoded weights are returned as they are.
+    ``weights`` None (hard labels): every kept id has probability 1. ``normalize``: apply the kept-entry rule
+    (:func:`kept_probs`); otherwise the weights are returned as they are (decoded weights, or probabilities
+    already made absolute: :func:`sampled_probs`). A position's output bits depend on its own entries only.
+    ``sums``: the positions' exact weight sums, if known (:func:`kept_probs`).
     """
     T = input_ids.size
     n = ids.size
-    w = np.ones(n, dtype=np.float32) if weights is None else weights
-    scale_it = normalize and weights is not None
+    if weights is None:
+        flat = np.ones(n, dtype=np.float32)
+    elif normalize:
+        flat = kept_probs(weights, counts, tail, sums)
+    else:
+        flat = np.asarray(weights, dtype=np.float32)
     if T and n == T * k:  # every position full: a reshape, no scatter
-        wk = w.reshape(T, k)
-        probs = wk * kept_scale(wk.sum(axis=1, keepdims=True, dtype=np.float32), tail[:, None]) if scale_it else wk
-        return ids.reshape(T, k), probs.astype(np.float32, copy=False)
+        return ids.reshape(T, k), flat.reshape(T, k)
     pos = np.repeat(np.arange(T), counts)
     slot = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
     out_ids = np.zeros((T, k), dtype=np.int64)
     out_ids[pos, slot] = ids
     probs = np.zeros((T, k), dtype=np.float32)
-    if scale_it:
-        probs[pos, slot] = w * kept_scale(np.bincount(pos, weights=w, minlength=T), tail)[pos]
-    else:
-        probs[pos, slot] = w
+    probs[pos, slot] = flat
     return out_ids, probs
 
 
@@ -87,20 +173,28 @@ def sampled_probs(mode: str, k_exact: int, counts: np.ndarray, weights: np.ndarr
                   tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sampled modes: decoded weights (codes, then draw counts) -> ``(absolute probabilities, tail)``, flat.
 
-    See the module docstring. Renormalising the result again with its tail is the identity.
+    Per position and part, as :func:`kept_probs`: ``float32(w_i * (m / S))`` with ``S`` the part's float64
+    left-to-right sum and ``m`` its mass: ``1 - t`` for the first ``k_exact`` entries (``topk+sample``), ``t``
+    for the drawn ones (``topk+sample``), 1 for ``sample``. The tail becomes 0 wherever a draw exists.
     """
     if mode not in SAMPLED_MODES:
         raise ValueError(f"sampled_probs is for the sampled modes {SAMPLED_MODES}, not {mode!r}")
-    T, w = counts.size, weights.astype(np.float64)
-    pos = np.repeat(np.arange(T), counts)
+    counts = np.asarray(counts, dtype=np.int64)
+    T = counts.size
+    w = np.asarray(weights, dtype=np.float32)
     slot = np.arange(w.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    t = tail.astype(np.float64)
+    t = np.asarray(tail, dtype=np.float64)
     exact = np.zeros(w.size, dtype=bool) if mode == "sample" else slot < k_exact
-    s_exact = np.bincount(pos[exact], weights=w[exact], minlength=T)
-    s_samp = np.bincount(pos[~exact], weights=w[~exact], minlength=T)
-    p = np.where(exact, w * (1 - t[pos]) / np.where(s_exact > 0, s_exact, 1)[pos],
-                 w * np.where(mode == "sample", 1.0, t[pos]) / np.where(s_samp > 0, s_samp, 1)[pos])
-    return p.astype(np.float32), np.where(s_samp > 0, 0.0, t).astype(np.float32)
+    n_exact = np.minimum(counts, 0 if mode == "sample" else k_exact)
+    s_exact = position_sums(w[exact], n_exact)
+    s_samp = position_sums(w[~exact], counts - n_exact)
+    m_samp = np.ones(T) if mode == "sample" else t
+    scale_exact = (1.0 - t) / np.where(s_exact > 0, s_exact, 1.0)
+    scale_samp = m_samp / np.where(s_samp > 0, s_samp, 1.0)
+    pos = np.repeat(np.arange(T), counts)
+    p = np.empty(w.size, dtype=np.float32)
+    np.multiply(w, np.where(exact, scale_exact[pos], scale_samp[pos]), out=p, casting="unsafe")
+    return p, np.where(s_samp > 0, np.float32(0), np.asarray(tail, dtype=np.float32)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- tail rules

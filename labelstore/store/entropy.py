@@ -33,6 +33,17 @@ from labelstore.errors import StoreCorruptError
 DEFAULT_LEVEL = 3
 
 
+def _has_allow_extra_data() -> bool:
+    try:
+        zstandard.ZstdDecompressor().decompress(zstandard.ZstdCompressor().compress(b""), allow_extra_data=False)
+    except TypeError:
+        return False
+    return True
+
+
+_STRICT_DECOMPRESS = _has_allow_extra_data()
+
+
 def id_width(id_bits: int) -> int:
     return (id_bits + 7) // 8
 
@@ -105,7 +116,22 @@ class RowDecompressor:
     def __init__(self):
         self._d = zstandard.ZstdDecompressor()
 
+    def _decompress(self, buf: bytes, expected: int) -> bytes | None:
+        """The frame's content, or None if bytes follow the frame (a column is exactly one frame)."""
+        if _STRICT_DECOMPRESS:
+            try:
+                return self._d.decompress(buf, max_output_size=expected, allow_extra_data=False)
+            except zstandard.ZstdError as exc:
+                if "unused data" in str(exc):
+                    return None
+                raise
+        dobj = self._d.decompressobj()  # zstandard < 0.23: no allow_extra_data; the declared size was checked
+        out = dobj.decompress(buf)
+        return out if dobj.eof and not dobj.unused_data else None
+
     def frame(self, buf, expected: int, where: str, what: str) -> bytes:
+        """One column of one row: exactly one zstd frame whose header declares ``expected`` bytes, nothing after
+        it (docs/FORMAT.md 6b); a stream of 0 bytes may also be stored as an empty column (no frame)."""
         if expected == 0 and len(buf) == 0:
             return b""
         try:
@@ -115,9 +141,11 @@ class RowDecompressor:
         if size != expected:
             raise StoreCorruptError(f"{where}: {what} frame declares {size} bytes, the row needs {expected}; damaged")
         try:
-            out = self._d.decompress(bytes(buf), max_output_size=expected)
+            out = self._decompress(bytes(buf), expected)
         except zstandard.ZstdError as exc:
             raise StoreCorruptError(f"{where}: {what} does not decompress ({exc}); damaged") from None
+        if out is None:
+            raise StoreCorruptError(f"{where}: {what} holds bytes after its zstd frame; damaged")
         if len(out) != expected:
             raise StoreCorruptError(f"{where}: {what} decompressed to {len(out)} bytes, expected {expected}")
         return out

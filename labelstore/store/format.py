@@ -195,6 +195,9 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
         get_codec(vc)
     except (ValueError, TypeError) as exc:
         raise StoreFormatError(f"{where}: value_codec {vc!r}: {exc}") from None
+    if (meta["label_kind"] == "hard") != (vc["name"] == "none"):
+        raise StoreFormatError(f"{where}: label_kind {meta['label_kind']!r} and value codec {vc['name']!r} disagree "
+                               "(hard labels, and only they, store no values: codec 'none')")
     t = meta.get("temperature")
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t > 0):
         raise StoreFormatError(f"{where}: temperature {t!r} is not a positive number")

@@ -20,7 +20,7 @@ import torch
 from labelstore.codecs import get_codec
 from labelstore.constants import count_dtype
 from labelstore.errors import StoreCorruptError, StoreFormatError
-from labelstore.reconstruction import mixed_prior, pad_row, sampled_probs
+from labelstore.reconstruction import int_position_sums, mixed_prior, pad_row, sampled_probs
 from labelstore.selection import is_sampled
 from labelstore.store import bitpack
 from labelstore.store.arrow_file import check_ipc_file
@@ -50,6 +50,14 @@ class RawRow:
     weights: np.ndarray | None  # float32 [sum(counts)] decoded codec weights (None for hard labels)
     tail: np.ndarray  # float32 [T] (zeros for hard labels)
     doc_starts: np.ndarray  # int64 [D]
+    absolute: bool = False  # weights already hold absolute probabilities (the sampled modes): never renormalised
+    sums: np.ndarray | None = None  # float64 [T]: each position's weights summed exactly (None: computed when needed)
+
+    def padded(self, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids [T, K] int64, probs [T, K] float32)`` by the reconstruction rule (:func:`pad_row`);
+        ``normalize`` False keeps the decoded weights as they are."""
+        return pad_row(self.input_ids, self.counts, self.ids, self.weights, self.tail, k,
+                       normalize and not self.absolute, self.sums)
 
 
 @dataclass
@@ -199,6 +207,9 @@ class LabelStore:
         self._has_tail = has_tail_column(self.meta)
         self._v3 = self.meta["format_version"] >= 3
         self._dec = None
+        # exact integer weights of the codes, for the per-position sums of the reconstruction rule (FORMAT.md 5)
+        self._ilut = None if self._sampled_mode or self.label_kind != "soft" else self.codec.int_lut(self.k)
+        self._f64_exact = self._ilut is not None and float(self._ilut[0].max()) * self.k < 2.0**53
 
     # ------------------------------------------------------------------------------ container protocol
     def __len__(self) -> int:
@@ -300,19 +311,18 @@ class LabelStore:
         if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
             raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
         bpv = self.codec.bytes_per_value
-        weights, tail = None, np.zeros(T, dtype=np.float32)
+        weights, sums, tail = None, None, np.zeros(T, dtype=np.float32)
         if self.label_kind == "soft":
             if parts["values"].size != n * bpv:
                 raise StoreCorruptError(f"{where}: values size disagrees with counts")
             weights = self._weights(parts["values"], counts)
+            sums = self._sums(parts["values"], weights, counts)
         if self._has_tail:
             if parts["tail"].size != 4 * T:
                 raise StoreCorruptError(f"{where}: tail size disagrees with num_tokens={T}")
             tail = np.frombuffer(parts["tail"], dtype="<f4")
-        if parts["doc_starts"].size % 4:
-            raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
-        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
-        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
+        doc_starts = self._doc_starts(parts, where)
+        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts, sums=sums))
 
     def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
         if self._dec is None:
@@ -331,15 +341,34 @@ class LabelStore:
         if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
             raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
         bpv = self.codec.bytes_per_value
-        weights, tail = None, np.zeros(T, dtype=np.float32)
+        weights, sums, tail = None, None, np.zeros(T, dtype=np.float32)
         if self.label_kind == "soft":
-            weights = self._weights(d.values(parts["values"], bpv, counts, n, where), counts)
+            codes = d.values(parts["values"], bpv, counts, n, where)
+            weights = self._weights(codes, counts)
+            sums = self._sums(codes, weights, counts)
         if self._has_tail:
             tail = d.tail(parts["tail"], T, where)
+        doc_starts = self._doc_starts(parts, where)
+        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts, sums=sums))
+
+    def _doc_starts(self, parts: dict, where: str) -> np.ndarray:
+        """doc_starts (never compressed), after checking that the columns this store has no use for are empty."""
+        if (self.label_kind == "hard" and parts["values"].size) or (not self._has_tail and parts["tail"].size):
+            raise StoreCorruptError(f"{where}: a values or tail column that this store does not have holds bytes")
         if parts["doc_starts"].size % 4:
             raise StoreCorruptError(f"{where}: doc_starts is not a whole number of int32")
-        doc_starts = np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
-        return self._sampled(RawRow(sample_id, input_ids, counts, ids, weights, tail, doc_starts))
+        return np.frombuffer(parts["doc_starts"], dtype="<i4").astype(np.int64)
+
+    def _sums(self, codes: np.ndarray, weights: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+        """Each position's weights summed exactly, rounded once to float64, from the codec's integer table (or, for
+        full rows whose sums stay below 2^53 units of the table, a float64 sum: exact in any order, and cheaper)."""
+        if self._ilut is None:
+            return None
+        table, q = self._ilut
+        T = counts.size
+        if self._f64_exact and T and weights.size == T * self.k:
+            return weights.reshape(T, self.k).sum(axis=1, dtype=np.float64)
+        return int_position_sums(table[codes.view("<u2") if self.codec.name == "fp16" else codes], counts, q)
 
     def _weights(self, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Codec weights of a row's value bytes; in topk+sample the sampled entries' bytes are counts (count8)."""
@@ -354,11 +383,11 @@ class LabelStore:
             return raw
         p, tail = sampled_probs(self._mode, self.meta["selection"].get("k_exact", 0), raw.counts, raw.weights,
                                 raw.tail)
-        return RawRow(raw.sample_id, raw.input_ids, raw.counts, raw.ids, p, tail, raw.doc_starts)
+        return RawRow(raw.sample_id, raw.input_ids, raw.counts, raw.ids, p, tail, raw.doc_starts, absolute=True)
 
     def get(self, i: int) -> Sample:
         raw = self.get_raw(i)
-        ids, probs = pad_row(raw.input_ids, raw.counts, raw.ids, raw.weights, raw.tail, self.k, self.normalize)
+        ids, probs = raw.padded(self.k, self.normalize)
         return Sample(
             sample_id=raw.sample_id,
             input_ids=torch.from_numpy(raw.input_ids),

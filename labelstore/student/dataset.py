@@ -36,7 +36,7 @@ import torch
 
 from labelstore.distributed import rank_world
 from labelstore.errors import StoreCorruptError
-from labelstore.reconstruction import TAIL_RULES, pad_row
+from labelstore.reconstruction import TAIL_RULES
 from labelstore.store.reader import LabelStore, RawRow
 from labelstore.student.collate import Collator
 from labelstore.student.targets import (
@@ -120,7 +120,7 @@ class TargetDecoder:
 
     def finish_raw(self, raw: RawRow) -> dict:
         """A decoded row -> an item: pad to K (the format's reconstruction), re-temper, map ids."""
-        ids, probs = pad_row(raw.input_ids, raw.counts, raw.ids, raw.weights, raw.tail, self.store.k)
+        ids, probs = raw.padded(self.store.k)
         return self._finish(raw.sample_id, raw.input_ids, ids, probs, raw.tail, raw.counts)
 
     def _finish(self, sample_id, input_ids, ids, probs, tail, counts) -> dict:

@@ -122,6 +122,20 @@ class ValueCodec:
             raise ValueError("codec 'none' stores no values")
         return self.decode_lut()[codes]
 
+    def invalid_codes(self, codes: np.ndarray) -> int:
+        """How many of these value codes no writer produces (NaN, infinity, a negative value or -0 for e4m3, e5m2
+        and fp16; none for log8 and count8, whose every byte is valid). Readers decode them to +0 (docs/FORMAT.md 5);
+        ``labelstore verify`` reports them."""
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        if self.name in _FP8:
+            with np.errstate(invalid="ignore"):
+                x = torch.from_numpy(codes.copy()).view(_FP8[self.name][2]).float().numpy()
+        elif self.name == "fp16":
+            x = codes.view("<f2").astype(np.float32)
+        else:
+            return 0
+        return int((~np.isfinite(x) | (x < 0) | ((x == 0) & np.signbit(x))).sum())
+
     def int_lut(self, k: int) -> tuple[np.ndarray, int] | None:
         """``(table, q)``: every code's weight as an exact integer multiple of ``2^-q`` (int64), so that a reader sums
         up to ``k`` weights of a position exactly (the rounding rule of docs/FORMAT.md 5) with integer adds. None

@@ -207,6 +207,8 @@ class LabelStore:
         self._has_tail = has_tail_column(self.meta)
         self._v3 = self.meta["format_version"] >= 3
         self._dec = None
+        self.count_invalid_codes = False  # verify: count value codes no writer produces (they decode to +0)
+        self.invalid_codes = 0
         # exact integer weights of the codes, for the per-position sums of the reconstruction rule (FORMAT.md 5)
         self._ilut = None if self._sampled_mode or self.label_kind != "soft" else self.codec.int_lut(self.k)
         self._f64_exact = self._ilut is not None and float(self._ilut[0].max()) * self.k < 2.0**53
@@ -372,6 +374,12 @@ class LabelStore:
 
     def _weights(self, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Codec weights of a row's value bytes; in topk+sample the sampled entries' bytes are counts (count8)."""
+        if self.count_invalid_codes:  # labelstore verify: codes no writer produces (decoded to +0 below)
+            exact = codes
+            if self._mode == "topk+sample":
+                slot = np.arange(codes.size) - np.repeat(np.cumsum(counts) - counts, counts)
+                exact = codes[slot < self.meta["selection"]["k_exact"]]
+            self.invalid_codes += self.codec.invalid_codes(exact)
         if self._mode == "topk+sample":
             slot = np.arange(codes.size) - np.repeat(np.cumsum(counts) - counts, counts)
             return np.where(slot < self.meta["selection"]["k_exact"], self._lut[codes], codes.astype(np.float32))

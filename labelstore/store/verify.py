@@ -139,6 +139,7 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
     if decode_rows and not problems:
         try:
             store = LabelStore(root, verify_rows=True)
+            store.count_invalid_codes = True
             tokens = entries = 0
             all_ids = []
             for s_idx, rec in enumerate(shards):
@@ -146,7 +147,13 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
                 sh_tokens = sh_entries = 0
                 sids = []
                 for i in range(start, start + rec["rows"]):
+                    before = store.invalid_codes
                     raw = store.get_raw(i)
+                    if store.invalid_codes != before:
+                        problems.append(f"{rec['path']}: row {i - start} holds {store.invalid_codes - before} value "
+                                        "code(s) no writer produces (NaN, infinity or negative): readers decode them "
+                                        "to 0; the shard was damaged before its CRC was computed, or written by "
+                                        "another tool")
                     sids.append(raw.sample_id)
                     sh_tokens += raw.input_ids.size
                     sh_entries += raw.ids.size

@@ -438,3 +438,26 @@ def test_verify_notes_what_an_old_version_cannot_check():
     rep = verify_store(DATA / "store_v1")
     assert rep["ok"] and "format version 1" in rep["notes"][0] and "sample_id" in rep["notes"][0]
     assert verify_store(DATA / "store_v2")["notes"]
+
+
+@pytest.mark.parametrize("codec", ["fp16", "e4m3", "e5m2"])
+def test_verify_reports_value_codes_no_writer_produces(tmp_path, codec):
+    """NaN, infinite and negative codes decode to +0 (docs/FORMAT.md 5), so only verify can notice them: it counts
+    them against the codec's own bit layout (an independent numpy/torch decode of the raw codes)."""
+    from labelstore.codecs import get_codec
+
+    rows = random_rows(3, codec=codec, seed=1)
+    if codec == "fp16":
+        v = rows[1]["values"].copy().view("<u2")
+        v[2], v[4] = 0x7E00, 0xBC00  # NaN, -1.0
+        bad_bytes = v.view(np.uint8)
+    else:
+        bad_bytes = rows[1]["values"].copy()
+        bad_bytes[2], bad_bytes[4] = 0x7F, 0x80  # NaN (e4m3) / NaN (e5m2); -0
+    rows[1]["values"] = bad_bytes
+    w = StoreWriter(tmp_path / "s", make_meta(codec=codec))
+    write_rows(w, rows)
+    w.close()
+    rep = verify_store(tmp_path / "s")
+    assert not rep["ok"] and len(rep["problems"]) == 1 and "row 1 holds 2 value code(s)" in rep["problems"][0]
+    assert get_codec(codec).invalid_codes(random_rows(3, codec=codec, seed=1)[1]["values"]) == 0

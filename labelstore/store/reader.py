@@ -260,6 +260,23 @@ class LabelStore:
         if self._remote is not None:
             self._remote.plan_shards(first_access_order(self.shard_starts, indices))
 
+    @property
+    def shard_plan(self):
+        """A remote store's announced shard order (:meth:`will_read`), None if none (or a local store)."""
+        return None if self._remote is None else self._remote._plan
+
+    @shard_plan.setter
+    def shard_plan(self, order) -> None:
+        if self._remote is not None:
+            self._remote.plan_shards(order)
+
+    def shard_file(self, s: int) -> Path:
+        """The local file of shard ``s`` (a remote store's is downloaded into the cache first)."""
+        rec = self.manifest["shards"][s]
+        if self._remote is not None:
+            self._remote.fetch(s)
+        return safe_shard_path(self.root, rec["path"], str(self.root / "manifest.json"))
+
     def __repr__(self) -> str:
         return f"LabelStore({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens}, k={self.k})"
 

@@ -259,7 +259,11 @@ class RemoteShards:
         files = []
         with os.scandir(self.root / "shards") as it:
             for e in it:
-                if e.name.endswith(".arrow") and not e.name.startswith("."):
+                if e.name.startswith(".tmp-"):  # a download of a process that died: never renamed, never read
+                    pid = e.name.split(".")[-2]
+                    if pid.isdigit() and not _pid_alive(int(pid)):
+                        _unlink(Path(e.path))
+                elif e.name.endswith(".arrow") and not e.name.startswith("."):
                     try:
                         st = e.stat(follow_symlinks=False)
                     except OSError:

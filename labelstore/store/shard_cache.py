@@ -33,7 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from labelstore.errors import LabelStoreError, StoreCorruptError, StoreFormatError, StoreNotFinalizedError
+from labelstore.errors import (
+    LabelStoreError,
+    RemoteStorageError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreNotFinalizedError,
+)
 from labelstore.store import objectstore as obs
 from labelstore.store.manifest import CONFIG, MANIFEST, MAX_MANIFEST_BYTES, TAIL_PRIOR, load_manifest
 
@@ -121,6 +127,7 @@ class RemoteShards:
         self._init_runtime()
 
     def _init_runtime(self) -> None:
+        self._pid = os.getpid()
         self.pinned: set[int] = set()  # shards the owning reader has open
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -131,21 +138,39 @@ class RemoteShards:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_lock", "_pool", "_futures", "pinned"):
+        for key in ("_lock", "_pool", "_futures", "pinned", "fs"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.fs, self.rpath = obs.filesystem(self.url, self.storage_options)
         self._init_runtime()
         self.plan_shards(state.get("_plan"))
+
+    def _after_fork(self) -> None:
+        """A forked child (a DataLoader worker under ``fork``) inherits this object but not its prefetch threads:
+        start afresh, keeping the plan."""
+        if self._pid != os.getpid():
+            plan = self._plan
+            self.fs, self.rpath = obs.filesystem(self.url, self.storage_options)  # the parent's is not fork-safe
+            self._init_runtime()
+            self._plan = plan
+            self._plan_pos = {} if plan is None else {int(x): i for i, x in enumerate(plan)}
 
     def obj_url(self, rel: str) -> str:
         return obs.join(self.url, rel)
 
     def _no_manifest(self):
-        if obs.call(self.fs.exists, obs.join(self.rpath, CONFIG), url=self.obj_url(CONFIG), action="reading",
-                    storage_options=self.storage_options):
+        try:
+            obs.call(self.fs.info, obs.join(self.rpath, CONFIG), url=self.obj_url(CONFIG), action="reading",
+                     storage_options=self.storage_options, passthrough=(FileNotFoundError,))
+            has_config = True
+        except FileNotFoundError as exc:
+            if "bucket does not exist" in str(exc) or "NoSuchBucket" in str(exc):
+                raise RemoteStorageError(obs.describe(exc, self.url, "opening store", self.storage_options)) from None
+            has_config = False
+        if has_config:
             raise StoreNotFinalizedError(
                 f"{self.url} has committed shards but no manifest.json: the compile was interrupted or is still "
                 "running. Rerun the same `labelstore compile` command to resume and finalize it.")
@@ -166,6 +191,7 @@ class RemoteShards:
 
     def fetch(self, s: int) -> Path:
         """Shard ``s`` in the cache (downloading it, or waiting for its prefetch); moves the prefetch window on."""
+        self._after_fork()
         with self._lock:
             fut = self._futures.pop(s, None)
         if fut is not None:
@@ -282,6 +308,7 @@ class RemoteShards:
             total -= size
 
     def _protected(self) -> set[int]:
+        self._after_fork()
         with self._lock:
             out = set(self.pinned) | set(self._futures)
         return out | set(self._window_after(self._cur))
@@ -289,6 +316,7 @@ class RemoteShards:
     # ------------------------------------------------------------------------------ prefetch
     def plan_shards(self, order) -> None:
         """Shards in the order reads will first need them (None: store order); starts fetching the first ones."""
+        self._after_fork()
         self._plan = None if order is None else np.asarray(order, dtype=np.int64)
         self._plan_pos = {} if order is None else {int(s): i for i, s in enumerate(self._plan)}
         if order is not None:
@@ -310,6 +338,7 @@ class RemoteShards:
     def _submit(self, shards) -> None:
         if not self.prefetch_depth:
             return
+        self._after_fork()
         with self._lock:
             for s in shards:
                 s = int(s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from labelstore.errors import StoreNotFinalizedError
+from labelstore.errors import LabelStoreError, StoreNotFinalizedError
 from labelstore.store.manifest import CONFIG, MANIFEST, list_commits, load_manifest, read_json
 
 DENSE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
@@ -111,15 +111,30 @@ def describe_unfinished(path) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("store", help="path of the store directory")
+    parser.add_argument("store", help="path of the store directory, or its URL (s3://bucket/prefix)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args) -> int:
+    from labelstore.store.objectstore import is_url
+
+    if not is_url(args.store):
+        return _run(args, args.store, str)
+    from labelstore.store.mirror import mirrored
+
+    with mirrored(args.store, everything=False) as (local, show):  # the manifest and config only
+        return _run(args, local, show, args.store)
+
+
+def _run(args, path, show, shown=None) -> int:
     try:
-        s = summary(args.store)
+        s = summary(path)
     except StoreNotFinalizedError:
-        print(describe_unfinished(args.store))
+        print(show(describe_unfinished(path)))
         return 1
+    except LabelStoreError as exc:
+        raise type(exc)(show(str(exc))) from None
+    if shown is not None:
+        s["path"] = shown
     print(json.dumps(s, indent=1) if args.json else format_summary(s))
     return 0

@@ -82,7 +82,8 @@ def _freeze(opts: dict) -> str:
 
 
 @lru_cache(maxsize=32)
-def _fs(protocol: str, frozen: str):
+def _fs(protocol: str, frozen: str, pid: int):  # per process: a forked child (DataLoader worker) must not reuse
+    # its parent's instance, whose event loop thread does not exist in the child (every call would hang)
     import fsspec
 
     try:
@@ -102,7 +103,7 @@ def filesystem(url: str, storage_options: dict | None = None):
         raise ValueError(f"{url!r} is not a URL")
     protocol = m.group(1).lower()
     opts = dict(env_storage_options(), **(storage_options or {}))
-    fs = _fs(protocol, _freeze(opts))
+    fs = _fs(protocol, _freeze(opts), os.getpid())
     return fs, fs._strip_protocol(url).rstrip("/")
 
 
@@ -135,11 +136,13 @@ def describe(exc: BaseException, url: str, action: str, storage_options: dict | 
     return f"{action} {url} failed: {hint} ({type(exc).__name__}: {text})"
 
 
-def call(fn, *args, url: str, action: str, retries: int = RETRIES, storage_options: dict | None = None,
+def call(fn, *args, url: str, action: str, retries: int | None = None, storage_options: dict | None = None,
          passthrough: tuple = (), **kwargs):
     """``fn(*args, **kwargs)`` with retries on transient failures. Exceptions in ``passthrough`` (e.g.
     FileNotFoundError when absence is an answer) are re-raised as they are; other permanent failures, and
-    transient ones after ``retries`` attempts, raise RemoteStorageError."""
+    transient ones after ``retries`` attempts (default :data:`RETRIES`, read at each call), raise
+    RemoteStorageError."""
+    retries = RETRIES if retries is None else retries
     for attempt in range(retries):
         try:
             return fn(*args, **kwargs)

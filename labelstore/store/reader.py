@@ -36,7 +36,9 @@ from labelstore.store.format import (
     shard_identity,
 )
 from labelstore.store.manifest import load_manifest, safe_shard_path
+from labelstore.store.objectstore import is_url, local_path
 from labelstore.store.safefs import check_regular, open_regular
+from labelstore.store.shard_cache import DEFAULT_PREFETCH, RemoteShards, first_access_order
 
 
 @dataclass
@@ -81,10 +83,10 @@ class Sample:
 class _Shard:
     """A memory-mapped shard and the numpy views of its record batches."""
 
-    def __init__(self, root: Path, rec: dict, meta: dict):
+    def __init__(self, root: Path, rec: dict, meta: dict, name: str | None = None):
         self.path = safe_shard_path(root, rec["path"], str(root / "manifest.json"))
         self.rec = rec
-        where = str(self.path)
+        self.where = where = name or str(self.path)  # a remote store's shards are named by their object URL
         check_shard_file(self.path, rec)
         fd = open_regular(self.path, "shard")  # regular file, no link, never blocks
         try:
@@ -135,10 +137,10 @@ class _Shard:
                     offs = np.frombuffer(bufs[1], dtype=np.int32)[col.offset: col.offset + len(col) + 1]
                     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
                     if len(offs) != len(col) + 1 or np.any(np.diff(offs) < 0) or (len(offs) and offs[-1] > data.size):
-                        raise StoreCorruptError(f"shard {self.path} batch {b}: column {name} has invalid offsets")
+                        raise StoreCorruptError(f"shard {self.where} batch {b}: column {name} has invalid offsets")
                     v[name] = (offs, data)
             except pa.ArrowException as exc:
-                raise StoreCorruptError(f"shard {self.path} batch {b} cannot be read ({exc}); it is damaged") from None
+                raise StoreCorruptError(f"shard {self.where} batch {b} cannot be read ({exc}); it is damaged") from None
             self._views[b] = v
         return v
 
@@ -167,28 +169,49 @@ class LabelStore:
     shard it lists (a regular file of the recorded size), so a store declaring more rows than its files can hold
     is refused before a loader allocates an index for them.
 
+    A store at a URL (``s3://bucket/prefix``, any fsspec URL) is read through a local cache of whole shards
+    (:mod:`labelstore.store.shard_cache`): opening fetches the manifest only, a shard is downloaded (and its sha256
+    checked) the first time one of its rows is read, and up to ``prefetch`` shards are fetched ahead in the order
+    :meth:`will_read` announced (else store order).
+
     Args:
-        path: the store directory.
+        path: the store directory, or its URL.
         verify_rows: check each row's CRC32 as it is decoded (cheap; catches silent corruption).
         normalize: rescale decoded weights so kept + tail sum to 1 (the format's reconstruction rule).
         max_open_shards: memory maps kept open at once.
         row_budget: most bytes one decoded row may take (:func:`labelstore.store.format.row_bytes`: the padded
             ``[T, K]`` sample included), checked against the row's declared sizes before anything is allocated.
             The default (2 GiB) holds 128k positions at K = 1024; raise it for larger rows.
+        storage_options: for a URL, the fsspec filesystem's options (credentials, endpoint...); merged over
+            ``$LABELSTORE_STORAGE_OPTIONS`` (JSON). Never shown in a message or ``repr``.
+        cache_dir, cache_bytes, prefetch: for a URL, the cache folder (default ``$LABELSTORE_CACHE_DIR`` or
+            ``~/.cache/labelstore/remote``), its size limit per store (default ``$LABELSTORE_CACHE_BYTES`` or 64 GiB)
+            and how many shards to download ahead (0: none).
     """
 
     def __init__(self, path, *, verify_rows: bool = True, normalize: bool = True, max_open_shards: int = 64,
-                 row_budget: int = DEFAULT_ROW_BUDGET):
-        self.path = Path(path)
+                 row_budget: int = DEFAULT_ROW_BUDGET, storage_options: dict | None = None, cache_dir=None,
+                 cache_bytes: int | None = None, prefetch: int = DEFAULT_PREFETCH):
+        self._remote = None
+        if is_url(path):
+            self._remote = RemoteShards(path, storage_options=storage_options, cache_dir=cache_dir,
+                                        cache_bytes=cache_bytes, prefetch=prefetch)
+            self.path = self._remote.url  # a URL stays a string: what messages, repr and pickling show
+            self.root = self._remote.root  # the local cache folder
+        else:
+            self.path = self.root = Path(local_path(path))
         self.verify_rows = verify_rows
         self.normalize = normalize
         self.max_open_shards = max_open_shards
         if not isinstance(row_budget, int) or row_budget < 1:
             raise ValueError(f"row_budget must be a positive number of bytes, got {row_budget!r}")
         self.row_budget = row_budget
-        self.manifest = load_manifest(self.path)
-        for rec in self.manifest["shards"]:
-            check_shard_file(self.path / rec["path"], rec)
+        if self._remote is not None:  # shards are checked (size, sha256) as they are downloaded
+            self.manifest = self._remote.manifest
+        else:
+            self.manifest = load_manifest(self.root)
+            for rec in self.manifest["shards"]:
+                check_shard_file(self.root / rec["path"], rec)
         self.meta: dict = self.manifest["meta"]
         self.vocab_size: int = self.meta["vocab_size"]
         self.k: int = self.meta["selection"]["k"]
@@ -234,6 +257,39 @@ class LabelStore:
         state["_dec"] = None  # the zstd decompressor does not pickle; each process makes its own
         return state
 
+    def open_options(self) -> dict:
+        """The keyword arguments that reopen this store as it was opened (a URL's storage options included)."""
+        opts = {"verify_rows": self.verify_rows, "normalize": self.normalize, "max_open_shards": self.max_open_shards,
+                "row_budget": self.row_budget}
+        r = self._remote
+        if r is not None:
+            opts.update(storage_options=r.storage_options, cache_dir=str(r.url_dir.parent),
+                        cache_bytes=r.cache_bytes, prefetch=r.prefetch_depth)
+        return opts
+
+    def will_read(self, indices) -> None:
+        """Announce the sample indices about to be read, in order (e.g. a sampler's epoch for this rank): a remote
+        store downloads shards ahead in the order these reads first need them. A no-op for a local store."""
+        if self._remote is not None:
+            self._remote.plan_shards(first_access_order(self.shard_starts, indices))
+
+    @property
+    def shard_plan(self):
+        """A remote store's announced shard order (:meth:`will_read`), None if none (or a local store)."""
+        return None if self._remote is None else self._remote._plan
+
+    @shard_plan.setter
+    def shard_plan(self, order) -> None:
+        if self._remote is not None:
+            self._remote.plan_shards(order)
+
+    def shard_file(self, s: int) -> Path:
+        """The local file of shard ``s`` (a remote store's is downloaded into the cache first)."""
+        rec = self.manifest["shards"][s]
+        if self._remote is not None:
+            self._remote.fetch(s)
+        return safe_shard_path(self.root, rec["path"], str(self.root / "manifest.json"))
+
     def __repr__(self) -> str:
         return f"LabelStore({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens}, k={self.k})"
 
@@ -241,13 +297,28 @@ class LabelStore:
     def _shard(self, s: int) -> _Shard:
         sh = self._open.get(s)
         if sh is None:
-            sh = _Shard(self.path, self.manifest["shards"][s], self.meta)
+            sh = self._open_shard(s)
             self._open[s] = sh
             while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
+            if self._remote is not None:
+                self._remote.pinned = set(self._open)
         else:
             self._open.move_to_end(s)
         return sh
+
+    def _open_shard(self, s: int) -> _Shard:
+        rec = self.manifest["shards"][s]
+        if self._remote is None:
+            return _Shard(self.root, rec, self.meta)
+        for attempt in range(3):  # another process sharing the cache may evict it between fetch and open
+            p = self._remote.fetch(s)
+            try:
+                return _Shard(self.root, rec, self.meta, name=self._remote.obj_url(rec["path"]))
+            except StoreCorruptError:
+                if p.exists() or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def locate(self, i: int) -> tuple[int, int, int]:
         """(shard, batch, row) of global index ``i`` (binary search over cumulative counts)."""
@@ -413,11 +484,14 @@ class LabelStore:
         if tp is None:
             return None
         if getattr(self, "_prior", None) is None:
-            p = self.path / tp["path"]
-            if p.is_symlink() or not p.is_file():
+            local = self.root / tp["path"]
+            p = local if self._remote is None else self._remote.obj_url(tp["path"])  # what messages name
+            if local.is_symlink() or not local.is_file():
                 raise StoreCorruptError(f"{p}: the tail prior named in the manifest is missing; re-copy the store")
-            blob = p.read_bytes()
+            blob = local.read_bytes()
             if len(blob) != 4 * self.vocab_size or hashlib.sha256(blob).hexdigest() != tp["sha256"]:
+                if self._remote is not None:
+                    local.unlink()  # a damaged download is never kept: the next open fetches it again
                 raise StoreCorruptError(f"{p}: the tail prior is damaged (size or sha256 mismatch); re-copy the store")
             prior = np.frombuffer(blob, dtype="<f4").astype(np.float64)
             if not np.all(np.isfinite(prior)) or prior.min() < 0:

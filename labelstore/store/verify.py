@@ -179,7 +179,8 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("store", help="path of the store directory")
+    parser.add_argument("store", help="path of the store directory, or its URL (s3://bucket/prefix: copied to a "
+                        "temporary folder under $TMPDIR first, which needs room for the whole store)")
     parser.add_argument("--no-decode", action="store_true", help="check checksums and sizes only")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -201,11 +202,24 @@ def _not_a_store(path) -> str | None:
 
 
 def run(args) -> int:
-    why = _not_a_store(args.store)
+    from labelstore.store.objectstore import is_url
+
+    if not is_url(args.store):
+        return _run(args, args.store, str)
+    from labelstore.store.mirror import mirrored
+
+    with mirrored(args.store, everything=True) as (local, show):  # every byte is read: the whole store is copied
+        return _run(args, local, show)
+
+
+def _run(args, path, show) -> int:
+    """Verify the store in folder ``path``; ``show`` maps its paths in messages to what the user named."""
+    why = _not_a_store(path)
     if why is not None and not args.json:
-        print(f"FAILED: {why}")
+        print(f"FAILED: {show(why)}")
         return 1
-    rep = verify_store(args.store, decode_rows=not args.no_decode, progress=not args.json)
+    rep = verify_store(path, decode_rows=not args.no_decode, progress=not args.json)
+    rep["problems"] = [show(p) for p in rep["problems"]]
     if args.json:
         print(json.dumps(rep, indent=1))
     elif rep["ok"]:

@@ -50,8 +50,13 @@ from labelstore.student.targets import (
 )
 
 
-def as_store(store, verify_rows: bool) -> LabelStore:
-    return store if isinstance(store, LabelStore) else LabelStore(store, verify_rows=verify_rows)
+def as_store(store, verify_rows: bool, **store_options) -> LabelStore:
+    """``store`` itself if open, else the store at that path or URL (``store_options``: LabelStore's remote
+    options, storage_options, cache_dir, cache_bytes, prefetch; None values are left out)."""
+    if isinstance(store, LabelStore):
+        return store
+    opts = {k: v for k, v in store_options.items() if v is not None}
+    return LabelStore(store if isinstance(store, str) else str(store), verify_rows=verify_rows, **opts)
 
 
 def manifest_digest(store: LabelStore) -> str:
@@ -59,17 +64,20 @@ def manifest_digest(store: LabelStore) -> str:
 
 
 class StoreRef:
-    """A :class:`LabelStore` pickled by reference: its path, reader options and manifest digest. ``open()`` reopens
-    it (in a DataLoader worker) and refuses a store whose manifest is no longer the one pickled."""
+    """A :class:`LabelStore` pickled by reference: its path (or URL), reader options, manifest digest and, for a
+    remote store, the announced read order. ``open()`` reopens it (in a DataLoader worker) and refuses a store whose
+    manifest is no longer the one pickled."""
 
     def __init__(self, store: LabelStore):
         self.path = str(store.path)
-        self.options = {"verify_rows": store.verify_rows, "normalize": store.normalize,
-                        "max_open_shards": store.max_open_shards}
+        self.options = store.open_options()
         self.digest = manifest_digest(store)
+        self.plan = store.shard_plan
 
     def open(self) -> LabelStore:
         store = LabelStore(self.path, **self.options)
+        if self.plan is not None:
+            store.shard_plan = self.plan
         if manifest_digest(store) != self.digest:
             raise StoreCorruptError(f"store {self.path} changed since this dataset was pickled (its manifest differs); "
                                     "rebuild the dataset from the store as it is now")
@@ -80,8 +88,10 @@ class TargetDecoder:
     """Decoding options shared by both datasets: the student check, id mapping and re-tempering."""
 
     def __init__(self, store, *, student=None, student_vocab_size=None, student_tokenizer_hash=None, id_map=None,
-                 temperature=None, tail_rule="uniform", verify_rows=True):
-        self.store = as_store(store, verify_rows)
+                 temperature=None, tail_rule="uniform", verify_rows=True, storage_options=None, cache_dir=None,
+                 cache_bytes=None, prefetch=None):
+        self.store = as_store(store, verify_rows, storage_options=storage_options, cache_dir=cache_dir,
+                              cache_bytes=cache_bytes, prefetch=prefetch)
         meta = self.store.meta
         vocab, thash = describe_student(student)
         for name, given, found in (("student_vocab_size", student_vocab_size, vocab),
@@ -180,10 +190,16 @@ class StoreDataset(torch.utils.data.Dataset):
             :mod:`labelstore.student.targets` for what this can and cannot recover.
         tail_rule: how re-tempering treats the tail, ``"uniform"`` or ``"bucket"``.
         verify_rows: check each row's CRC32 while decoding.
+        storage_options, cache_dir, cache_bytes, prefetch: for a store given as a URL (``s3://bucket/prefix``),
+            :class:`~labelstore.store.reader.LabelStore`'s remote options.
     """
 
     def __init__(self, store, **options):
         self.targets = TargetDecoder(store, **options)
+
+    def will_read(self, indices) -> None:
+        """Announce the indices about to be read, in order: a remote store downloads their shards ahead."""
+        self.targets.store.will_read(indices)
 
     def __len__(self) -> int:
         return len(self.targets.store)
@@ -255,10 +271,13 @@ class StoreIterableDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.batch_size is None:
+            self.targets.store.will_read(idx[wid::nw])
             for i in idx[wid::nw]:
                 yield self.targets.decode(int(i))
             return
         collate = self._collate or self.collator()
-        starts = range(0, len(idx), self.batch_size)
-        for b in list(starts)[wid::nw]:
+        starts = list(range(0, len(idx), self.batch_size))[wid::nw]
+        mine = [idx[b: b + self.batch_size] for b in starts]
+        self.targets.store.will_read(np.concatenate(mine) if mine else idx[:0])
+        for b in starts:
             yield collate([self.targets.decode(int(i)) for i in idx[b: b + self.batch_size]])

@@ -40,7 +40,6 @@ from transformers import Trainer, TrainingArguments
 from labelstore.constants import IGNORE_INDEX
 from labelstore.errors import ConfigMismatchError, StoreCorruptError
 from labelstore.store.format import PAYLOAD_COLUMNS, build_schema, meta_from_schema
-from labelstore.store.manifest import safe_shard_path
 from labelstore.student.collate import TEACHER_KEYS, Collator
 from labelstore.student.dataset import TargetDecoder, as_store
 from labelstore.student.targets import model_vocab_size
@@ -80,8 +79,8 @@ def shard_tables(store) -> list:
     """One :class:`ShardTable` per shard of the store, in store order."""
     s = as_store(store, True)
     out = []
-    for rec in s.manifest["shards"]:
-        path = safe_shard_path(s.path, rec["path"], str(s.path / "manifest.json"))
+    for i, rec in enumerate(s.manifest["shards"]):
+        path = s.shard_file(i)  # a remote store's shards are downloaded into its cache (all of them: see README)
         out.append(ShardTable(open_shard(str(path), s.meta, rec["rows"]), str(path)))
     return out
 

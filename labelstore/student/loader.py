@@ -58,6 +58,8 @@ class StoreLoader:
 
     def __iter__(self):
         self._consumed = self.sampler.num_samples - len(self.sampler)  # a loaded resume offset
+        if hasattr(self.dataset, "will_read"):  # a remote store fetches shards in the order this epoch reads them
+            self.dataset.will_read(self.sampler.epoch_indices()[self._consumed:])
         for batch in self.loader:
             self._consumed += int(batch["input_ids"].shape[0])
             yield batch

@@ -106,6 +106,14 @@ class StoreMixture(torch.utils.data.Dataset):
         item["store_index"] = j
         return item
 
+    def will_read(self, indices) -> None:
+        """Announce the mixture indices about to be read, in order, to each part that can use it (remote stores)."""
+        idx = np.asarray(indices, dtype=np.int64) % max(len(self), 1)
+        part, row = self._part[idx], self._row[idx]
+        for j, p in enumerate(self.parts):
+            if hasattr(p, "will_read"):
+                p.will_read(row[part == j])
+
     @property
     def store(self):
         """The first part's store (the parts agree on every field a batch depends on)."""

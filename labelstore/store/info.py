@@ -16,7 +16,19 @@ DENSE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 
 
 def summary(path) -> dict:
-    """The store's totals, bytes per token and compression ratios against dense storage of its vocabulary."""
+    """The store's totals, bytes per token and compression ratios against dense storage of its vocabulary (a URL:
+    from its manifest and config only)."""
+    from labelstore.store.objectstore import is_url
+
+    if is_url(path):
+        from labelstore.store.mirror import mirrored
+
+        with mirrored(path, everything=False) as (local, show):
+            try:
+                s = summary(local)
+            except LabelStoreError as exc:
+                raise type(exc)(show(str(exc))) from None
+        return dict(s, path=path)
     root = Path(path)
     man = load_manifest(root)
     meta, tot = man["meta"], man["totals"]

@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ import torch
 from labelstore.errors import ConfigMismatchError, InvalidLogitsError, LabelStoreError
 from labelstore.store.bitpack import packed_nbytes
 from labelstore.store.format import has_tail_column
-from labelstore.store.manifest import read_config
+from labelstore.store.locations import read_store_config
 from labelstore.teacher.batching import (
     auto_tokens_per_batch,
     bytes_per_token,
@@ -205,7 +204,7 @@ def resolve_tokens_per_batch(opts, model, V: int, device: torch.device) -> int:
     if opts.tokens_per_batch != "auto":
         return int(opts.tokens_per_batch)
     try:  # compile_config since 0.2 (compared on resume), runtime before
-        cfg = read_config(Path(opts.out))
+        cfg = read_store_config(opts.out)
         return int(cfg["compile_config"].get("tokens_per_batch", cfg["runtime"]["tokens_per_batch"]))
     except (LabelStoreError, OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # a new store

@@ -96,3 +96,14 @@ def test_prefix_with_other_objects_is_refused_and_overwrite_discards_only_the_st
     assert fs.cat(f"{s3_bucket}/st/README") == b"kept"
     got = download(url, tmp_path / "down")
     assert max(len(r["counts"]) and int(r["counts"].max()) for r in raw_store_rows(got).values()) == 8
+
+
+def test_cli_compile_to_s3_prints_the_remote_store_summary(env, s3_bucket, capsys):
+    from labelstore.cli import main
+
+    url = f"s3://{s3_bucket}/cli"
+    assert main(["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", url,
+                 "--k", "4", "--max-length", "64", "--device", "cpu", "--tokens-per-batch", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"store           {url}" in out and "compiled" in out
+    assert main(["info", url]) == 0 and f"store           {url}" in capsys.readouterr().out

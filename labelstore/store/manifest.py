@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 
 from labelstore.errors import StoreCorruptError, StoreFormatError, StoreNotFinalizedError, StoreWriteError
@@ -82,10 +83,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+
+
 def tmp_name(name: str) -> str:
-    """``.tmp-NAME.PID-TOKEN``: the writing process and a random token, so writers on different hosts of a shared
-    filesystem (the same pid is possible there) never pick the same temporary name."""
-    return f".tmp-{name}.{os.getpid()}-{secrets.token_hex(4)}"
+    """``.tmp-NAME.PID-TOKEN-HOST``: the writing process, a random token and the host (letters and digits only), so
+    writers on different hosts of a shared filesystem (the same pid is possible there) never pick the same
+    temporary name, and a cleaner knows which names a pid probe can speak for."""
+    return f".tmp-{name}.{os.getpid()}-{secrets.token_hex(4)}-{_host()}"
 
 
 def _write_new_file(tmp: Path, data: bytes) -> None:
@@ -145,23 +151,24 @@ def create_exclusive_json(path: Path, obj) -> bool:
 def remove_stale_tmp(root: Path) -> int:
     """Delete ``.tmp-NAME.PID-TOKEN`` (and older ``.tmp-NAME.PID``) files in the store root (config, manifest, tail
     prior) and in ``commits/`` (commit records, done markers, teacher mass) left by a writer that died mid-write.
-    Only called once every rank is done (finalize), so no other writer can own one; files of a live local process
-    other than this one are kept anyway, and only regular files are removed (never a link or a folder). Returns how
-    many were removed.
+    Only called once every rank is done (finalize), so no other writer can own one; files of a live process of this
+    host other than this one are kept anyway (another host's are removed: a pid probe cannot speak for them), and
+    only regular files are removed (never a link or a folder). Returns how many were removed.
     """
     removed = 0
     for d in (Path(root), Path(root) / "commits"):
         if d.is_symlink() or not d.is_dir():
             continue
         for p in d.glob(".tmp-*"):
-            pid = p.name.rsplit(".", 1)[-1].split("-", 1)[0]
+            pid, *rest = p.name.rsplit(".", 1)[-1].split("-")
             if not pid.isdigit():
                 continue
             if int(pid) == os.getpid():
                 continue
             try:
-                os.kill(int(pid), 0)
-                continue  # still running
+                if len(rest) < 2 or rest[1] == _host():  # a pid probe speaks for this host's processes only
+                    os.kill(int(pid), 0)
+                    continue  # still running
             except ProcessLookupError:
                 pass
             except (PermissionError, OverflowError, ValueError):

@@ -152,7 +152,7 @@ def cleanup_uncommitted(root: Path, rank: int, committed: set[str], store_id: st
                 "number). It is left untouched: move it out of the store, then rerun the same command."
             )
         unlink_own(p, "uncommitted shard")
-    own_tmp = re.compile(rf"\.tmp-{r}-[0-9]{{6}}\.(json|prior)\.[0-9]+(-[0-9a-f]{{8}})?", re.ASCII)
+    own_tmp = re.compile(rf"\.tmp-{r}-[0-9]{{6}}\.(json|prior)\.[0-9]+(-[0-9a-f]{{8}}(-[A-Za-z0-9]+)?)?", re.ASCII)
     for p in (root / "commits").glob(f".tmp-{r}-*"):
         if own_tmp.fullmatch(p.name):
             unlink_own(p, "temporary commit file")

@@ -388,8 +388,10 @@ def test_finalize_removes_temp_files_of_dead_writers(tmp_path):
     stray2.write_text("{half a record")
     live = tmp_path / "s" / f".tmp-config.json.{os.getpid()}-89abcdef"  # this (live) process's: kept
     live.write_text("{")
+    elsewhere = tmp_path / "s" / f".tmp-tail_prior.f32.{os.getppid()}-0badf00d-otherhost7"  # a live pid, but of
+    elsewhere.write_text("x")  # another host: the probe cannot speak for it, and every rank is done: removed
     w.close()
-    assert not stray.exists() and not stray2.exists() and live.exists()
+    assert not stray.exists() and not stray2.exists() and live.exists() and not elsewhere.exists()
     assert len(LabelStore(tmp_path / "s")) == 3
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _teachers import make_documents, make_tokenizer, raw_rows_differences, raw_store_rows, save_teacher, write_corpus
 from s3_server import fresh_s3fs
 
@@ -64,6 +65,19 @@ def test_compile_to_s3_equals_local(env, s3_bucket, local_store, tmp_path):
                                   np.fromfile(local_store / "tail_prior.f32", "<f4"))
     again = compile_store(opts(env, url))  # a finished store: nothing recomputed
     assert again.skipped == res.samples
+    # train from the bucket: the loader's batches equal those of the store compiled to a local folder
+    from labelstore import StoreDataset, StoreLoader
+
+    def batches(path, **kw):
+        return list(StoreLoader(StoreDataset(path, **kw), batch_size=3, seed=5, rank=0, world_size=1))
+
+    remote, local = batches(url, cache_dir=str(tmp_path / "cache")), batches(local_store)
+    assert len(remote) == len(local) > 1
+    for a, b in zip(remote, local):
+        assert a.keys() == b.keys()
+        for key in a:
+            if hasattr(a[key], "shape"):
+                assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("fault", ["shard-uploaded:2", "record-uploaded:4"])

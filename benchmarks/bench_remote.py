@@ -21,6 +21,9 @@ k = 32 entries per position with a Zipf-like decay, log8 values, 8 MiB shards (a
   Tokens per second of the epoch's iteration; opening the store (for a URL: fetching the manifest) is timed
   apart, as ``open_s``: it happens once per process, not per batch. **fetch only** is the ceiling of a cold
   read on this machine: the same shard objects downloaded by 4 threads and discarded (no hashing, no decoding).
+  **store order** rows read without shuffling (what a shard-block shuffle would do), each against the local
+  loader in the same order: a uniformly shuffled epoch needs nearly every shard within its first batches, so its
+  cold epoch waits for downloads; a sequential one overlaps them with decoding.
 
 Writes ``benchmarks/results/remote.json`` and prints a table. Ratios are remote / local in the same run.
 """
@@ -50,6 +53,7 @@ from labelstore.codecs import get_codec  # noqa: E402
 from labelstore.store.locations import open_store_writer  # noqa: E402
 
 SHARD_BYTES = 8 << 20
+PREFETCH = 4  # the loader's default; --prefetch
 
 
 SERVER = """
@@ -124,16 +128,17 @@ def bench_write(servers, rows, repeats, tmp: Path) -> list[dict]:
     return out
 
 
-def loader_epoch(path, cache_dir=None, options=None) -> tuple[float, int, float]:
+def loader_epoch(path, cache_dir=None, options=None, shuffle=True) -> tuple[float, int, float]:
     """(seconds of the epoch's iteration, tokens, seconds to open the store)."""
     from labelstore.student.dataset import StoreDataset
     from labelstore.student.loader import StoreLoader
 
-    kw = {} if cache_dir is None else {"cache_dir": str(cache_dir), "storage_options": options}
+    kw = {} if cache_dir is None else {"cache_dir": str(cache_dir), "storage_options": options,
+                                       "prefetch": PREFETCH}
     t0 = time.perf_counter()
     ds = StoreDataset(path, **kw)
     opened = time.perf_counter() - t0
-    loader = StoreLoader(ds, batch_size=8, seed=0, rank=0, world_size=1, num_workers=0)
+    loader = StoreLoader(ds, batch_size=8, seed=0, rank=0, world_size=1, num_workers=0, shuffle=shuffle)
     t0 = time.perf_counter()
     tokens = 0
     for batch in loader:
@@ -151,7 +156,7 @@ def fetch_only(server, tokens: int) -> tuple[float, int, float]:
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options)
     keys = fs.find("bench/r-store/shards")
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(PREFETCH) as pool:
         list(pool.map(fs.cat_file, keys))
     return time.perf_counter() - t0, tokens, 0.0
 
@@ -170,16 +175,20 @@ def bench_read(servers, rows, repeats, tmp: Path) -> list[dict]:
                                                                           recursive=True)
     loader_epoch(local)  # page cache warm, imports done
     out = []
-    results = {"local": []}
+    results = {"local": [], "local, store order": []}
     for d in servers:
         results[f"s3+{d}ms cold"] = []
         results[f"s3+{d}ms warm"] = []
+        results[f"s3+{d}ms cold, store order"] = []
     for r in range(repeats):
         results["local"].append(loader_epoch(local))
+        results["local, store order"].append(loader_epoch(local, shuffle=False))
         for d, server in servers.items():
             cache = tmp / f"cache-{d}-{r}"
             results[f"s3+{d}ms cold"].append(loader_epoch(url, cache, server.options))
             results[f"s3+{d}ms warm"].append(loader_epoch(url, cache, server.options))
+            shutil.rmtree(cache, ignore_errors=True)
+            results[f"s3+{d}ms cold, store order"].append(loader_epoch(url, cache, server.options, shuffle=False))
             shutil.rmtree(cache, ignore_errors=True)
     for d, server in servers.items():  # the ceiling: the same objects fetched by 4 threads, nothing else done
         results[f"s3+{d}ms fetch only"] = [fetch_only(server, len(rows) * T) for _ in range(repeats)]
@@ -187,27 +196,31 @@ def bench_read(servers, rows, repeats, tmp: Path) -> list[dict]:
         secs = statistics.median(s for s, _, _ in runs)
         out.append({"source": name, "seconds": secs, "tokens": runs[0][1], "tokens_per_s": runs[0][1] / secs,
                     "open_s": statistics.median(o for _, _, o in runs), "runs_s": [s for s, _, _ in runs]})
-    base = out[0]["tokens_per_s"]
-    for o in out:
+    for o in out:  # each against the local loader reading in the same order
+        base = out[1 if "store order" in o["source"] else 0]["tokens_per_s"]
         o["ratio_vs_local"] = o["tokens_per_s"] / base
     return out
 
 
 def main(argv=None) -> int:
+    global PREFETCH
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--delays", default="0,20", help="per-request delays in ms, comma-separated")
     ap.add_argument("--skip-read", action="store_true")
+    ap.add_argument("--skip-write", action="store_true")
+    ap.add_argument("--prefetch", type=int, default=PREFETCH, help="shards the loader downloads ahead")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "remote.json"))
     args = ap.parse_args(argv)
     delays = [int(x) for x in args.delays.split(",") if x.strip()]
+    PREFETCH = args.prefetch
     servers = {d: ServerProcess(d) for d in delays}
     rows = list(synth(args.samples))
     try:
         with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
             os.environ["LABELSTORE_SPOOL_DIR"] = str(Path(tmp) / "spool")
-            write = bench_write(servers, rows, args.repeats, Path(tmp))
+            write = [] if args.skip_write else bench_write(servers, rows, args.repeats, Path(tmp))
             read = [] if args.skip_read else bench_read(servers, rows, args.repeats, Path(tmp))
     finally:
         for server in servers.values():
@@ -223,7 +236,7 @@ def main(argv=None) -> int:
         for o in read:
             print(f"{o['source']:<16} {o['tokens_per_s']:>10,.0f} {o['ratio_vs_local']:>8.2f}x {o['open_s']:>7.3f}")
     res = {"synthetic": True, "samples": args.samples, "T": T, "V": V, "k": K, "shard_bytes": SHARD_BYTES,
-           "repeats": args.repeats, "delays_ms": delays,
+           "repeats": args.repeats, "delays_ms": delays, "prefetch": args.prefetch,
            "endpoint": "moto S3 server, separate process, same machine (no network)",
            "write": write, "read": read, "machine": platform.node(), "cpus": os.cpu_count(),
            "load_avg": os.getloadavg()}

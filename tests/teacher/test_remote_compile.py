@@ -121,3 +121,21 @@ def test_cli_compile_to_s3_prints_the_remote_store_summary(env, s3_bucket, capsy
     out = capsys.readouterr().out
     assert f"store           {url}" in out and "compiled" in out
     assert main(["info", url]) == 0 and f"store           {url}" in capsys.readouterr().out
+
+
+def test_torchrun_two_ranks_to_s3_equal_one_local_process(env, s3_bucket, local_store, tmp_path):
+    """Two ranks (torchrun, gloo) write one store in the bucket: each rank its own spool, lock and shards; rank 0
+    finalizes once both done markers are there. Its rows equal the one-process local compile."""
+    url = f"s3://{s3_bucket}/two"
+    o = opts(env, url)
+    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", url, "--k", "8", "--max-length", "64",
+            "--tokens-per-batch", "64", "--shard-mb", "0.004", "--device", "cpu", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "labelstore",
+           *args]
+    p = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    names = fresh_s3fs().find(f"{s3_bucket}/two/shards")
+    assert any("/r00000-" in n for n in names) and any("/r00001-" in n for n in names)
+    got = download(url, tmp_path / "down")
+    assert not raw_rows_differences(raw_store_rows(got), raw_store_rows(local_store))

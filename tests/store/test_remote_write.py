@@ -236,3 +236,21 @@ def test_upload_failure_stops_the_writer_with_the_spool_intact(s3_bucket, spool,
     fs.call_s3("delete_bucket_policy", Bucket=s3_bucket)
     resume(url)
     assert_same_store(download(s3_bucket, "st", tmp_path / "down"), reference)
+
+
+def test_writer_that_lost_its_lock_stops_publishing(s3_bucket, monkeypatch):
+    """Another writer took the lock over (this one looked dead): the heartbeat's If-Match fails, and the writer
+    refuses to publish anything more instead of writing beside the new owner."""
+    monkeypatch.setenv("LABELSTORE_LOCK_LEASE_S", "0.4")  # a heartbeat every 0.1 s
+    url = f"s3://{s3_bucket}/st"
+    w = open_store_writer(url, make_meta(), shard_bytes=SHARD)
+    write_rows(w, ROWS[:10])
+    fresh_s3fs().pipe_file(f"{s3_bucket}/st/locks/r00000.lock",
+                           json.dumps({"host": "new-owner", "pid": 7, "token": "t", "heartbeat": 0}).encode())
+    time.sleep(0.6)
+    with pytest.raises(StoreLockedError, match="took this rank's lock"):
+        write_rows(w, ROWS[10:])
+        w.close()
+    w.abort()
+    held = json.loads(fresh_s3fs().cat(f"{s3_bucket}/st/locks/r00000.lock"))
+    assert held["host"] == "new-owner", "the new owner's lock is left alone"

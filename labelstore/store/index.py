@@ -259,8 +259,8 @@ class ShardIndex(ShardTable):
             i = int(np.argmax(bad)) if bad.any() else 0
             raise StoreCorruptError(f"{where}: entry {b * self.block_rows + i} is out of bounds, or the row starts "
                                     "disagree with the row counts; the shard index is damaged")
-        ids = cols["rank"].astype(np.int64) * 1_000_000 + cols["seq"]
-        if np.unique(ids).size != ids.size:
+        ids = np.sort(cols["rank"].astype(np.int64) * 1_000_000 + cols["seq"])  # (np.unique imports numpy.ma)
+        if np.any(ids[1:] == ids[:-1]):
             raise StoreCorruptError(f"{where}: a shard is listed twice; the shard index is damaged")
         firsts = cols["first_sample_id"][r > 0]
         if np.any(np.diff(firsts) < 0):

@@ -157,3 +157,18 @@ def test_limits_admit_ten_million_shards_and_ten_trillion_positions():
     assert validate_index_ref(ref, tot, "m") is ref
     with pytest.raises(StoreFormatError):
         validate_index_ref(dict(ref, shards=MAX_SHARDS + 1), dict(tot, shards=MAX_SHARDS + 1), "m")
+
+
+def test_a_version_3_compile_resumed_by_a_version_4_writer_finishes_as_version_3(tmp_path):
+    rows = random_rows(12, seed=3)
+    p = tmp_path / "s"
+    w = StoreWriter(p, make_meta(format_version=3), shard_bytes=600)
+    write_rows(w, rows[:6])
+    w.abort()  # interrupted: committed shards of version 3, no manifest
+    with StoreWriter(p, make_meta(), shard_bytes=600) as w:  # a newer writer, asked for nothing in particular
+        mask = w.committed_mask([r["sample_id"] for r in rows])
+        write_rows(w, [r for r, done in zip(rows, mask) if not done])
+    man = json.loads((p / "manifest.json").read_text())
+    assert man["format_version"] == 3 and not (p / INDEX).exists()
+    assert sorted(LabelStore(p).sample_ids().tolist()) == sorted(r["sample_id"] for r in rows)
+    assert verify_store(p)["ok"]

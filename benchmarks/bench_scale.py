@@ -201,6 +201,58 @@ def synth_commits(root: Path, n: int) -> None:
         (root / commit_name(rank, seq)).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
 
 
+def project(rows: list[dict]) -> list[dict]:
+    """The 5T-token store at the README's bytes per token, from the largest measured size (index bytes per shard,
+    manifest bytes per index block) and the slowest measured version-4 open + first lookup (flat in N)."""
+    big, small = max(rows, key=lambda r: r["shards"]), min(rows, key=lambda r: r["shards"])
+    per_shard_index = big["v4_index_bytes"] / big["shards"]
+    nblocks = lambda n: -(-n // (1 << 14))  # noqa: E731
+    per_block = ((big["v4_manifest_bytes"] - small["v4_manifest_bytes"])
+                 / max(1, nblocks(big["shards"]) - nblocks(small["shards"])))
+    v4_open = max(r["v4"]["open_s"] + r["v4"]["first_lookup_s"] for r in rows if "open_s" in r["v4"])
+    v3 = [r for r in rows if "open_s" in r["v3"]]
+    v3_big = max(v3, key=lambda r: r["shards"]) if v3 else None
+    out = []
+    for bpt in BYTES_PER_TOKEN:
+        shards = -(-TOKENS_5T * bpt // SHARD_BYTES)
+        v3_bytes = shards * big["v3_manifest_bytes"] / big["shards"]
+        out.append({
+            "bytes_per_token": bpt, "store_tb": TOKENS_5T * bpt / 1e12, "shards": shards,
+            "v4_index_bytes": int(shards * per_shard_index),
+            "v4_manifest_bytes": int(small["v4_manifest_bytes"] + per_block * (nblocks(shards) - 1)),
+            "v4_open_plus_first_lookup_s_measured_max": v4_open,
+            "v3_manifest_bytes": int(v3_bytes), "v3_over_manifest_cap": v3_bytes > MAX_MANIFEST_BYTES,
+            "v3_open_s_linear_extrapolation": (v3_big["v3"]["open_s"] * shards / v3_big["shards"]) if v3_big else None,
+            "v3_rss_mib_linear_extrapolation": (v3_big["v3"]["rss_open_mib"] * shards / v3_big["shards"])
+            if v3_big else None,
+        })
+    return out
+
+
+def report(out: dict) -> None:
+    rows, resume = out["open"], out["resume"]
+    print("\n| shards | v3 manifest MB | v3 open s | v3 RSS MiB | v4 manifest KB | v4 index MB | v4 open ms | "
+          "v4 1st lookup ms | v4 RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        a, b = r["v3"], r["v4"]
+        v3 = (f"{a['open_s']:.3f} | {a['rss_open_mib']:.0f}" if "open_s" in a else "refused (over the 256 MiB cap) | -")
+        print(f"| {r['shards']:,} | {r['v3_manifest_bytes'] / 1e6:.1f} | {v3} | {r['v4_manifest_bytes'] / 1e3:.1f} | "
+              f"{r['v4_index_bytes'] / 1e6:.1f} | {b['open_s'] * 1e3:.1f} | {b['first_lookup_s'] * 1e3:.1f} | "
+              f"{b['rss_open_mib']:.0f} |")
+    if resume:
+        print(f"\nresume: {resume['commit_records']:,} commit records -> {resume['merged']:,} committed runs in "
+              f"{resume['decide_s']:.1f} s, +{resume['rss_decide_mib']:.0f} MiB RSS")
+    for p in out["projection_5T"]:
+        print(f"5T tokens at {p['bytes_per_token']} B/token: {p['store_tb']:.0f} TB, {p['shards']:,} shards of "
+              f"256 MiB; v4 index {p['v4_index_bytes'] / 1e6:.0f} MB + manifest {p['v4_manifest_bytes'] / 1e3:.0f} KB, "
+              f"open + first lookup <= {p['v4_open_plus_first_lookup_s_measured_max'] * 1e3:.0f} ms (measured, flat); "
+              f"v3 manifest {p['v3_manifest_bytes'] / 1e6:.0f} MB"
+              f"{' (over the 256 MiB cap: refused)' if p['v3_over_manifest_cap'] else ''}, whose parse would take "
+              f"~{p['v3_open_s_linear_extrapolation']:.0f} s and ~{p['v3_rss_mib_linear_extrapolation']:.0f} MiB "
+              "per process (linear from the largest v3 measured)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000,10000,100000,1000000")
@@ -208,7 +260,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement (the fastest kept)")
     ap.add_argument("--tmp", default=None, help="folder for the synthetic stores (default: the system's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
+    ap.add_argument("--report", default=None, help="recompute the projection of a scale.json and print it")
     args = ap.parse_args()
+    if args.report:
+        out = json.loads(Path(args.report).read_text())
+        out["projection_5T"] = project(out["open"])
+        Path(args.report).write_text(json.dumps(out, indent=1) + "\n")
+        report(out)
+        return
     sizes = [int(x) for x in args.sizes.split(",")]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.tmp))
@@ -236,45 +295,13 @@ def main() -> None:
             shutil.rmtree(base)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    big = max(rows, key=lambda r: r["shards"])
-    per_shard_index = big["v4_index_bytes"] / big["shards"]
-    v4_open = max(r["v4"]["open_s"] + r["v4"]["first_lookup_s"] for r in rows if "open_s" in r["v4"])
-    projection = []
-    for bpt in BYTES_PER_TOKEN:
-        shards = -(-TOKENS_5T * bpt // SHARD_BYTES)
-        blocks = -(-shards // (1 << 14))
-        projection.append({
-            "bytes_per_token": bpt, "store_tb": TOKENS_5T * bpt / 1e12, "shards": shards,
-            "v4_index_bytes": int(shards * per_shard_index), "v4_manifest_bytes": int(1000 + 90 * blocks),
-            "v4_open_plus_first_lookup_s_measured_max": v4_open,
-            "v3_manifest_bytes": int(shards * big["v3_manifest_bytes"] / big["shards"]),
-            "v3_over_manifest_cap": shards * big["v3_manifest_bytes"] / big["shards"] > MAX_MANIFEST_BYTES,
-        })
+    projection = project(rows)
     out = {"bench": "scale", "host": platform.node(), "python": platform.python_version(),
            "loadavg": os.getloadavg(), "shard_bytes": SHARD_BYTES, "open": rows, "resume": resume,
            "projection_5T": projection}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print("\n| shards | v3 manifest MB | v3 open s | v3 RSS MiB | v4 manifest KB | v4 index MB | v4 open ms | "
-          "v4 1st lookup ms | v4 RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        a, b = r["v3"], r["v4"]
-        v3 = (f"{a['open_s']:.3f} | {a['rss_open_mib']:.0f}" if "open_s" in a else f"refused: {a['error'][:60]} | -")
-        print(f"| {r['shards']:,} | {r['v3_manifest_bytes'] / 1e6:.1f} | {v3} | {r['v4_manifest_bytes'] / 1e3:.1f} | "
-              f"{r['v4_index_bytes'] / 1e6:.1f} | {b['open_s'] * 1e3:.1f} | {b['first_lookup_s'] * 1e3:.1f} | "
-              f"{b['rss_open_mib']:.0f} |")
-    if resume:
-        print(f"\nresume: {resume['commit_records']:,} commit records -> {resume['merged']:,} committed runs in "
-              f"{resume['decide_s']:.1f} s, +{resume['rss_decide_mib']:.0f} MiB RSS")
-    for p in projection:
-        print(f"5T tokens at {p['bytes_per_token']} B/token: {p['store_tb']:.0f} TB, {p['shards']:,} shards of "
-              "256 MiB; "
-              f"v4 index {p['v4_index_bytes'] / 1e6:.0f} MB + manifest {p['v4_manifest_bytes'] / 1e3:.0f} KB, "
-              f"open + first lookup <= {p['v4_open_plus_first_lookup_s_measured_max'] * 1e3:.0f} ms (measured, flat); "
-              f"v3 manifest would be {p['v3_manifest_bytes'] / 1e6:.0f} MB"
-              f"{' (over the 256 MiB cap)' if p['v3_over_manifest_cap'] else ''}")
-
+    report(out)
 
 if __name__ == "__main__":
     main()

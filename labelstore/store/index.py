@@ -120,6 +120,9 @@ def validate_index_ref(ref, totals: dict, where: str) -> dict:
         if (not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_ROWS_PER_SHARD * ref["block_rows"]
                 or not isinstance(b.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", b["sha256"])):
             raise StoreFormatError(f"{where}: index block {i} {b!r} is not {{\"rows\": int, \"sha256\": hex}}")
+    if totals["samples"] * MIN_ROW_BYTES > totals["bytes"]:  # what each entry must satisfy, in sum: checked on open
+        raise StoreFormatError(f"{where}: {totals['samples']} rows cannot fit in {totals['bytes']} bytes of shards; "
+                               "refusing the store before allocating anything for its rows")
     if totals["shards"] != ref["shards"] or totals["samples"] != sum(b["rows"] for b in blocks):
         raise StoreFormatError(f"{where}: totals {totals} disagree with the index ({ref['shards']} shards, "
                                f"{sum(b['rows'] for b in blocks)} rows); the manifest was edited")

@@ -172,3 +172,14 @@ def test_a_version_3_compile_resumed_by_a_version_4_writer_finishes_as_version_3
     assert man["format_version"] == 3 and not (p / INDEX).exists()
     assert sorted(LabelStore(p).sample_ids().tolist()) == sorted(r["sample_id"] for r in rows)
     assert verify_store(p)["ok"]
+
+
+def test_declared_rows_bounded_by_declared_bytes_on_open(tmp_path):
+    p, _ = _store(tmp_path)
+    body = {k: v for k, v in json.loads((p / "manifest.json").read_text()).items() if k != "digest"}
+    extra = 10**12
+    body["index"]["blocks"][0]["rows"] += extra
+    body["totals"]["samples"] += extra  # consistent sums, digest recomputed: a forger's manifest
+    (p / "manifest.json").write_text(json.dumps(with_digest(body)))
+    with pytest.raises(StoreFormatError, match="cannot fit"):
+        LabelStore(p)

@@ -38,7 +38,7 @@ import pyarrow as pa
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from store_factory import make_meta, random_rows, write_rows  # noqa: E402
+from store_factory import make_meta_v3, random_rows, write_rows  # noqa: E402
 
 from labelstore.errors import LabelStoreError  # noqa: E402
 from labelstore.store.format import with_digest  # noqa: E402
@@ -56,7 +56,7 @@ VOCAB, K = 50257, 8
 def build_pristine(path: Path, seed: int = 0) -> None:
     rows = random_rows(40, vocab_size=VOCAB, k=K, seed=seed, max_len=50)
     rng = np.random.default_rng(seed)
-    with StoreWriter(path, make_meta(VOCAB, K), shard_bytes=6000) as w:
+    with StoreWriter(path, make_meta_v3(VOCAB, K), shard_bytes=6000) as w:
         for j, r in enumerate(rows):
             write_rows(w, [r])
             if j % 5 == 4:

@@ -36,7 +36,7 @@ import pyarrow as pa
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from store_factory import make_meta, random_rows, write_rows  # noqa: E402
+from store_factory import make_meta_v3, random_rows, write_rows  # noqa: E402
 
 from labelstore.errors import LabelStoreError  # noqa: E402
 from labelstore.store.format import with_digest  # noqa: E402
@@ -51,7 +51,7 @@ COMPRESSED_DOC_STARTS = 256 << 20  # bytes of zeros in the compressed v1 case (t
 
 # ------------------------------------------------------------------------------------------ building blocks
 def build(p: Path, rows=ROWS, meta=None, finish=True, **kw) -> None:
-    w = StoreWriter(p, meta or make_meta(V, K), shard_bytes=600, **kw)
+    w = StoreWriter(p, meta or make_meta_v3(V, K), shard_bytes=600, **kw)
     write_rows(w, rows if finish else rows[:6])
     w.add_teacher_mass(np.ones(V), 3)
     w.close() if finish else w.abort()
@@ -101,7 +101,7 @@ def _replace(p: Path, rel: str, make) -> None:
 
 def huge_T(p, encoding):
     build(p, rows=random_rows(3, vocab_size=V, k=32, seed=2, max_len=8),
-          meta=make_meta(V, 32, encoding={"name": encoding}))
+          meta=make_meta_v3(V, 32, encoding={"name": encoding}))
 
     def edit(cols):
         cols["num_tokens"][0] = 1 << 24
@@ -113,7 +113,7 @@ def huge_T(p, encoding):
 def zstd_k4096_zero_counts(p):
     """A store a writer can really produce: k = 4096, 65536 positions keeping nothing (3.2 GB padded)."""
     T = 1 << 16
-    meta = make_meta(V, 4096, encoding={"name": "zstd"})
+    meta = make_meta_v3(V, 4096, encoding={"name": "zstd"})
     with StoreWriter(p, meta) as w:
         w.add(1, np.zeros(T, np.int64), np.zeros(T, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8),
               np.zeros(T, np.float32))
@@ -251,7 +251,7 @@ def write_action(p: Path, outside: Path) -> dict:
     own_before = {n: (p / "shards" / n).read_bytes() for n in USER_FILES[:3] if (p / "shards" / n).is_file()}
     out = {}
     try:
-        with StoreWriter(p, make_meta(V, K), shard_bytes=600) as w:
+        with StoreWriter(p, make_meta_v3(V, K), shard_bytes=600) as w:
             todo = ~w.committed_mask([r["sample_id"] for r in ROWS])
             write_rows(w, [r for r, t in zip(ROWS, todo) if t])
         out["writer"] = "completed"

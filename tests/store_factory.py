@@ -23,6 +23,12 @@ def make_meta(vocab_size=1000, k=8, codec="log8", label_kind="soft", **extra):
     return meta
 
 
+def make_meta_v3(*args, **extra):
+    """Metadata asking for format version 3: a store whose shard list is inside manifest.json, for the suites that
+    edit that list (version 4's index.arrow has its own damage tests: tests/store/test_index.py)."""
+    return make_meta(*args, **{"format_version": 3, **extra})
+
+
 def random_rows(n, vocab_size=1000, k=8, codec="log8", seed=0, max_len=40, lengths=None, label_kind="soft"):
     """Rows as the writer takes them: dicts of numpy arrays, with variable counts per position."""
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""The on-disk format (version 3; versions 1 and 2 still read): the Arrow schema, the metadata, the per-row
+"""The on-disk format (version 4; versions 1 to 3 still read): the Arrow schema, the metadata, the per-row
 encoding and the checksums (row CRC, manifest and config digests).
 
 This module is the executable half of docs/FORMAT.md; the two must agree. Writer, reader and
@@ -26,8 +26,9 @@ from labelstore.selection import MODES, check_selection, has_tail
 from labelstore.store import bitpack
 
 FORMAT_NAME = "labelstore"
-FORMAT_VERSION = 3  # what writers write: row CRC over every column, digests, store id (docs/FORMAT.md 8)
-SUPPORTED_VERSIONS = (1, 2, 3)  # 1: packed rows; 2: zstd rows; 3: either, with the version-3 checksums
+FORMAT_VERSION = 4  # what writers write: version 3's rows and checksums, the shard table in index.arrow (FORMAT.md 8)
+SUPPORTED_VERSIONS = (1, 2, 3, 4)  # 1: packed rows; 2: zstd rows; 3: either, with the version-3 checksums; 4: index
+WRITABLE_VERSIONS = (3, 4)  # a writer may be asked for version 3 (a JSON shard list, for older readers)
 ENCODINGS = ("packed", "zstd")
 DEFAULT_ENCODING = "packed"
 META_KEY = b"labelstore"
@@ -38,7 +39,8 @@ DEFAULT_PRIOR_MIX = 0.9  # measured: docs/FORMAT.md section 5c
 MAX_VOCAB = 1 << 26
 MAX_K = 4096
 MAX_SEQ_LEN = 1 << 24
-MAX_SHARDS = 1 << 20
+MAX_SHARDS = 1 << 24  # version 4 (index.arrow): 16.7 million shards
+MAX_JSON_SHARDS = 1 << 20  # versions 1-3: the shard list inside manifest.json
 MAX_ROWS_PER_SHARD = 1 << 31
 # Every Arrow row costs at least this many bytes of its shard file (sample_id 8 + num_tokens 4 + crc32 4 + six
 # int32 offsets 24): a manifest declaring more rows than its shards' bytes can hold is refused before any
@@ -133,7 +135,8 @@ def normalize_meta(meta: dict) -> dict:
     if isinstance(enc, dict) and enc.get("name") == "zstd":
         enc = {"name": "zstd", "level": int(enc.get("level", 3))}
     out["encoding"] = enc
-    out["format_version"] = FORMAT_VERSION
+    asked = meta.get("format_version")
+    out["format_version"] = asked if asked in WRITABLE_VERSIONS else FORMAT_VERSION
     out.setdefault("store_id", uuid.uuid4().hex)  # a writer resuming a store adopts the store's own id
     out.setdefault("tail_prior_mix", DEFAULT_PRIOR_MIX)
     v = out["vocab_size"]

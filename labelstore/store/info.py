@@ -34,6 +34,7 @@ def summary(path) -> dict:
     meta, tot = man["meta"], man["totals"]
     tokens = tot["tokens"]
     disk = tot["bytes"] + sum(p.stat().st_size for p in (root / "manifest.json", root / CONFIG) if p.exists())
+    disk += man.get("index", {}).get("bytes", 0)  # version 4: index.arrow (its size recorded in the manifest)
     v = meta["vocab_size"]
     cc, rt = meta.get("compile_config", {}), meta.get("runtime", {})
     labelled = cc.get("data", {}).get("labelled_positions", tokens) if cc.get("label_positions") else tokens

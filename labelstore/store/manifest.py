@@ -8,7 +8,9 @@ Layout of a store directory (docs/FORMAT.md):
     STORE/commits/rRRRRR-SSSSSS.json  one commit record per committed shard (written after its rename)
     STORE/commits/rRRRRR.done         a rank finished all its work
     STORE/locks/rRRRRR.lock           flock held by the live writer of rank R
-    STORE/manifest.json               written last, atomically: the shard list readers use
+    STORE/index.arrow                 (format version 4) the shard table, written just before the manifest
+    STORE/manifest.json               written last, atomically: the totals and the shard list (version 4: a
+                                      reference to index.arrow, with a digest per block of it)
 
 A shard exists only once its commit record does. Every file is written under a temporary name,
 fsynced and renamed, so a crash at any instant leaves either the old or the new file, never half of one.
@@ -28,14 +30,15 @@ from labelstore.errors import StoreCorruptError, StoreFormatError, StoreNotFinal
 from labelstore.store.format import (
     DEFAULT_PRIOR_MIX,
     FORMAT_NAME,
+    MAX_JSON_SHARDS,
     MAX_ROWS_PER_SHARD,
-    MAX_SHARDS,
     MIN_ROW_BYTES,
     SUPPORTED_VERSIONS,
     check_digest,
     validate_meta,
     with_digest,
 )
+from labelstore.store.index import INDEX, build_index, validate_index_ref
 from labelstore.store.safefs import (
     check_no_symlink,
     is_regular,
@@ -270,6 +273,21 @@ def validate_shard_record(rec, where: str) -> dict:
     return rec
 
 
+def _check_tail_prior(man: dict, ver: int, where: str) -> None:
+    tp = man.get("tail_prior")
+    if tp is not None:
+        if not isinstance(tp, dict) or tp.get("path") != TAIL_PRIOR or tp.get("dtype") != "float32":
+            raise StoreFormatError(f"{where}: tail_prior {tp!r} is malformed")
+        mix = tp.get("mix")
+        if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0 <= mix <= 1:
+            raise StoreFormatError(f"{where}: tail_prior mix {mix!r} is not in [0, 1]")
+        if not isinstance(tp.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", tp["sha256"]):
+            raise StoreFormatError(f"{where}: tail_prior sha256 is not a hex digest")
+        if ver >= 3 and mix != man["meta"]["tail_prior_mix"]:
+            raise StoreCorruptError(f"{where}: tail_prior mix {mix!r} differs from the store's tail_prior_mix "
+                                    f"{man['meta']['tail_prior_mix']!r} (recorded in every shard); it was edited")
+
+
 def load_manifest(root: Path) -> dict:
     """Read and validate ``root/manifest.json``. Raises a labelstore error describing what is wrong."""
     root = Path(root)
@@ -298,13 +316,19 @@ def load_manifest(root: Path) -> dict:
     if man["meta"]["format_version"] != ver:
         raise StoreFormatError(f"{where}: format_version {ver} disagrees with its metadata's "
                                f"{man['meta']['format_version']}")
-    shards = man.get("shards")
-    if not isinstance(shards, list) or len(shards) > MAX_SHARDS:
-        raise StoreFormatError(f"{where}: \"shards\" must be a list of at most {MAX_SHARDS} entries")
     tot = man.get("totals")
     keys = ("shards", "samples", "tokens", "entries", "bytes")
     if not isinstance(tot, dict) or any(not isinstance(tot.get(k), int) or isinstance(tot.get(k), bool) for k in keys):
         raise StoreFormatError(f"{where}: \"totals\" must hold integer {', '.join(keys)}")
+    _check_tail_prior(man, ver, where)
+    if ver >= 4:  # the shard table is index.arrow, read lazily (labelstore.store.index.ShardIndex)
+        if "shards" in man:
+            raise StoreFormatError(f"{where}: a version-4 manifest has no \"shards\" list (its shards are in {INDEX})")
+        validate_index_ref(man.get("index"), tot, where)
+        return man
+    shards = man.get("shards")
+    if not isinstance(shards, list) or len(shards) > MAX_JSON_SHARDS:
+        raise StoreFormatError(f"{where}: \"shards\" must be a list of at most {MAX_JSON_SHARDS} entries")
     seen = set()
     for i, rec in enumerate(shards):
         validate_shard_record(rec, f"{where} shard #{i}")  # the path is a full match of shards/rRRRRR-SSSSSS.arrow
@@ -316,18 +340,6 @@ def load_manifest(root: Path) -> dict:
     firsts = [r["first_sample_id"] for r in shards if r["rows"]]
     if firsts != sorted(firsts):
         raise StoreFormatError(f"{where}: shards are not listed in sample-id order; the manifest was edited")
-    tp = man.get("tail_prior")
-    if tp is not None:
-        if not isinstance(tp, dict) or tp.get("path") != TAIL_PRIOR or tp.get("dtype") != "float32":
-            raise StoreFormatError(f"{where}: tail_prior {tp!r} is malformed")
-        mix = tp.get("mix")
-        if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0 <= mix <= 1:
-            raise StoreFormatError(f"{where}: tail_prior mix {mix!r} is not in [0, 1]")
-        if not isinstance(tp.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", tp["sha256"]):
-            raise StoreFormatError(f"{where}: tail_prior sha256 is not a hex digest")
-        if ver >= 3 and mix != man["meta"]["tail_prior_mix"]:
-            raise StoreCorruptError(f"{where}: tail_prior mix {mix!r} differs from the store's tail_prior_mix "
-                                    f"{man['meta']['tail_prior_mix']!r} (recorded in every shard); it was edited")
     sums = {"shards": len(shards), **{k: sum(r[k] for r in shards) for k in keys[1:] if k != "samples"},
             "samples": sum(r["rows"] for r in shards)}
     if any(sums[k] != tot[k] for k in keys):
@@ -382,18 +394,15 @@ def list_commits(root: Path, rank: int | None = None) -> list[dict]:
     return out
 
 
-def build_manifest(meta: dict, commits: list[dict], tail_prior: dict | None = None) -> dict:
-    """The manifest of a store (without its digest: :func:`write_manifest` adds it)."""
-    shards = [
-        {k: c[k] for k in ("path", "rank", "seq", "rows", "tokens", "entries", "bytes", "sha256",
-                           "first_sample_id", "last_sample_id")}
-        for c in commits
-    ]
+def build_manifest(meta: dict, commits: list[dict], tail_prior: dict | None = None) -> tuple[dict, bytes | None]:
+    """The manifest of a store (without its digest: :func:`write_manifest` adds it) and, from format version 4 on,
+    the bytes of its shard index ``index.arrow`` (None before: the shard list is inside the manifest)."""
+    shards = [{k: c[k] for k in ("path", "rank", "seq", "rows", "tokens", "entries", "bytes", "sha256",
+                                 "first_sample_id", "last_sample_id")} for c in commits]
     man = {
         "format": FORMAT_NAME,
         "format_version": meta["format_version"],
         "meta": meta,
-        "shards": shards,
         "totals": {
             "shards": len(shards),
             "samples": sum(s["rows"] for s in shards),
@@ -402,11 +411,21 @@ def build_manifest(meta: dict, commits: list[dict], tail_prior: dict | None = No
             "bytes": sum(s["bytes"] for s in shards),
         },
     }
+    index = None
+    if meta["format_version"] >= 4:
+        index, man["index"] = build_index(shards)
+    else:
+        if len(shards) > MAX_JSON_SHARDS:
+            raise StoreFormatError(f"{len(shards)} shards: a version-{meta['format_version']} manifest lists at most "
+                                   f"{MAX_JSON_SHARDS}; write format version 4")
+        man["shards"] = shards
     if tail_prior is not None:
         man["tail_prior"] = tail_prior
-    return man
+    return man, index
 
 
-def write_manifest(root: Path, manifest: dict) -> None:
-    """Write ``manifest.json`` atomically, with its digest (format version 3)."""
+def write_manifest(root: Path, manifest: dict, index: bytes | None = None) -> None:
+    """Write ``index.arrow`` (version 4) then ``manifest.json`` atomically, with its digest (format version 3 on)."""
+    if index is not None:
+        atomic_write_bytes(Path(root) / INDEX, index)
     atomic_write_json(Path(root) / MANIFEST, with_digest(manifest))

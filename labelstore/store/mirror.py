@@ -3,8 +3,9 @@
 A copy is faithful: an object that is missing stays missing, a truncated one stays truncated, a replaced one keeps
 its new bytes, and nothing is validated on the way (that is the checks' job). Messages name the objects' URLs, not
 the temporary folder. ``info`` copies only the small objects it reads (the manifest and config; the commit records
-of an unfinished store); ``verify`` reads every byte, so it copies the whole store (in the temporary folder, under
-``$TMPDIR``: it needs free space for the store, and deletes it afterwards).
+of an unfinished store; not a version-4 store's ``index.arrow``: the totals and the index's size are in the
+manifest, and the index is 97 bytes per shard); ``verify`` reads every byte, so it copies the whole store (in the
+temporary folder, under ``$TMPDIR``: it needs free space for the store, and deletes it afterwards).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from labelstore.store.format import (
     row_header,
     shard_identity,
 )
+from labelstore.store.index import ShardTable, shard_table
 from labelstore.store.manifest import load_manifest, safe_shard_path
 from labelstore.store.objectstore import is_url, local_path
 from labelstore.store.safefs import check_regular, open_regular
@@ -165,9 +166,11 @@ def check_shard_file(path: Path, rec: dict) -> None:
 class LabelStore:
     """Read a finalized label store.
 
-    Opening checks the manifest (its digest from format version 3 on, every entry's bounds) and ``lstat``s every
-    shard it lists (a regular file of the recorded size), so a store declaring more rows than its files can hold
-    is refused before a loader allocates an index for them.
+    Opening checks the manifest (its digest from format version 3 on). A version 1-3 manifest lists every shard:
+    each entry's bounds are checked and every shard is ``lstat``ed (a regular file of the recorded size), so a
+    store declaring more rows than its files can hold is refused before a loader allocates an index for them. A
+    version-4 store opens in constant time: its shard table ``index.arrow`` is memory-mapped, a block of it is
+    checked (digest, bounds) the first time a lookup needs it, and a shard's size the first time it is opened.
 
     A store at a URL (``s3://bucket/prefix``, any fsspec URL) is read through a local cache of whole shards
     (:mod:`labelstore.store.shard_cache`): opening fetches the manifest only, a shard is downloaded (and its sha256
@@ -208,10 +211,13 @@ class LabelStore:
         self.row_budget = row_budget
         if self._remote is not None:  # shards are checked (size, sha256) as they are downloaded
             self.manifest = self._remote.manifest
+            self.shards: ShardTable = self._remote.shards
         else:
             self.manifest = load_manifest(self.root)
-            for rec in self.manifest["shards"]:
-                check_shard_file(self.root / rec["path"], rec)
+            self.shards = shard_table(self.root, self.manifest)
+            if "shards" in self.manifest:  # versions 1-3: every shard, now (version 4: each when first opened)
+                for rec in self.manifest["shards"]:
+                    check_shard_file(self.root / rec["path"], rec)
         self.meta: dict = self.manifest["meta"]
         self.vocab_size: int = self.meta["vocab_size"]
         self.k: int = self.meta["selection"]["k"]
@@ -219,9 +225,6 @@ class LabelStore:
         self.codec = get_codec(self.meta["value_codec"])
         self.id_bits: int = self.meta["id_bits"]
         self._count_dtype = count_dtype(self.meta["count_bytes"])
-        shards = self.manifest["shards"]
-        #: global index of each shard's first row (and the total row count last)
-        self.shard_starts = np.concatenate([[0], np.cumsum([s["rows"] for s in shards])]).astype(np.int64)
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._lut = self.codec.decode_lut() if self.codec.bytes_per_value == 1 else None
         self._zstd = self.meta.get("encoding", {}).get("name") == "zstd"
@@ -238,7 +241,27 @@ class LabelStore:
 
     # ------------------------------------------------------------------------------ container protocol
     def __len__(self) -> int:
-        return int(self.shard_starts[-1])
+        return self.shards.total_rows
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def shard_record(self, s: int) -> dict:
+        """Shard ``s``'s entry: path, rank, seq, rows, tokens, entries, bytes, sha256, first/last sample id."""
+        return self.shards.record(s)
+
+    @property
+    def shard_starts(self) -> np.ndarray:
+        """Global index of each shard's first row (and the total row count last). O(shards) for a version-4
+        store (every block of its index is read): prefer :meth:`shard_start` and :meth:`shard_of`."""
+        return self.shards.all_starts()
+
+    def shard_start(self, s: int) -> int:
+        return self.shards.start(s)
+
+    def shard_of(self, i: int) -> int:
+        return self.shards.shard_of(i)
 
     @property
     def num_tokens(self) -> int:
@@ -271,7 +294,7 @@ class LabelStore:
         """Announce the sample indices about to be read, in order (e.g. a sampler's epoch for this rank): a remote
         store downloads shards ahead in the order these reads first need them. A no-op for a local store."""
         if self._remote is not None:
-            self._remote.plan_shards(first_access_order(self.shard_starts, indices))
+            self._remote.plan_shards(first_access_order(self.shards, indices))
 
     @property
     def shard_plan(self):
@@ -285,10 +308,12 @@ class LabelStore:
 
     def shard_file(self, s: int) -> Path:
         """The local file of shard ``s`` (a remote store's is downloaded into the cache first)."""
-        rec = self.manifest["shards"][s]
+        rec = self.shards.record(s)
         if self._remote is not None:
             self._remote.fetch(s)
-        return safe_shard_path(self.root, rec["path"], str(self.root / "manifest.json"))
+        p = safe_shard_path(self.root, rec["path"], str(self.root / "manifest.json"))
+        check_shard_file(p, rec)  # a version-4 store's shards are first looked at here (or when opened)
+        return p
 
     def __repr__(self) -> str:
         return f"LabelStore({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens}, k={self.k})"
@@ -308,7 +333,7 @@ class LabelStore:
         return sh
 
     def _open_shard(self, s: int) -> _Shard:
-        rec = self.manifest["shards"][s]
+        rec = self.shards.record(s)
         if self._remote is None:
             return _Shard(self.root, rec, self.meta)
         for attempt in range(3):  # another process sharing the cache may evict it between fetch and open
@@ -326,9 +351,9 @@ class LabelStore:
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for a store of {n} samples")
         i = int(i) % n if n else i
-        s = int(np.searchsorted(self.shard_starts, i, side="right")) - 1
+        s = self.shards.shard_of(i)
         sh = self._shard(s)
-        local = i - int(self.shard_starts[s])
+        local = i - self.shards.start(s)
         b = int(np.searchsorted(sh.batch_starts, local, side="right")) - 1
         return s, b, local - int(sh.batch_starts[b])
 
@@ -502,7 +527,7 @@ class LabelStore:
     def sample_ids(self) -> np.ndarray:
         """Sample id of every row, in store order."""
         out = []
-        for s in range(len(self.manifest["shards"])):
+        for s in range(self.num_shards):
             sh = self._shard(s)
             for b in range(len(sh.batch_starts) - 1):
                 out.append(np.asarray(sh.views(b)["sample_id"], dtype=np.int64))

@@ -30,6 +30,7 @@ from labelstore.errors import (
 )
 from labelstore.store import objectstore as obj
 from labelstore.store.format import check_digest, with_digest
+from labelstore.store.index import INDEX
 from labelstore.store.manifest import (
     COMMIT_RE,
     CONFIG,
@@ -44,7 +45,7 @@ from labelstore.store.manifest import (
 )
 
 MAX_RECORD_BYTES = 16 << 20
-STORE_ENTRIES = (CONFIG, MANIFEST, TAIL_PRIOR)
+STORE_ENTRIES = (CONFIG, MANIFEST, TAIL_PRIOR, INDEX)
 STORE_PREFIXES = ("shards", "commits", "locks")
 
 
@@ -212,7 +213,9 @@ class RemoteStore:
             self.put(TAIL_PRIOR, blob)
             tail_prior = {"path": TAIL_PRIOR, "dtype": "float32", "positions": int(positions),
                           "sha256": hashlib.sha256(blob).hexdigest(), "mix": cfg["tail_prior_mix"]}
-        manifest = build_manifest(cfg, commits, tail_prior)
+        manifest, index = build_manifest(cfg, commits, tail_prior)
+        if index is not None:  # format version 4: the shard index before the manifest that references it
+            self.put(INDEX, index)
         self.put_json(MANIFEST, with_digest(manifest))
         return manifest
 

@@ -42,7 +42,7 @@ from labelstore.errors import (
     StoreWriteError,
 )
 from labelstore.store import objectstore as obj
-from labelstore.store.format import normalize_meta, with_digest
+from labelstore.store.format import WRITABLE_VERSIONS, normalize_meta, with_digest
 from labelstore.store.manifest import (
     CONFIG,
     MANIFEST,
@@ -222,6 +222,8 @@ class RemoteStoreWriter(StoreWriter):
         if existing is None:
             raise RemoteStorageError(f"{self.remote.where(CONFIG)} could not be created nor read; rerun")
         ver = existing.get("format_version")
+        if ver in WRITABLE_VERSIONS and meta["format_version"] in WRITABLE_VERSIONS:
+            meta["format_version"] = ver  # 3 and 4 differ only in the manifest's shard table: finish as started
         if ver != meta["format_version"]:
             raise ConfigMismatchError(
                 f"{self.url} was started by a labelstore writing format version {ver!r}; this one writes "

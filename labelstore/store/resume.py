@@ -198,8 +198,8 @@ def finalize_store(path, world_size: int) -> dict:
         atomic_write_bytes(root / TAIL_PRIOR, blob)
         tail_prior = {"path": TAIL_PRIOR, "dtype": "float32", "positions": int(positions),
                       "sha256": hashlib.sha256(blob).hexdigest(), "mix": cfg["tail_prior_mix"]}
-    manifest = build_manifest(cfg, commits, tail_prior)
-    write_manifest(root, manifest)
+    manifest, index = build_manifest(cfg, commits, tail_prior)
+    write_manifest(root, manifest, index)
     return manifest
 
 

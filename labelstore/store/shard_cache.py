@@ -41,6 +41,7 @@ from labelstore.errors import (
     StoreNotFinalizedError,
 )
 from labelstore.store import objectstore as obs
+from labelstore.store.index import INDEX, ShardTable, shard_table
 from labelstore.store.manifest import CONFIG, MANIFEST, MAX_MANIFEST_BYTES, TAIL_PRIOR, load_manifest
 
 CACHE_DIR_ENV = "LABELSTORE_CACHE_DIR"
@@ -66,13 +67,15 @@ def default_cache_bytes() -> int:
         raise ValueError(f"{CACHE_BYTES_ENV}={env!r} is not a number of bytes (e.g. 68719476736 or 64e9)") from None
 
 
-def first_access_order(shard_starts: np.ndarray, indices) -> np.ndarray:
-    """The shards that reading ``indices`` (sample indices, in reading order) touches, in first-touch order."""
+def first_access_order(shard_starts, indices) -> np.ndarray:
+    """The shards that reading ``indices`` (sample indices, in reading order) touches, in first-touch order.
+    ``shard_starts``: cumulative row starts, or a :class:`labelstore.store.index.ShardTable`."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    n = int(shard_starts[-1])
+    table = shard_starts if isinstance(shard_starts, ShardTable) else ShardTable.from_starts(shard_starts)
+    n = table.total_rows
     if idx.size == 0 or n == 0:
         return np.zeros(0, np.int64)
-    shards = np.searchsorted(shard_starts, idx % n, side="right") - 1
+    shards = table.shards_of(idx % n)
     _, first = np.unique(shards, return_index=True)
     return shards[np.sort(first)].astype(np.int64)
 
@@ -117,7 +120,17 @@ class RemoteShards:
             self.manifest = load_manifest(self.root)
         except LabelStoreError as exc:
             raise _remap(exc, str(self.root), self.url) from None
-        self.records = self.manifest["shards"]
+        ref = self.manifest.get("index")
+        have = self.root / INDEX
+        if ref is not None and not (have.is_file() and have.stat().st_size == ref["bytes"]):
+            data = obs.get_bytes(self.fs, obs.join(self.rpath, INDEX), url=self.obj_url(INDEX),
+                                 max_bytes=ref["bytes"] + 1, what="shard index")
+            if data is not None:  # a missing one is reported by the index, below (blocks are checked when read)
+                self._put_small(INDEX, data)
+        try:
+            self.shards = shard_table(self.root, self.manifest)
+        except LabelStoreError as exc:
+            raise _remap(exc, str(self.root), self.url) from None
         tp = self.manifest.get("tail_prior")
         if tp is not None and not (self.root / TAIL_PRIOR).is_file():
             data = obs.get_bytes(self.fs, obs.join(self.rpath, TAIL_PRIOR), url=self.obj_url(TAIL_PRIOR),
@@ -187,7 +200,7 @@ class RemoteShards:
 
     # ------------------------------------------------------------------------------ shards
     def local_path(self, s: int) -> Path:
-        return self.root / self.records[s]["path"]
+        return self.root / self.shards.record(s)["path"]
 
     def fetch(self, s: int) -> Path:
         """Shard ``s`` in the cache (downloading it, or waiting for its prefetch); moves the prefetch window on."""
@@ -243,7 +256,7 @@ class RemoteShards:
             time.sleep(_POLL_S)
 
     def _download(self, s: int, dest: Path) -> None:
-        rec = self.records[s]
+        rec = self.shards.record(s)
         url = self.obj_url(rec["path"])
         tmp = dest.with_name(f".tmp-{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
@@ -298,7 +311,7 @@ class RemoteShards:
         total = sum(f[1] for f in files)
         if total <= self.cache_bytes:
             return
-        keep = {Path(self.records[s]["path"]).name for s in self._protected() | set(keep)}
+        keep = {Path(self.shards.record(s)["path"]).name for s in self._protected() | set(keep)}
         for _, size, name in sorted(files):
             if total <= self.cache_bytes:
                 break
@@ -327,7 +340,7 @@ class RemoteShards:
         if s is None:
             return []
         if self._plan is None:
-            return list(range(s + 1, min(s + 1 + d, len(self.records))))
+            return list(range(s + 1, min(s + 1 + d, len(self.shards))))
         i = self._plan_pos.get(int(s))
         return [] if i is None else [int(x) for x in self._plan[i + 1: i + 1 + d]]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from labelstore.errors import LabelStoreError
+from labelstore.store.index import INDEX, shard_table
 from labelstore.store.manifest import (
     COMMIT_RE,
     CONFIG,
@@ -32,9 +33,11 @@ VERSION_LIMITS = {
 }
 
 
-def _cross_check(root: Path, man: dict, problems: list[str], notes: list[str]) -> None:
+def _cross_check(root: Path, shards: list[dict], problems: list[str], notes: list[str]) -> None:
     """Manifest against commit records against the files present in ``shards/`` and ``commits/``."""
-    listed = {r["path"]: r for r in man["shards"]}
+    listed = {r["path"]: r for r in shards}
+    if len(listed) != len(shards):
+        problems.append(f"{INDEX}: a shard is listed twice (the shard index was edited)")
     cdir, sdir = root / "commits", root / "shards"
     commits: dict[str, dict] = {}
     if cdir.is_dir() and not cdir.is_symlink():
@@ -89,14 +92,17 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
         return {"ok": False, "problems": [str(exc)], "checked": checked, "notes": notes}
     if man["format_version"] in VERSION_LIMITS:
         notes.append(VERSION_LIMITS[man["format_version"]])
-    _cross_check(root, man, problems, notes)
+    try:
+        shards = shard_table(root, man).records()  # version 4: every block of index.arrow checked
+    except LabelStoreError as exc:
+        return {"ok": False, "problems": [str(exc)], "checked": checked, "notes": notes}
+    _cross_check(root, shards, problems, notes)
     if os.path.lexists(root / CONFIG):
         try:
             if read_config(root) != man["meta"]:
                 problems.append(f"{MANIFEST}: metadata differs from {CONFIG} (one of them was edited)")
         except LabelStoreError as exc:
             problems.append(str(exc))
-    shards = man["shards"]
     it = range(len(shards))
     if progress:
         from tqdm import tqdm
@@ -142,8 +148,9 @@ def verify_store(path, *, decode_rows: bool = True, progress: bool = False) -> d
             store.count_invalid_codes = True
             tokens = entries = 0
             all_ids = []
+            starts = store.shard_starts
             for s_idx, rec in enumerate(shards):
-                start = int(store.shard_starts[s_idx])
+                start = int(starts[s_idx])
                 sh_tokens = sh_entries = 0
                 sids = []
                 for i in range(start, start + rec["rows"]):

@@ -21,7 +21,7 @@ from labelstore.errors import (
     StoreLockedError,
     StoreWriteError,
 )
-from labelstore.store.format import build_schema, encode_row, normalize_meta, rows_to_batch
+from labelstore.store.format import WRITABLE_VERSIONS, build_schema, encode_row, normalize_meta, rows_to_batch
 from labelstore.store.manifest import (
     CONFIG,
     MANIFEST,
@@ -178,6 +178,8 @@ class StoreWriter:
             return
         existing = read_config(self.root)
         ver = existing.get("format_version")
+        if ver in WRITABLE_VERSIONS and self.meta["format_version"] in WRITABLE_VERSIONS:
+            self.meta["format_version"] = ver  # 3 and 4 differ only in the manifest's shard table: finish as started
         if ver != self.meta["format_version"]:
             raise ConfigMismatchError(
                 f"{self.root} was started by a labelstore writing format version {ver!r}; this one writes "

@@ -79,7 +79,8 @@ def shard_tables(store) -> list:
     """One :class:`ShardTable` per shard of the store, in store order."""
     s = as_store(store, True)
     out = []
-    for i, rec in enumerate(s.manifest["shards"]):
+    for i in range(s.num_shards):
+        rec = s.shard_record(i)
         path = s.shard_file(i)  # a remote store's shards are downloaded into its cache (all of them: see README)
         out.append(ShardTable(open_shard(str(path), s.meta, rec["rows"]), str(path)))
     return out

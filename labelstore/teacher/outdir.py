@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from labelstore.errors import ConfigMismatchError, OutputDirectoryError, StoreLockedError, StoreWriteError
+from labelstore.store.index import INDEX
 from labelstore.store.manifest import CONFIG, MANIFEST, TAIL_PRIOR, list_commits
 from labelstore.store.objectstore import is_url
 
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 STORE_DIRS = ("shards", "commits", "locks")
-STORE_FILES = (CONFIG, MANIFEST, TAIL_PRIOR)
+STORE_FILES = (CONFIG, MANIFEST, TAIL_PRIOR, INDEX)
 
 
 def is_store(root: Path) -> bool:

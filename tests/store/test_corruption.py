@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_factory import make_meta, random_rows, write_rows
+from store_factory import make_meta_v3, random_rows, write_rows
 
 from labelstore.errors import LabelStoreError
 from labelstore.store.format import with_digest
@@ -49,7 +49,7 @@ def test_hostile_store_suite_small():
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     p = tmp_path_factory.mktemp("fuzz") / "s"
-    with StoreWriter(p, make_meta(1000, 4), shard_bytes=3000) as w:
+    with StoreWriter(p, make_meta_v3(1000, 4), shard_bytes=3000) as w:
         write_rows(w, random_rows(10, vocab_size=1000, k=4, seed=2))
     return p
 

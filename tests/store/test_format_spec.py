@@ -148,22 +148,66 @@ def spec_position(meta, ids, raw: bytes, t: float):
     return ids, spec_probs(spec_weights(meta["value_codec"], raw), 1 - t), t
 
 
+SPEC_INDEX_COLUMNS = [("rank", "<i4", 4), ("seq", "<i4", 4), ("rows", "<i8", 8), ("tokens", "<i8", 8),
+                      ("entries", "<i8", 8), ("bytes", "<i8", 8), ("sha256", None, 32), ("first_sample_id", "<i8", 8),
+                      ("last_sample_id", "<i8", 8), ("row_start", "<i8", 8)]
+
+
+def spec_index(path: Path, man: dict) -> list[dict]:
+    """Section 11: the shard entries of a version-4 store, from index.arrow and the manifest's reference."""
+    ref = man["index"]
+    assert "shards" not in man and ref["path"] == "index.arrow"
+    data = (path / "index.arrow").read_bytes()
+    assert len(data) == ref["bytes"] and ref["shards"] == man["totals"]["shards"]
+    reader = pa.ipc.open_file(pa.py_buffer(data))
+    assert [f.name for f in reader.schema] == [c[0] for c in SPEC_INDEX_COLUMNS]
+    R, N = ref["block_rows"], ref["shards"]
+    assert reader.num_record_batches == len(ref["blocks"]) == -(-N // R)
+    out, row = [], 0
+    for b, blk in enumerate(ref["blocks"]):
+        batch = reader.get_batch(b)
+        n = batch.num_rows
+        assert n == min(R, N - b * R)
+        h, cols = hashlib.sha256(), {}
+        for j, (name, dt, width) in enumerate(SPEC_INDEX_COLUMNS):
+            arr = batch.column(j)
+            raw = bytes(arr.buffers()[1])[arr.offset * width:(arr.offset + n) * width]
+            h.update(raw)
+            cols[name] = raw if dt is None else np.frombuffer(raw, dtype=dt)
+        assert h.hexdigest() == blk["sha256"] and int(cols["rows"].sum()) == blk["rows"]
+        for i in range(n):
+            rank, seq, rows = int(cols["rank"][i]), int(cols["seq"][i]), int(cols["rows"][i])
+            assert int(cols["row_start"][i]) == row
+            row += rows
+            out.append({"path": f"shards/r{rank:05d}-{seq:06d}.arrow", "rank": rank, "seq": seq, "rows": rows,
+                        "tokens": int(cols["tokens"][i]), "entries": int(cols["entries"][i]),
+                        "bytes": int(cols["bytes"][i]), "sha256": cols["sha256"][32 * i:32 * i + 32].hex(),
+                        "first_sample_id": int(cols["first_sample_id"][i]),
+                        "last_sample_id": int(cols["last_sample_id"][i])})
+    for sh in out:  # section 2: sha256 of the whole shard file, its size
+        blob = (path / sh["path"]).read_bytes()
+        assert len(blob) == sh["bytes"] and hashlib.sha256(blob).hexdigest() == sh["sha256"]
+    return out
+
+
 def spec_decode_store(path: Path) -> dict:
     """{sample_id: (input_ids, [per-position (ids, probs)], tail)} per docs/FORMAT.md."""
     man = json.loads((path / "manifest.json").read_text())
     version = man["format_version"]
-    assert man["format"] == "labelstore" and version in (1, 2, 3)
+    assert man["format"] == "labelstore" and version in (1, 2, 3, 4)
     if version >= 3:  # section 2: the digest of the manifest without its "digest" key, canonical JSON
         body = {k: v for k, v in man.items() if k != "digest"}
         assert man["digest"] == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
                                                ).hexdigest()
+    shards = man["shards"] if version < 4 else spec_index(path, man)
+    assert man["totals"]["shards"] == len(shards) and man["totals"]["samples"] == sum(s["rows"] for s in shards)
     meta = man["meta"]
     zstd = meta.get("encoding", {"name": "packed"})["name"] == "zstd"
     w, cb = meta["id_bits"], meta["count_bytes"]
     assert w == max(1, (meta["vocab_size"] - 1).bit_length())
     bpv = {"none": 0, "fp16": 2}.get(meta["value_codec"]["name"], 1)
     out = {}
-    for sh in man["shards"]:
+    for sh in shards:
         table = pa.ipc.open_file(pa.memory_map(str(path / sh["path"]))).read_all()
         assert json.loads(table.schema.metadata[b"labelstore"]) == meta
         if version >= 3:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from store_factory import make_meta, random_rows, write_rows
+from store_factory import make_meta_v3, random_rows, write_rows
 
 from labelstore.errors import LabelStoreError, StoreCorruptError, StoreFormatError, StoreWriteError
 from labelstore.store.format import row_bytes, with_digest
@@ -30,7 +30,7 @@ DATA = Path(__file__).parents[1] / "data"
 
 def build(path, seed=0, n=12, **meta_extra):
     rows = random_rows(n, vocab_size=1000, k=4, seed=seed, max_len=12)
-    with StoreWriter(path, make_meta(1000, 4, **meta_extra), shard_bytes=600) as w:
+    with StoreWriter(path, make_meta_v3(1000, 4, **meta_extra), shard_bytes=600) as w:
         write_rows(w, rows)
     return rows
 
@@ -126,7 +126,7 @@ def test_edited_manifest_caught_on_open(tmp_path):
 def test_edited_tail_prior_mix_and_metadata_refused(tmp_path):
     p = tmp_path / "s"
     rows = random_rows(6, vocab_size=300, k=4, seed=1)
-    with StoreWriter(p, make_meta(300, 4), shard_bytes=600) as w:
+    with StoreWriter(p, make_meta_v3(300, 4), shard_bytes=600) as w:
         write_rows(w, rows)
         w.add_teacher_mass(np.random.default_rng(0).random(300), 10)
     good = manifest(p)
@@ -248,7 +248,7 @@ def test_row_declaring_huge_sizes_refused_not_allocated(tmp_path, encoding):
     """T = 2^24 (within MAX_SEQ_LEN) with k = 32 would take ~6.8 GB decoded: refused from the declared size."""
     p = tmp_path / "s"
     rows = random_rows(3, vocab_size=1000, k=32, seed=2, max_len=8)
-    with StoreWriter(p, make_meta(1000, 32, encoding={"name": encoding})) as w:
+    with StoreWriter(p, make_meta_v3(1000, 32, encoding={"name": encoding})) as w:
         write_rows(w, rows)
 
     def huge(cols):
@@ -303,7 +303,7 @@ def test_writer_refuses_symbolic_links_and_touches_nothing_outside(tmp_path):
     for name in ("r00000-notes.txt", "r00000-999999.arrow", ".tmp-r00000-backup.arrow", "precious.txt"):
         (outside / name).write_text("user data")
     before = {f.name: f.read_text() for f in outside.iterdir()}
-    meta = make_meta(1000, 4)
+    meta = make_meta_v3(1000, 4)
     for link, target in (("shards", outside), ("commits", outside), ("locks/r00000.lock", outside / "precious.txt"),
                          ("config.json", outside / "precious.txt")):
         p = tmp_path / f"s-{link.replace('/', '_')}"
@@ -326,7 +326,7 @@ def test_writer_refuses_symbolic_links_and_touches_nothing_outside(tmp_path):
 def test_resume_deletes_only_its_own_uncommitted_shards(tmp_path):
     rows = random_rows(12, vocab_size=1000, k=4, seed=0, max_len=12)
     p = tmp_path / "s"
-    w = StoreWriter(p, make_meta(1000, 4), shard_bytes=600)
+    w = StoreWriter(p, make_meta_v3(1000, 4), shard_bytes=600)
     write_rows(w, rows[:8])
     w.abort()
     (p / "commits" / "r00000-000000.json").unlink()  # killed between the shard's rename and its commit record
@@ -336,7 +336,7 @@ def test_resume_deletes_only_its_own_uncommitted_shards(tmp_path):
     shutil.copy(DATA / "store_v1" / "shards" / "r00000-000000.arrow", user)
     before = user.read_bytes()
     with pytest.raises(StoreWriteError, match="not one this store wrote"):
-        StoreWriter(p, make_meta(1000, 4), shard_bytes=600)
+        StoreWriter(p, make_meta_v3(1000, 4), shard_bytes=600)
     assert user.read_bytes() == before
     user.rename(tmp_path / "moved.arrow")
     _resume_and_finish(p, rows)  # the uncommitted shard of its own is deleted and recomputed
@@ -365,11 +365,11 @@ def test_hostile_commit_range_refused_not_expanded(tmp_path):
     rec["sample_ranges"] = [[0, 10**12]]
     rec_path.write_text(json.dumps(rec))
     with pytest.raises(StoreCorruptError, match=f"rm .*{rec_path.name}"):
-        StoreWriter(p, make_meta(1000, 4))
+        StoreWriter(p, make_meta_v3(1000, 4))
 
 
 def _resume_and_finish(p, rows):
-    with StoreWriter(p, make_meta(1000, 4), shard_bytes=600) as w:
+    with StoreWriter(p, make_meta_v3(1000, 4), shard_bytes=600) as w:
         todo = ~w.committed_mask([r["sample_id"] for r in rows])
         write_rows(w, [r for r, t in zip(rows, todo) if t])
 
@@ -378,10 +378,10 @@ def _resume_and_finish(p, rows):
 def test_resume_names_damaged_own_files_then_works(tmp_path, damage):
     rows = random_rows(12, vocab_size=1000, k=4, seed=0, max_len=12)
     ref = tmp_path / "ref"
-    with StoreWriter(ref, make_meta(1000, 4), shard_bytes=600) as w:
+    with StoreWriter(ref, make_meta_v3(1000, 4), shard_bytes=600) as w:
         write_rows(w, rows)
     p = tmp_path / "s"
-    w = StoreWriter(p, make_meta(1000, 4), shard_bytes=600)
+    w = StoreWriter(p, make_meta_v3(1000, 4), shard_bytes=600)
     for r in rows[:8]:
         write_rows(w, [r])
         w.add_teacher_mass(np.ones(1000), 1)
@@ -400,7 +400,7 @@ def test_resume_names_damaged_own_files_then_works(tmp_path, damage):
     else:
         (p / "commits" / "r00000-000000.prior").write_bytes(b"\0" * 8000)
     with pytest.raises(StoreCorruptError, match="Remove exactly these files") as exc:
-        StoreWriter(p, make_meta(1000, 4), shard_bytes=600)
+        StoreWriter(p, make_meta_v3(1000, 4), shard_bytes=600)
     cmd = str(exc.value).rsplit("\n", 1)[-1].strip()
     assert cmd.startswith("rm ")
     for f in shlex.split(cmd)[1:]:
@@ -455,7 +455,7 @@ def test_verify_reports_value_codes_no_writer_produces(tmp_path, codec):
         bad_bytes = rows[1]["values"].copy()
         bad_bytes[2], bad_bytes[4] = 0x7F, 0x80  # NaN (e4m3) / NaN (e5m2); -0
     rows[1]["values"] = bad_bytes
-    w = StoreWriter(tmp_path / "s", make_meta(codec=codec))
+    w = StoreWriter(tmp_path / "s", make_meta_v3(codec=codec))
     write_rows(w, rows)
     w.close()
     rep = verify_store(tmp_path / "s")

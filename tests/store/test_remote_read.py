@@ -2,7 +2,6 @@
 same store, the shard cache (hits, sha256 at download, size limit), prefetch order, `info`/`verify` on a URL, and
 the errors (no bucket, no store, unreachable endpoint)."""
 
-import json
 import pickle
 import shutil
 import uuid
@@ -31,7 +30,7 @@ def local(tmp_path_factory):
     with StoreWriter(p, make_meta(V, K), shard_bytes=600) as w:
         write_rows(w, random_rows(40, vocab_size=V, k=K, seed=3, max_len=20))
         w.add_teacher_mass(np.random.default_rng(0).random(V), 10)
-    assert len(json.loads((p / "manifest.json").read_text())["shards"]) >= 6
+    assert LabelStore(p).num_shards >= 6
     return p
 
 
@@ -77,7 +76,7 @@ def same_batch(a, b):
 
 
 def shard_paths(local):
-    return [r["path"] for r in json.loads((local / "manifest.json").read_text())["shards"]]
+    return [r["path"] for r in LabelStore(local).shards.records()]
 
 
 # ------------------------------------------------------------------------------------------ same data

@@ -53,8 +53,8 @@ def test_round_trip(tmp_path, vocab_size, encoding):
     with StoreWriter(tmp_path / "s", meta, shard_bytes=4000) as w:
         write_rows(w, rows)
     s = LabelStore(tmp_path / "s")
-    assert len(s) == 30 and len(s.manifest["shards"]) > 1
-    assert s.meta["format_version"] == 3 and s.meta["encoding"]["name"] == encoding
+    assert len(s) == 30 and s.num_shards > 1 and (tmp_path / "s" / "index.arrow").is_file()
+    assert s.meta["format_version"] == 4 and s.meta["encoding"]["name"] == encoding
     assert s.meta["id_bits"] == max(1, (vocab_size - 1).bit_length())
     by_id = {r["sample_id"]: r for r in rows}
     for i in range(len(s)):
@@ -226,16 +226,16 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path):
     assert verify_store(tmp_path / "s")["ok"]
 
 
-def _store_with_rows(tmp_path, n=20):
+def _store_with_rows(tmp_path, n=20, **meta):
     rows = random_rows(n, seed=7)
-    with StoreWriter(tmp_path / "s", make_meta(), shard_bytes=3000) as w:
+    with StoreWriter(tmp_path / "s", make_meta(**meta), shard_bytes=3000) as w:
         write_rows(w, rows)
     return tmp_path / "s"
 
 
 def test_corrupted_byte_detected_by_verify_and_reader(tmp_path):
     store = _store_with_rows(tmp_path)
-    shard = store / LabelStore(store).manifest["shards"][0]["path"]
+    shard = store / LabelStore(store).shard_record(0)["path"]
     data = bytearray(shard.read_bytes())
     # flip a byte inside the first record batch's body (past the 8-byte magic + schema message)
     s = LabelStore(store)
@@ -253,7 +253,7 @@ def test_corrupted_byte_detected_by_verify_and_reader(tmp_path):
 
 def test_truncated_and_missing_shards(tmp_path):
     store = _store_with_rows(tmp_path)
-    shards = LabelStore(store).manifest["shards"]
+    shards = LabelStore(store).shards.records()
     p0 = store / shards[0]["path"]
     p0.write_bytes(p0.read_bytes()[:-10])
     with pytest.raises(StoreCorruptError, match="truncated"):
@@ -266,7 +266,7 @@ def test_truncated_and_missing_shards(tmp_path):
 
 
 def test_unknown_version_and_hostile_paths_refused(tmp_path):
-    store = _store_with_rows(tmp_path)
+    store = _store_with_rows(tmp_path, format_version=3)  # shard paths are listed in a version-3 manifest
     mpath = store / "manifest.json"
     good = json.loads(mpath.read_text())
     bad = dict(good, format_version=99)
@@ -304,7 +304,7 @@ def test_cli_info_and_verify(tmp_path, capsys):
     assert info["ratio_vs_dense"]["fp32"] == pytest.approx(4 * 1000 * tokens / info["bytes_on_disk"])
     assert cli_main(["verify", str(store)]) == 0
     assert "OK" in capsys.readouterr().out
-    (store / s.manifest["shards"][0]["path"]).unlink()
+    (store / s.shard_record(0)["path"]).unlink()
     assert cli_main(["verify", str(store)]) == 1
     assert "missing" in capsys.readouterr().out
     assert cli_main(["info", str(tmp_path / "nope")]) == 1

@@ -24,6 +24,14 @@ V, K = 64, 6
 
 
 # ------------------------------------------------------------------------------------------ store building
+
+def shard_records(path) -> list[dict]:
+    """The store's shard entries (a version-4 store lists them in index.arrow, not in manifest.json)."""
+    from labelstore.store.index import shard_table
+    from labelstore.store.manifest import load_manifest
+
+    return shard_table(path, load_manifest(path)).records()
+
 def make_rows(n, vocab=V, k=K, codec="log8", seed=0, lengths=None, full=False, hard=False):
     """Rows with unique kept ids per position (as a compile writes them) and valid, non-negative codes."""
     rng = np.random.default_rng(seed)
@@ -87,7 +95,7 @@ def reference(path) -> dict:
     bits, k, hard = meta["id_bits"], meta["selection"]["k"], meta["label_kind"] == "hard"
     cdt = "<u1" if meta["count_bytes"] == 1 else "<u2"
     out = {}
-    for rec in manifest["shards"]:
+    for rec in shard_records(path):
         table = pa.ipc.open_file(pa.memory_map(str(path / rec["path"]))).read_all()
         for row in table.to_pylist():
             T = row["num_tokens"]
@@ -369,7 +377,7 @@ def test_vocabulary_mismatch_refused_unless_mapped(store):
 def test_hf_dataset_is_zero_copy_and_decodes_like_the_torch_dataset(store):
     from labelstore.student.hf import to_hf_dataset
 
-    shard = store / json.loads((store / "manifest.json").read_text())["shards"][0]["path"]
+    shard = store / shard_records(store)[0]["path"]
     with pytest.raises(pa.ArrowInvalid):  # datasets reads the IPC stream format; shards are the file format
         datasets.Dataset.from_file(str(shard))
     before = pa.total_allocated_bytes()

@@ -23,7 +23,8 @@ k = 32 entries per position with a Zipf-like decay, log8 values, 8 MiB shards (a
   read on this machine: the same shard objects downloaded by 4 threads and discarded (no hashing, no decoding).
   **store order** rows read without shuffling (what a shard-block shuffle would do), each against the local
   loader in the same order: a uniformly shuffled epoch needs nearly every shard within its first batches, so its
-  cold epoch waits for downloads; a sequential one overlaps them with decoding.
+  cold epoch waits for downloads; a sequential one overlaps them with decoding. **shard shuffle** rows use
+  ``StoreLoader(shuffle="shards")`` (groups of 4 shards in a seeded order, rows shuffled within a group).
 
 Writes ``benchmarks/results/remote.json`` and prints a table. Ratios are remote / local in the same run.
 """
@@ -175,20 +176,25 @@ def bench_read(servers, rows, repeats, tmp: Path) -> list[dict]:
                                                                           recursive=True)
     loader_epoch(local)  # page cache warm, imports done
     out = []
-    results = {"local": [], "local, store order": []}
+    results = {"local": [], "local, store order": [], "local, shard shuffle": []}
     for d in servers:
         results[f"s3+{d}ms cold"] = []
         results[f"s3+{d}ms warm"] = []
         results[f"s3+{d}ms cold, store order"] = []
+        results[f"s3+{d}ms cold, shard shuffle"] = []
     for r in range(repeats):
         results["local"].append(loader_epoch(local))
         results["local, store order"].append(loader_epoch(local, shuffle=False))
+        results["local, shard shuffle"].append(loader_epoch(local, shuffle="shards"))
         for d, server in servers.items():
             cache = tmp / f"cache-{d}-{r}"
             results[f"s3+{d}ms cold"].append(loader_epoch(url, cache, server.options))
             results[f"s3+{d}ms warm"].append(loader_epoch(url, cache, server.options))
             shutil.rmtree(cache, ignore_errors=True)
             results[f"s3+{d}ms cold, store order"].append(loader_epoch(url, cache, server.options, shuffle=False))
+            shutil.rmtree(cache, ignore_errors=True)
+            results[f"s3+{d}ms cold, shard shuffle"].append(loader_epoch(url, cache, server.options,
+                                                                         shuffle="shards"))
             shutil.rmtree(cache, ignore_errors=True)
     for d, server in servers.items():  # the ceiling: the same objects fetched by 4 threads, nothing else done
         results[f"s3+{d}ms fetch only"] = [fetch_only(server, len(rows) * T) for _ in range(repeats)]
@@ -197,7 +203,7 @@ def bench_read(servers, rows, repeats, tmp: Path) -> list[dict]:
         out.append({"source": name, "seconds": secs, "tokens": runs[0][1], "tokens_per_s": runs[0][1] / secs,
                     "open_s": statistics.median(o for _, _, o in runs), "runs_s": [s for s, _, _ in runs]})
     for o in out:  # each against the local loader reading in the same order
-        base = out[1 if "store order" in o["source"] else 0]["tokens_per_s"]
+        base = out[1 if "store order" in o["source"] else 2 if "shard shuffle" in o["source"] else 0]["tokens_per_s"]
         o["ratio_vs_local"] = o["tokens_per_s"] / base
     return out
 

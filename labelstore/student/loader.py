@@ -28,20 +28,22 @@ class StoreLoader:
     Args:
         dataset: a :class:`~labelstore.student.dataset.StoreDataset` (or any map-style dataset of items).
         batch_size: sequences per batch.
-        shuffle, seed, drop_last: the sampler's (a fresh seeded permutation per epoch; drop_last trims the store
+        shuffle, seed, drop_last, shard_window: the sampler's (a fresh seeded permutation per epoch, or
+            ``shuffle="shards"``: by groups of ``shard_window`` shards, for remote stores; drop_last trims the store
             to a multiple of the world size instead of padding with repeats).
         rank, world_size: default torch.distributed's, else 0 and 1.
         collate_fn: default ``dataset.collator(dense=dense, **collate_kwargs)``.
         num_workers, **loader_kwargs: passed to the DataLoader (pin_memory, prefetch_factor, ...).
     """
 
-    def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None, collate_fn=None, dense: bool = False,
-                 collate_kwargs: dict | None = None, num_workers: int = 0, **loader_kwargs):
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool | str = True, seed: int = 0,
+                 drop_last: bool = False, rank: int | None = None, world_size: int | None = None, collate_fn=None,
+                 dense: bool = False, collate_kwargs: dict | None = None, num_workers: int = 0,
+                 shard_window: int = 4, **loader_kwargs):
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.sampler = StoreSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                    drop_last=drop_last)
+                                    drop_last=drop_last, shard_window=shard_window)
         self.collate_fn = collate_fn or dataset.collator(dense=dense, **(collate_kwargs or {}))
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler,
                                                   collate_fn=self.collate_fn, num_workers=num_workers,

@@ -7,6 +7,13 @@ of that order (``drop_last=False``) or dropping the last ones (``drop_last=True`
 repeats), together cover the store (all of it unless ``drop_last``), and each rank gets the same count. The
 order equals ``torch.utils.data.DistributedSampler``'s for the same seed and epoch.
 
+``shuffle="shards"`` (for stores read from object storage or larger than a cache): epoch ``e`` permutes the
+store's shards, groups them ``shard_window`` at a time in that order, permutes the rows inside each group, and
+gives rank ``r`` the ``r``-th *contiguous* block of the result (after the same padding or dropping). Each rank
+then reads about ``1 / W`` of the shards, a group at a time, instead of every shard within its first batches; a
+batch mixes the rows of ``shard_window`` shards rather than of the whole store (rows of one shard are
+neighbouring sequences of the corpus: use a window of several shards). Not DistributedSampler's order.
+
 Resuming: ``state_dict()`` records the epoch and how many of this rank's samples have been consumed;
 ``load_state_dict()`` makes the next ``__iter__`` continue from there. The sampler counts the indices it has
 handed out, which equals what the training loop consumed only when nothing prefetches: a DataLoader with
@@ -23,22 +30,42 @@ from labelstore.distributed import rank_world
 from labelstore.errors import ConfigMismatchError
 
 
+def shard_starts_of(data_source) -> np.ndarray:
+    """The global index of each shard's first row, and the row count last, of the one store under a dataset."""
+    store = getattr(data_source, "store", None)
+    if store is None or not hasattr(store, "shard_starts") or hasattr(data_source, "parts"):
+        raise ValueError("shuffle='shards' needs a dataset over one label store (a StoreDataset); use shuffle=True "
+                         "for other datasets and for mixtures")
+    return np.asarray(store.shard_starts, dtype=np.int64)
+
+
 class StoreSampler(torch.utils.data.Sampler):
     """Shard ``len(dataset)`` indices across ranks, shuffle per epoch, resume mid-epoch.
 
     Args:
         data_source: a sized dataset, or the number of samples.
         num_replicas, rank: world size and this rank (default: torch.distributed's, else 1 and 0).
-        shuffle: a fresh permutation every epoch (seeded by ``seed + epoch``); else store order.
+        shuffle: a fresh permutation every epoch (seeded by ``seed + epoch``); ``"shards"``: a two-level shuffle by
+            groups of ``shard_window`` shards (above; needs a dataset over one store); False: store order.
+        shard_window: shards whose rows are mixed together with ``shuffle="shards"``.
         seed: shared by all ranks.
         drop_last: drop the tail that does not divide evenly, instead of padding with repeats.
     """
 
     def __init__(self, data_source, *, num_replicas: int | None = None, rank: int | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+                 shuffle: bool | str = True, seed: int = 0, drop_last: bool = False, shard_window: int = 4):
         self.n = int(data_source) if isinstance(data_source, (int, np.integer)) else len(data_source)
         self.rank, self.num_replicas = rank_world(rank, num_replicas)
-        self.shuffle = bool(shuffle)
+        if shuffle == "shards":
+            self._starts = shard_starts_of(data_source)
+            if int(self._starts[-1]) != self.n:
+                raise ValueError(f"the store's shards hold {int(self._starts[-1])} rows, the dataset {self.n}")
+            if not isinstance(shard_window, int) or shard_window < 1:
+                raise ValueError(f"shard_window must be a positive integer, got {shard_window!r}")
+        elif not isinstance(shuffle, bool):
+            raise ValueError(f"shuffle must be True, False or 'shards', got {shuffle!r}")
+        self.shuffle = shuffle
+        self.shard_window = int(shard_window)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         W = self.num_replicas
@@ -57,7 +84,9 @@ class StoreSampler(torch.utils.data.Sampler):
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's full index list for ``epoch`` (default: the current one)."""
         e = self.epoch if epoch is None else int(epoch)
-        if self.shuffle:
+        if self.shuffle == "shards":
+            order = self._shard_order(e)
+        elif self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + e)
             order = torch.randperm(self.n, generator=g).numpy()
@@ -68,7 +97,21 @@ class StoreSampler(torch.utils.data.Sampler):
         elif self.total_size > self.n:
             pad = self.total_size - self.n
             order = np.concatenate([order, np.resize(order, pad)]) if self.n else order
+        if self.shuffle == "shards":  # contiguous blocks: each rank reads its own groups of shards
+            return order[self.rank * self.num_samples: (self.rank + 1) * self.num_samples].astype(np.int64)
         return order[self.rank: self.total_size: self.num_replicas].astype(np.int64)
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        """Shards permuted, taken ``shard_window`` at a time, rows permuted within each group (seeded)."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        starts = self._starts
+        shards = torch.randperm(len(starts) - 1, generator=g).numpy()
+        parts = []
+        for i in range(0, len(shards), self.shard_window):
+            rows = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shards[i: i + self.shard_window]])
+            parts.append(rows[torch.randperm(len(rows), generator=g).numpy()])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return self.num_samples - self._start
@@ -88,6 +131,7 @@ class StoreSampler(torch.utils.data.Sampler):
             "consumed": int(self._yielded if consumed is None else consumed),
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "shard_window": self.shard_window,
             "drop_last": self.drop_last,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
@@ -96,7 +140,9 @@ class StoreSampler(torch.utils.data.Sampler):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; refuses a state from a different dataset size, seed or world layout."""
-        for key in ("seed", "shuffle", "drop_last", "num_replicas", "rank", "num_samples"):
+        for key in ("seed", "shuffle", "drop_last", "num_replicas", "rank", "num_samples", "shard_window"):
+            if key == "shard_window" and self.shuffle != "shards":
+                continue
             if key in state and state[key] != getattr(self, key):
                 raise ConfigMismatchError(
                     f"sampler state has {key}={state[key]!r} but this sampler has {getattr(self, key)!r}; resume "

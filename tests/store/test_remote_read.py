@@ -308,3 +308,21 @@ def test_local_paths_keep_no_cache(local, tmp_path, monkeypatch):
     store.will_read(np.arange(len(store)))
     same_sample(store[3], LabelStore(local)[3])
     assert store.shard_plan is None and store.root == copy and not (tmp_path / "cache").exists()
+
+
+def test_shard_shuffle_makes_each_rank_download_about_its_share(local, url, tmp_path, monkeypatch):
+    """shuffle="shards": each of 2 ranks downloads its own shards (a block of the epoch's shard order, plus at most
+    one shared at the edge), not every shard; the batches equal the local store's under the same order."""
+    calls = count_downloads(monkeypatch)
+    S = LabelStore(local).num_shards
+    got = set()
+    for rank in (0, 1):
+        calls.clear()
+        ref = StoreLoader(StoreDataset(local), 2, shuffle="shards", shard_window=1, seed=4, rank=rank, world_size=2)
+        rem = StoreLoader(StoreDataset(url, cache_dir=tmp_path / f"c{rank}", prefetch=0), 2, shuffle="shards",
+                          shard_window=1, seed=4, rank=rank, world_size=2)
+        for a, b in zip(list(rem), list(ref), strict=True):
+            same_batch(a, b)
+        assert len(calls) == len(set(calls)) <= -(-S // 2) + 1
+        got |= set(calls)
+    assert len(got) == S  # together the ranks read every shard

@@ -360,8 +360,11 @@ class BenchResult:
 def run_benchmark(teacher: Path, train_files: Sequence, heldout_texts: Sequence[str], cfg: BenchConfig,
                   store_root: Path, *, keep_students: bool = False, windows: torch.Tensor | None = None,
                   log: Callable[[str], None] = print,
-                  on_run: Callable[[BenchResult], None] | None = None) -> BenchResult:
-    """The whole benchmark for any teacher directory and corpus (the script passes the demo teacher's)."""
+                  on_run: Callable[[BenchResult], None] | None = None,
+                  done: Sequence[dict] = ()) -> BenchResult:
+    """The whole benchmark for any teacher directory and corpus (the script passes the demo teacher's).
+
+    ``done``: runs of an earlier invocation with the same config (``--resume``): kept, and not run again."""
     methods = [METHOD_BY_NAME[n] for n in cfg.methods]
     t_start = time.perf_counter()
     tokenizer = load_tokenizer(str(teacher))
@@ -383,7 +386,8 @@ def run_benchmark(teacher: Path, train_files: Sequence, heldout_texts: Sequence[
     stores = compile_stores(teacher, train_files, methods, cfg, store_root, log)
     datasets = {name: StoreDataset(info["path"], student_vocab_size=scfg.vocab_size) for name, info in stores.items()}
     ids_source = next(iter(datasets.values()))
-    runs, students, init = [], {}, {}
+    runs, students, init = [r for r in done if r["method"] in cfg.methods and r["seed"] in cfg.seeds], {}, {}
+    have = {(r["method"], r["seed"]) for r in runs}
     for seed in cfg.seeds:
         init[seed] = evaluate(make_student(scfg, seed), windows, t_lp)
     reference = {
@@ -399,6 +403,8 @@ def run_benchmark(teacher: Path, train_files: Sequence, heldout_texts: Sequence[
     # methods outer, seeds inner: a run cut short leaves whole rows (every seed) for the methods it reached
     for m in methods:
         for seed in cfg.seeds:
+            if (m.name, seed) in have:
+                continue
             ds = datasets.get(m.name, ids_source)
             student, rec = train_student(m, seed, cfg, scfg, ds, model if m.loss == "online" else None, log)
             ev = evaluate(student, windows, t_lp)
@@ -431,6 +437,13 @@ def summarize(runs: list[dict], methods: Sequence[Method], stores: dict) -> list
             v = np.array([r[key] for r in rs], dtype=np.float64)
             row[key] = float(v.mean())
             row[key + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        # paired by seed against online distillation (same initialisation and batch order): the seed's own
+        # difficulty cancels, which the per-method std above does not
+        ref = {r["seed"]: r["heldout_kl"] for r in runs if r["method"] == "online"}
+        d = np.array([r["heldout_kl"] - ref[r["seed"]] for r in rs if r["seed"] in ref], dtype=np.float64)
+        if len(d):
+            row["kl_minus_online"] = float(d.mean())
+            row["kl_minus_online_std"] = float(d.std(ddof=1)) if len(d) > 1 else 0.0
         out.append(row)
     return out
 
@@ -440,17 +453,19 @@ def format_table(res: BenchResult) -> str:
     ref = res.reference
     n = len(res.config["seeds"])
     lines = ["| method | label source | bytes/token | held-out CE (nats) | held-out KL(teacher ‖ student) | "
-             "s/run |", "|---|---|---:|---:|---:|---:|"]
+             "KL − online KL, paired by seed | s/run |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in res.summary:
         bpt = "—" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        dk = "—" if "kl_minus_online" not in r else f"{r['kl_minus_online']:+.4f} ± {r['kl_minus_online_std']:.4f}"
         lines.append(f"| {r['method']} | {r['label']} | {bpt} | {r['heldout_ce']:.4f} ± {r['heldout_ce_std']:.4f} | "
-                     f"{r['heldout_kl']:.4f} ± {r['heldout_kl_std']:.4f} | {r['train_seconds']:.0f} |")
+                     f"{r['heldout_kl']:.4f} ± {r['heldout_kl_std']:.4f} | {dk} | {r['train_seconds']:.0f} |")
     init = list(ref["student_init"].values())
     lines.append(f"| (untrained student) | — | — | {np.mean([e['heldout_ce'] for e in init]):.4f} | "
-                 f"{np.mean([e['heldout_kl'] for e in init]):.4f} | — |")
-    lines.append(f"| (teacher) | — | — | {ref['teacher']['heldout_ce']:.4f} | 0 | — |")
+                 f"{np.mean([e['heldout_kl'] for e in init]):.4f} | — | — |")
+    lines.append(f"| (teacher) | — | — | {ref['teacher']['heldout_ce']:.4f} | 0 | — | — |")
     lines.append("")
-    lines.append(f"mean ± sample std over {n} seed(s) {res.config['seeds']}; per-seed values in the JSON. "
+    lines.append(f"mean ± sample std over {n} seed(s) {res.config['seeds']}; per-seed values in the JSON. The paired "
+                 "column is the mean ± std over seeds of (this method's KL − online's KL, same seed). "
                  "s/run: wall seconds of training, on whatever else the machine was running.")
     return "\n".join(lines)
 
@@ -537,15 +552,25 @@ def combine(out_dir: Path, names: Sequence[str]) -> list[Path]:
     """``students.json`` (every regime's document), ``students.md`` (their tables) and ``students.png``."""
     docs = {n: json.loads((out_dir / f"{n}.json").read_text()) for n in names if (out_dir / f"{n}.json").exists()}
     jp, mp, pp = out_dir / "students.json", out_dir / "students.md", out_dir / "students.png"
+    parts = []
+    for d in docs.values():  # summaries and tables recomputed from the runs (partial files included)
+        methods = [METHOD_BY_NAME[n] for n in d["config"]["methods"]]
+        d["summary"] = summarize(d["runs"], methods, d["stores"])
+        res = BenchResult(d["config"], d["stores"], d["runs"], d["summary"], d["reference"])
+        parts.append(format_markdown(res, d["command"], d.get("title", "Do stored labels train good students?")))
     jp.write_text(json.dumps({"regimes": docs}, indent=1) + "\n")
-    mp.write_text("\n".join((out_dir / f"{n}.md").read_text() for n in docs))
+    mp.write_text("\n".join(parts))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(docs), figsize=(6.5 * len(docs), 5.5), squeeze=False)
-    for ax, (n, d) in zip(axes[0], docs.items()):
+    cols = min(2, len(docs))
+    rows_n = -(-len(docs) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(7 * cols, 5 * rows_n), squeeze=False)
+    for ax in axes.flat[len(docs):]:
+        ax.axis("off")
+    for ax, (n, d) in zip(axes.flat, docs.items()):
         rows = sorted(d["summary"], key=lambda r: r["heldout_kl"])
         y = np.arange(len(rows))
         ax.barh(y, [r["heldout_kl"] for r in rows], xerr=[r["heldout_kl_std"] for r in rows], color=[
@@ -558,8 +583,9 @@ def combine(out_dir: Path, names: Sequence[str]) -> list[Path]:
         hi = max(r["heldout_kl"] + r["heldout_kl_std"] for r in rows)
         ax.set_xlim(lo - 0.15 * (hi - lo), hi + 0.05 * (hi - lo))
         t = d["reference"]["teacher"]
-        ax.set_title(f"{d.get('regime_label', n)}\nteacher held-out entropy {t['heldout_entropy']:.2f} nats",
-                     fontsize=9)
+        c = d["config"]
+        ax.set_title(f"{d.get('regime_label', n)}\nteacher held-out entropy {t['heldout_entropy']:.2f} nats; "
+                     f"{c['steps'] * c['batch_size'] * c['seq_len']:,} tokens per run", fontsize=9)
         ax.set_xlabel("held-out KL(teacher || student), nats (mean ± std over seeds; lower is better)", fontsize=8)
     fig.tight_layout()
     fig.savefig(pp, dpi=110)
@@ -590,13 +616,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                     help="bf16 autocast for training forwards (auto: only where the CPU has native bf16)")
     ap.add_argument("--eval-windows", type=int, default=None, help=f"held-out windows ({BenchConfig.eval_windows})")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in the results file (same budget and recipe) and add the missing ones")
     ap.add_argument("--combine", nargs="*", default=None, metavar="NAME",
                     help="only merge results files (default students-base students-sharp) into students.json, "
                          "students.md and students.png")
     args = ap.parse_args(argv)
     if args.combine is not None:
         out_dir = Path(args.out) if args.out else RESULTS
-        for path in combine(out_dir, args.combine or ["students-base", "students-sharp"]):
+        for path in combine(out_dir, args.combine or ["students-base", "students-sharp", "students-base-long",
+                                                      "students-sharp-long"]):
             print(f"wrote {path}")
         return 0
 
@@ -666,8 +695,18 @@ def main(argv=None) -> int:
         if write:
             write_results(partial, out_dir, command, {**extra(time.perf_counter() - t0), "partial": True}, name)
 
+    done: list[dict] = []
+    if args.resume and (out_dir / f"{name}.json").exists():
+        prev = json.loads((out_dir / f"{name}.json").read_text())
+        same = {k: v for k, v in prev["config"].items() if k != "methods"}
+        now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k != "methods"}
+        if same != now:
+            raise SystemExit(f"--resume: {out_dir / f'{name}.json'} has another config: {same} vs {now}")
+        done = prev["runs"]
+        cfg = dataclasses.replace(cfg, methods=tuple(dict.fromkeys([*prev["config"]["methods"], *cfg.methods])))
+        print(f"resuming: {len(done)} runs kept from {out_dir / f'{name}.json'}")
     try:
-        res = run_benchmark(teacher, train_files, heldout_texts, cfg, store_root, on_run=on_run)
+        res = run_benchmark(teacher, train_files, heldout_texts, cfg, store_root, on_run=on_run, done=done)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -567,26 +567,28 @@ def combine(out_dir: Path, names: Sequence[str]) -> list[Path]:
 
     cols = min(2, len(docs))
     rows_n = -(-len(docs) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(7 * cols, 5 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(8.5 * cols, 5 * rows_n), squeeze=False)
     for ax in axes.flat[len(docs):]:
         ax.axis("off")
     for ax, (n, d) in zip(axes.flat, docs.items()):
-        rows = sorted(d["summary"], key=lambda r: r["heldout_kl"])
+        paired = all("kl_minus_online" in r for r in d["summary"])  # KL minus online's, same seed
+        key = "kl_minus_online" if paired else "heldout_kl"
+        rows = sorted(d["summary"], key=lambda r: r[key])
         y = np.arange(len(rows))
-        ax.barh(y, [r["heldout_kl"] for r in rows], xerr=[r["heldout_kl_std"] for r in rows], color=[
+        ax.barh(y, [r[key] for r in rows], xerr=[r[key + "_std"] for r in rows], color=[
             "tab:gray" if r["bytes_per_token"] is None else "tab:blue" for r in rows], capsize=3)
-        names = [r["method"] + ("" if r["bytes_per_token"] is None else f"  ({r['bytes_per_token']:.0f} B/tok)")
-                 for r in rows]
+        names = [f"{r['method']}  (KL {r['heldout_kl']:.3f}" + (")" if r["bytes_per_token"] is None else
+                                                              f", {r['bytes_per_token']:.0f} B/tok)") for r in rows]
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
-        lo = min(r["heldout_kl"] - r["heldout_kl_std"] for r in rows)
-        hi = max(r["heldout_kl"] + r["heldout_kl_std"] for r in rows)
-        ax.set_xlim(lo - 0.15 * (hi - lo), hi + 0.05 * (hi - lo))
+        ax.axvline(0.0, color="black", linewidth=0.6)
         t = d["reference"]["teacher"]
         c = d["config"]
         ax.set_title(f"{d.get('regime_label', n)}\nteacher held-out entropy {t['heldout_entropy']:.2f} nats; "
                      f"{c['steps'] * c['batch_size'] * c['seq_len']:,} tokens per run", fontsize=9)
-        ax.set_xlabel("held-out KL(teacher || student), nats (mean ± std over seeds; lower is better)", fontsize=8)
+        ax.set_xlabel(("held-out KL(teacher || student) − online's, same seed" if paired else
+                       "held-out KL(teacher || student)") + ", nats (mean ± std over seeds; lower is better)",
+                      fontsize=8)
     fig.tight_layout()
     fig.savefig(pp, dpi=110)
     plt.close(fig)

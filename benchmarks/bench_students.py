@@ -8,7 +8,9 @@ seed) train for the same budget of steps and tokens, on the same training sequen
 - ``hard``: the teacher's argmax from a hard-label store (``compile`` with ``hard_labels``);
 - ``topk{1,8,32}``, ``topp90``, ``sample16``, ``topk8+sample16``: stored soft labels (the compile's selection
   modes, default codecs) through ``distillation_loss`` forward KL with the tail bucket;
-- ``online``: the teacher runs on every batch and ``dense_kl`` compares full distributions (the upper bound).
+- ``online``: the teacher runs on every batch and ``dense_kl`` compares full distributions (the upper bound);
+- loss variants on the top-32 store: ``topk32-prior`` (the prior-shaped tail), ``topk32-a0.9`` (alpha 0.9),
+  ``topk32-rkl`` (reverse KL), ``topk32-jsd`` (JSD, beta 0.5); ``sample16-a0.9`` and ``online-a0.9``.
 
 Every distilling method uses the same mix ``alpha * distill + (1 - alpha) * CE(ground truth)``; ``ce`` is
 ``alpha = 0``. The stores are compiled once, from the same training text (standard-library files the teacher
@@ -17,10 +19,18 @@ never saw: mean next-token cross-entropy, and mean KL(teacher || student) over f
 
 Label sources are rows of ``METHODS``: a selection mode that ``compile`` learns (top-p, sampling) is one more row.
 
-    python benchmarks/bench_students.py            # 3 seeds x 9 methods (~15-40 min on a shared 2-core CPU)
-    python benchmarks/bench_students.py --quick    # 1 seed, 2 methods, a tiny budget (smoke test)
+Two teachers (regimes): the demo teacher, and with ``--teacher-temperature T`` the demo teacher's logits divided
+by T saved as a model of its own (``sharpened_teacher``: a different, sharper model that stores, online
+distillation and the held-out KL all use).
 
-Writes ``benchmarks/results/students.json`` and ``benchmarks/results/students.md`` (unless ``--quick``).
+    python benchmarks/bench_students.py --steps 24 --methods ...                           # students-base.json/md
+    python benchmarks/bench_students.py --teacher-temperature 0.55 --steps 24 --methods ... # students-sharp.json/md
+    python benchmarks/bench_students.py --steps 96 --name students-base-long --methods ...  # longer budget
+    python benchmarks/bench_students.py --combine   # students.json, students.md and students.png from all four
+    python benchmarks/bench_students.py --quick     # 1 seed, 2 methods, a tiny budget (smoke test)
+
+Results are rewritten after every run (methods outer, seeds inner), so a benchmark cut short leaves whole rows;
+``--resume`` keeps the runs already in the results file and adds the missing ones.
 """
 
 from __future__ import annotations

@@ -694,7 +694,7 @@ def main(argv=None) -> int:
     command = f"{COMMAND} {argv_s}".strip()
     write = not args.quick or args.out
     out_dir = Path(args.out) if args.out else RESULTS
-    title = f"Do stored labels train good students? Teacher: {label}"
+    title = f"Do stored labels train good students? Teacher: {label}; {cfg.train_tokens:,} tokens per run"
 
     def extra(seconds: float) -> dict:
         return {"regime": "sharp" if sharp else "base", "regime_label": label, "title": title,

@@ -8,7 +8,9 @@ seed) train for the same budget of steps and tokens, on the same training sequen
 - ``hard``: the teacher's argmax from a hard-label store (``compile`` with ``hard_labels``);
 - ``topk{1,8,32}``, ``topp90``, ``sample16``, ``topk8+sample16``: stored soft labels (the compile's selection
   modes, default codecs) through ``distillation_loss`` forward KL with the tail bucket;
-- ``online``: the teacher runs on every batch and ``dense_kl`` compares full distributions (the upper bound).
+- ``online``: the teacher runs on every batch and ``dense_kl`` compares full distributions (the upper bound);
+- loss variants on the top-32 store: ``topk32-prior`` (the prior-shaped tail), ``topk32-a0.9`` (alpha 0.9),
+  ``topk32-rkl`` (reverse KL), ``topk32-jsd`` (JSD, beta 0.5); ``sample16-a0.9`` and ``online-a0.9``.
 
 Every distilling method uses the same mix ``alpha * distill + (1 - alpha) * CE(ground truth)``; ``ce`` is
 ``alpha = 0``. The stores are compiled once, from the same training text (standard-library files the teacher
@@ -17,10 +19,18 @@ never saw: mean next-token cross-entropy, and mean KL(teacher || student) over f
 
 Label sources are rows of ``METHODS``: a selection mode that ``compile`` learns (top-p, sampling) is one more row.
 
-    python benchmarks/bench_students.py            # 3 seeds x 9 methods (~15-40 min on a shared 2-core CPU)
-    python benchmarks/bench_students.py --quick    # 1 seed, 2 methods, a tiny budget (smoke test)
+Two teachers (regimes): the demo teacher, and with ``--teacher-temperature T`` the demo teacher's logits divided
+by T saved as a model of its own (``sharpened_teacher``: a different, sharper model that stores, online
+distillation and the held-out KL all use).
 
-Writes ``benchmarks/results/students.json`` and ``benchmarks/results/students.md`` (unless ``--quick``).
+    python benchmarks/bench_students.py --steps 24 --methods ...                           # students-base.json/md
+    python benchmarks/bench_students.py --teacher-temperature 0.55 --steps 24 --methods ... # students-sharp.json/md
+    python benchmarks/bench_students.py --steps 96 --name students-base-long --methods ...  # longer budget
+    python benchmarks/bench_students.py --combine   # students.json, students.md and students.png from all four
+    python benchmarks/bench_students.py --quick     # 1 seed, 2 methods, a tiny budget (smoke test)
+
+Results are rewritten after every run (methods outer, seeds inner), so a benchmark cut short leaves whole rows;
+``--resume`` keeps the runs already in the results file and adds the missing ones.
 """
 
 from __future__ import annotations
@@ -66,6 +76,9 @@ class Method:
     loss: str
     store: dict | None = None
     label: str = ""
+    div: str = "forward_kl"  # soft labels: distillation_loss's method (forward_kl, reverse_kl, jsd with beta 0.5)
+    tail: str = "bucket"  # soft labels: the tail rule ("bucket", "prior", ...)
+    alpha: float | None = None  # None: the config's alpha
 
 
 METHODS: tuple[Method, ...] = (
@@ -80,6 +93,14 @@ METHODS: tuple[Method, ...] = (
     Method("topk8+sample16", "soft", {"selection": "topk+sample", "k_exact": 8, "samples": 16},
            "soft labels, stored top-8 + 16 draws from the rest"),
     Method("online", "online", None, "online dense distillation (teacher every step)"),
+    Method("topk32-prior", "soft", {"k": 32}, "soft labels, stored top-32, tail spread by the store's prior",
+           tail="prior"),
+    Method("topk32-a0.9", "soft", {"k": 32}, "soft labels, stored top-32 + tail, alpha 0.9", alpha=0.9),
+    Method("topk32-rkl", "soft", {"k": 32}, "soft labels, stored top-32 + tail, reverse KL", div="reverse_kl"),
+    Method("topk32-jsd", "soft", {"k": 32}, "soft labels, stored top-32 + tail, JSD (beta 0.5)", div="jsd"),
+    Method("sample16-a0.9", "soft", {"selection": "sample", "samples": 16}, "16 stored draws, alpha 0.9",
+           alpha=0.9),
+    Method("online-a0.9", "online", None, "online dense distillation, alpha 0.9", alpha=0.9),
 )
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 QUICK_METHODS = ("topk32", "online")
@@ -288,15 +309,16 @@ def lr_at(step: int, cfg: BenchConfig) -> float:
 def step_loss(method: Method, logits: torch.Tensor, batch: dict, teacher, cfg: BenchConfig) -> torch.Tensor:
     if method.loss == "ce":
         return label_ce(logits, batch["shift_labels"])
+    alpha = cfg.alpha if method.alpha is None else method.alpha
     if method.loss == "hard":
-        return distillation_loss(logits, batch, method="hard", alpha=cfg.alpha)
+        return distillation_loss(logits, batch, method="hard", alpha=alpha)
     if method.loss == "soft":
-        return distillation_loss(logits, batch, method="forward_kl", alpha=cfg.alpha, tail=True)
+        return distillation_loss(logits, batch, method=method.div, alpha=alpha, tail=method.tail)
     if method.loss == "online":
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kl = dense_kl(logits, t_logits.float(), batch["attention_mask"].bool())
-        return cfg.alpha * kl + (1.0 - cfg.alpha) * label_ce(logits, batch["shift_labels"])
+        return alpha * kl + (1.0 - alpha) * label_ce(logits, batch["shift_labels"])
     raise ValueError(f"unknown loss {method.loss!r}")
 
 
@@ -347,8 +369,12 @@ class BenchResult:
 
 def run_benchmark(teacher: Path, train_files: Sequence, heldout_texts: Sequence[str], cfg: BenchConfig,
                   store_root: Path, *, keep_students: bool = False, windows: torch.Tensor | None = None,
-                  log: Callable[[str], None] = print) -> BenchResult:
-    """The whole benchmark for any teacher directory and corpus (the script passes the demo teacher's)."""
+                  log: Callable[[str], None] = print,
+                  on_run: Callable[[BenchResult], None] | None = None,
+                  done: Sequence[dict] = ()) -> BenchResult:
+    """The whole benchmark for any teacher directory and corpus (the script passes the demo teacher's).
+
+    ``done``: runs of an earlier invocation with the same config (``--resume``): kept, and not run again."""
     methods = [METHOD_BY_NAME[n] for n in cfg.methods]
     t_start = time.perf_counter()
     tokenizer = load_tokenizer(str(teacher))
@@ -370,10 +396,25 @@ def run_benchmark(teacher: Path, train_files: Sequence, heldout_texts: Sequence[
     stores = compile_stores(teacher, train_files, methods, cfg, store_root, log)
     datasets = {name: StoreDataset(info["path"], student_vocab_size=scfg.vocab_size) for name, info in stores.items()}
     ids_source = next(iter(datasets.values()))
-    runs, students, init = [], {}, {}
+    runs, students, init = [r for r in done if r["method"] in cfg.methods and r["seed"] in cfg.seeds], {}, {}
+    have = {(r["method"], r["seed"]) for r in runs}
     for seed in cfg.seeds:
         init[seed] = evaluate(make_student(scfg, seed), windows, t_lp)
-        for m in methods:
+    reference = {
+        "teacher": {"heldout_ce": t_ce, "heldout_entropy": t_ent, "parameters": n_params(model),
+                    "kl_fp32_to_bf16_autocast": online_gap},
+        "student_init": {s: {k: v for k, v in e.items() if k != "positions"} for s, e in init.items()},
+        "heldout_positions": init[cfg.seeds[0]]["positions"] if cfg.seeds else 0,
+        "student_parameters": n_params(make_student(scfg, 0)),
+        "student_config": {k: getattr(scfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                         "num_attention_heads", "vocab_size")},
+        "seconds": None,
+    }
+    # methods outer, seeds inner: a run cut short leaves whole rows (every seed) for the methods it reached
+    for m in methods:
+        for seed in cfg.seeds:
+            if (m.name, seed) in have:
+                continue
             ds = datasets.get(m.name, ids_source)
             student, rec = train_student(m, seed, cfg, scfg, ds, model if m.loss == "online" else None, log)
             ev = evaluate(student, windows, t_lp)
@@ -384,17 +425,12 @@ def run_benchmark(teacher: Path, train_files: Sequence, heldout_texts: Sequence[
             log(f"  seed {seed} {m.name:<14} held-out CE {ev['heldout_ce']:.4f}  KL {ev['heldout_kl']:.4f}  "
                 f"train loss {rec['train_loss_first']:.3f} -> {rec['train_loss_last']:.3f}  "
                 f"{rec['train_seconds']:.0f}s")
+            if on_run is not None:
+                reference["seconds"] = round(time.perf_counter() - t_start, 1)
+                on_run(BenchResult(dataclasses.asdict(cfg), stores, list(runs), summarize(runs, methods, stores),
+                                   reference))
     summary = summarize(runs, methods, stores)
-    reference = {
-        "teacher": {"heldout_ce": t_ce, "heldout_entropy": t_ent, "parameters": n_params(model),
-                    "kl_fp32_to_bf16_autocast": online_gap},
-        "student_init": {s: {k: v for k, v in e.items() if k != "positions"} for s, e in init.items()},
-        "heldout_positions": init[cfg.seeds[0]]["positions"] if cfg.seeds else 0,
-        "student_parameters": n_params(make_student(scfg, 0)),
-        "student_config": {k: getattr(scfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                         "num_attention_heads", "vocab_size")},
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
+    reference["seconds"] = round(time.perf_counter() - t_start, 1)
     return BenchResult(dataclasses.asdict(cfg), stores, runs, summary, reference, students)
 
 
@@ -411,6 +447,13 @@ def summarize(runs: list[dict], methods: Sequence[Method], stores: dict) -> list
             v = np.array([r[key] for r in rs], dtype=np.float64)
             row[key] = float(v.mean())
             row[key + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        # paired by seed against online distillation (same initialisation and batch order): the seed's own
+        # difficulty cancels, which the per-method std above does not
+        ref = {r["seed"]: r["heldout_kl"] for r in runs if r["method"] == "online"}
+        d = np.array([r["heldout_kl"] - ref[r["seed"]] for r in rs if r["seed"] in ref], dtype=np.float64)
+        if len(d):
+            row["kl_minus_online"] = float(d.mean())
+            row["kl_minus_online_std"] = float(d.std(ddof=1)) if len(d) > 1 else 0.0
         out.append(row)
     return out
 
@@ -420,22 +463,24 @@ def format_table(res: BenchResult) -> str:
     ref = res.reference
     n = len(res.config["seeds"])
     lines = ["| method | label source | bytes/token | held-out CE (nats) | held-out KL(teacher ‖ student) | "
-             "s/run |", "|---|---|---:|---:|---:|---:|"]
+             "KL − online KL, paired by seed | s/run |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in res.summary:
         bpt = "—" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        dk = "—" if "kl_minus_online" not in r else f"{r['kl_minus_online']:+.4f} ± {r['kl_minus_online_std']:.4f}"
         lines.append(f"| {r['method']} | {r['label']} | {bpt} | {r['heldout_ce']:.4f} ± {r['heldout_ce_std']:.4f} | "
-                     f"{r['heldout_kl']:.4f} ± {r['heldout_kl_std']:.4f} | {r['train_seconds']:.0f} |")
+                     f"{r['heldout_kl']:.4f} ± {r['heldout_kl_std']:.4f} | {dk} | {r['train_seconds']:.0f} |")
     init = list(ref["student_init"].values())
     lines.append(f"| (untrained student) | — | — | {np.mean([e['heldout_ce'] for e in init]):.4f} | "
-                 f"{np.mean([e['heldout_kl'] for e in init]):.4f} | — |")
-    lines.append(f"| (teacher) | — | — | {ref['teacher']['heldout_ce']:.4f} | 0 | — |")
+                 f"{np.mean([e['heldout_kl'] for e in init]):.4f} | — | — |")
+    lines.append(f"| (teacher) | — | — | {ref['teacher']['heldout_ce']:.4f} | 0 | — | — |")
     lines.append("")
-    lines.append(f"mean ± sample std over {n} seed(s) {res.config['seeds']}; per-seed values in the JSON. "
+    lines.append(f"mean ± sample std over {n} seed(s) {res.config['seeds']}; per-seed values in the JSON. The paired "
+                 "column is the mean ± std over seeds of (this method's KL − online's KL, same seed). "
                  "s/run: wall seconds of training, on whatever else the machine was running.")
     return "\n".join(lines)
 
 
-def format_markdown(res: BenchResult, command: str) -> str:
+def format_markdown(res: BenchResult, command: str, title: str = "Do stored labels train good students?") -> str:
     c, ref = res.config, res.reference
     sc = ref["student_config"]
     codecs = sorted({st["value_codec"] for st in res.stores.values() if st["selection"]["mode"] != "argmax"})
@@ -443,7 +488,7 @@ def format_markdown(res: BenchResult, command: str) -> str:
     g = ref["teacher"].get("kl_fp32_to_bf16_autocast")
     gap = "" if g is None else f" (the online teacher's bf16 logits are {g:.1e} nats KL from its fp32 ones)"
     head = [
-        "## Do stored labels train good students?",
+        f"## {title}",
         "",
         f"Student: a fresh {ref['student_parameters'] / 1e6:.2f}M-parameter Llama ({sc['num_hidden_layers']} layers x "
         f"{sc['hidden_size']}, vocabulary {sc['vocab_size']:,}) against the "
@@ -469,14 +514,95 @@ def format_markdown(res: BenchResult, command: str) -> str:
     return "\n".join(head)
 
 
-def write_results(res: BenchResult, out_dir: Path, command: str, extra: dict) -> tuple[Path, Path]:
+def write_results(res: BenchResult, out_dir: Path, command: str, extra: dict,
+                  name: str = "students") -> tuple[Path, Path]:
+    """``<name>.json`` and ``<name>.md`` in ``out_dir`` (written atomically: a partial run's files are whole)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"command": command, **extra, "config": res.config, "reference": res.reference, "stores": res.stores,
            "summary": res.summary, "runs": res.runs}
-    jp, mp = out_dir / "students.json", out_dir / "students.md"
-    jp.write_text(json.dumps(doc, indent=1) + "\n")
-    mp.write_text(format_markdown(res, command))
+    jp, mp = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    md = format_markdown(res, command, extra.get("title", "Do stored labels train good students?"))
+    for path, text in ((jp, json.dumps(doc, indent=1) + "\n"), (mp, md)):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
     return jp, mp
+
+
+# --------------------------------------------------------------------------------------------- regimes
+def sharpened_teacher(teacher: Path, temperature: float, root: Path) -> Path:
+    """A copy of ``teacher`` whose logits are its own divided by ``temperature``: a different, sharper model.
+
+    A Llama's logits are ``W_head @ (g * rmsnorm(h))``, linear in the final norm's gain ``g``, so dividing ``g``
+    by ``temperature`` divides every logit by it (tied embeddings stay untouched: inputs are unchanged). Stores
+    compiled from it record temperature 1; students, online distillation and the held-out KL all see the
+    sharpened distribution. Cached next to the stores, keyed by the source weights and the temperature.
+    """
+    from transformers import AutoModelForCausalLM
+
+    weights = sorted(Path(teacher).glob("*.safetensors"))
+    ident = json.dumps([str(Path(teacher).resolve()), temperature,
+                        [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]])
+    out = root / f"teacher-T{temperature:g}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+    if (out / "config.json").exists():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=root))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.div_(temperature)
+    model.save_pretrained(tmp)
+    for f in Path(teacher).iterdir():  # tokenizer and the demo's own files
+        if f.is_file() and not (tmp / f.name).exists():
+            shutil.copy2(f, tmp / f.name)
+    tmp.rename(out)
+    return out
+
+
+def combine(out_dir: Path, names: Sequence[str]) -> list[Path]:
+    """``students.json`` (every regime's document), ``students.md`` (their tables) and ``students.png``."""
+    docs = {n: json.loads((out_dir / f"{n}.json").read_text()) for n in names if (out_dir / f"{n}.json").exists()}
+    jp, mp, pp = out_dir / "students.json", out_dir / "students.md", out_dir / "students.png"
+    parts = []
+    for d in docs.values():  # summaries and tables recomputed from the runs (partial files included)
+        methods = [METHOD_BY_NAME[n] for n in d["config"]["methods"]]
+        d["summary"] = summarize(d["runs"], methods, d["stores"])
+        res = BenchResult(d["config"], d["stores"], d["runs"], d["summary"], d["reference"])
+        parts.append(format_markdown(res, d["command"], d.get("title", "Do stored labels train good students?")))
+    jp.write_text(json.dumps({"regimes": docs}, indent=1) + "\n")
+    mp.write_text("\n".join(parts))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, len(docs))
+    rows_n = -(-len(docs) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(8.5 * cols, 5 * rows_n), squeeze=False)
+    for ax in axes.flat[len(docs):]:
+        ax.axis("off")
+    for ax, (n, d) in zip(axes.flat, docs.items()):
+        paired = all("kl_minus_online" in r for r in d["summary"])  # KL minus online's, same seed
+        key = "kl_minus_online" if paired else "heldout_kl"
+        rows = sorted(d["summary"], key=lambda r: r[key])
+        y = np.arange(len(rows))
+        ax.barh(y, [r[key] for r in rows], xerr=[r[key + "_std"] for r in rows], color=[
+            "tab:gray" if r["bytes_per_token"] is None else "tab:blue" for r in rows], capsize=3)
+        names = [f"{r['method']}  (KL {r['heldout_kl']:.3f}" + (")" if r["bytes_per_token"] is None else
+                                                              f", {r['bytes_per_token']:.0f} B/tok)") for r in rows]
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0.0, color="black", linewidth=0.6)
+        t = d["reference"]["teacher"]
+        c = d["config"]
+        ax.set_title(f"{d.get('regime_label', n)}\nteacher held-out entropy {t['heldout_entropy']:.2f} nats; "
+                     f"{c['steps'] * c['batch_size'] * c['seq_len']:,} tokens per run", fontsize=9)
+        ax.set_xlabel(("held-out KL(teacher || student) − online's, same seed" if paired else
+                       "held-out KL(teacher || student)") + ", nats (mean ± std over seeds; lower is better)",
+                      fontsize=8)
+    fig.tight_layout()
+    fig.savefig(pp, dpi=110)
+    plt.close(fig)
+    return [jp, mp, pp]
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -494,15 +620,35 @@ def main(argv=None) -> int:
                     help="where the compiled stores are kept (default: <cache>/bench-students/<key>; "
                          "--quick: a temporary folder)")
     ap.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; --quick writes nothing)")
+    ap.add_argument("--teacher-temperature", type=float, default=1.0,
+                    help="the sharp regime: the teacher is the demo teacher with its logits divided by this (a "
+                         "different, sharper model; 1: the demo teacher itself)")
+    ap.add_argument("--name", default=None,
+                    help="results file stem (default students-base, or students-sharp with --teacher-temperature)")
+    ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                    help="bf16 autocast for training forwards (auto: only where the CPU has native bf16)")
+    ap.add_argument("--eval-windows", type=int, default=None, help=f"held-out windows ({BenchConfig.eval_windows})")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in the results file (same budget and recipe) and add the missing ones")
+    ap.add_argument("--combine", nargs="*", default=None, metavar="NAME",
+                    help="only merge results files (default students-base students-sharp) into students.json, "
+                         "students.md and students.png")
     args = ap.parse_args(argv)
+    if args.combine is not None:
+        out_dir = Path(args.out) if args.out else RESULTS
+        for path in combine(out_dir, args.combine or ["students-base", "students-sharp", "students-base-long",
+                                                      "students-sharp-long"]):
+            print(f"wrote {path}")
+        return 0
 
     from transformers.utils import logging as hf_logging
 
     from labelstore.tools.demo_model import (
-        DemoConfig,
         corpus_files,
         default_cache_root,
+        default_config,
         ensure_demo_teacher,
+        native_bf16,
         read_texts,
         split_files,
         stdlib_root,
@@ -514,14 +660,24 @@ def main(argv=None) -> int:
     cfg = QUICK if args.quick else BenchConfig()
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "alpha": args.alpha,
                  "seeds": tuple(args.seeds) if args.seeds else None,
-                 "methods": tuple(args.methods) if args.methods else None}
+                 "methods": tuple(args.methods) if args.methods else None, "eval_windows": args.eval_windows,
+                 "bf16": {"on": True, "off": False}.get(args.bf16, None)}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    demo = DemoConfig()
+    if args.bf16 == "auto":  # emulated bf16 is ~12x slower than fp32 on CPUs without it (demo_model.native_bf16)
+        cfg = dataclasses.replace(cfg, bf16=native_bf16())
+    demo = default_config()  # the teacher this machine builds (fp32-trained without native bf16)
     cfg = dataclasses.replace(cfg, seq_len=demo.seq_len)
+    sharp = args.teacher_temperature != 1.0
+    name = args.name or ("students-sharp" if sharp else "students-base")
 
     t0 = time.perf_counter()
     cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
     teacher = ensure_demo_teacher(cache_root, demo)
+    if sharp:
+        (cache_root / "bench-students").mkdir(parents=True, exist_ok=True)
+        teacher = sharpened_teacher(teacher, args.teacher_temperature, cache_root / "bench-students")
+    label = (f"demo teacher at temperature {args.teacher_temperature:g} (its logits / {args.teacher_temperature:g}: "
+             "a different, sharper model)" if sharp else "demo teacher")
     root = stdlib_root()
     train, heldout = split_files(corpus_files(root), root, demo.heldout_modulus)
     train_files = pick_train_files(train, cfg.train_tokens)
@@ -534,8 +690,35 @@ def main(argv=None) -> int:
         store_root = Path(tmp)
     else:
         store_root = cache_root / "bench-students" / store_key(teacher, train_files, cfg)
+    argv_s = " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"{COMMAND} {argv_s}".strip()
+    write = not args.quick or args.out
+    out_dir = Path(args.out) if args.out else RESULTS
+    title = f"Do stored labels train good students? Teacher: {label}; {cfg.train_tokens:,} tokens per run"
+
+    def extra(seconds: float) -> dict:
+        return {"regime": "sharp" if sharp else "base", "regime_label": label, "title": title,
+                "teacher_temperature": args.teacher_temperature, "total_seconds": round(seconds, 1),
+                "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                "python": platform.python_version(), "torch": torch.__version__, "teacher_dir": str(teacher),
+                "train_files": len(train_files), "heldout_files": len(heldout)}
+
+    def on_run(partial: BenchResult) -> None:  # results after every run: a cut-off benchmark leaves usable data
+        if write:
+            write_results(partial, out_dir, command, {**extra(time.perf_counter() - t0), "partial": True}, name)
+
+    done: list[dict] = []
+    if args.resume and (out_dir / f"{name}.json").exists():
+        prev = json.loads((out_dir / f"{name}.json").read_text())
+        same = {k: v for k, v in prev["config"].items() if k != "methods"}
+        now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k != "methods"}
+        if same != now:
+            raise SystemExit(f"--resume: {out_dir / f'{name}.json'} has another config: {same} vs {now}")
+        done = prev["runs"]
+        cfg = dataclasses.replace(cfg, methods=tuple(dict.fromkeys([*prev["config"]["methods"], *cfg.methods])))
+        print(f"resuming: {len(done)} runs kept from {out_dir / f'{name}.json'}")
     try:
-        res = run_benchmark(teacher, train_files, heldout_texts, cfg, store_root)
+        res = run_benchmark(teacher, train_files, heldout_texts, cfg, store_root, on_run=on_run, done=done)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -543,13 +726,8 @@ def main(argv=None) -> int:
     print()
     print(format_table(res))
     print(f"\ntotal {total:.0f}s ({torch.get_num_threads()} torch threads)")
-    if not args.quick or args.out:
-        argv_s = " ".join(sys.argv[1:] if argv is None else argv)
-        command = f"{COMMAND} {argv_s}".strip()
-        extra = {"total_seconds": round(total, 1), "torch_threads": torch.get_num_threads(),
-                 "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                 "teacher_dir": str(teacher), "train_files": len(train_files), "heldout_files": len(heldout)}
-        jp, mp = write_results(res, Path(args.out) if args.out else RESULTS, command, extra)
+    if write:
+        jp, mp = write_results(res, out_dir, command, {**extra(total), "partial": False}, name)
         print(f"wrote {jp} and {mp}")
     return 0
 

@@ -44,7 +44,7 @@ def bench(tmp_path_factory):
 
 def test_every_method_and_seed_has_a_run(bench):
     res, cfg = bench["res"], bench["cfg"]
-    assert [(r["method"], r["seed"]) for r in res.runs] == [(m, s) for s in cfg.seeds for m in cfg.methods]
+    assert [(r["method"], r["seed"]) for r in res.runs] == [(m, s) for m in cfg.methods for s in cfg.seeds]
     for r in res.runs:
         assert len(r["train_losses"]) == cfg.steps
         assert all(torch.isfinite(torch.tensor(r["train_losses"])))
@@ -104,3 +104,26 @@ def test_results_files(bench, tmp_path):
     assert "python benchmarks/bench_students.py --quick" in md
     for name in bench["cfg"].methods:
         assert f"| {name} |" in md
+
+
+@torch.no_grad()
+def test_sharpened_teacher_divides_the_logits(bench, tmp_path):
+    """The sharp regime's teacher: a saved model whose logits are the source's divided by the temperature."""
+    sharp = bs.sharpened_teacher(bench["teacher"], 0.5, tmp_path)
+    assert bs.sharpened_teacher(bench["teacher"], 0.5, tmp_path) == sharp  # cached
+    x = bench["windows"][:2]
+    base = load_model(bench["teacher"]).float()(input_ids=x).logits
+    assert torch.allclose(load_model(sharp).float()(input_ids=x).logits, base / 0.5, rtol=1e-4, atol=1e-4)
+
+
+def test_partial_results_and_combine(bench, tmp_path):
+    res = bench["res"]
+    for name, label in (("students-base", "demo teacher"), ("students-sharp", "sharper teacher")):
+        bs.write_results(res, tmp_path, "cmd", {"regime_label": label, "title": f"T: {label}"}, name)
+    paths = bs.combine(tmp_path, ["students-base", "students-sharp"])
+    assert [p.name for p in paths] == ["students.json", "students.md", "students.png"]
+    doc = json.loads(paths[0].read_text())
+    assert set(doc["regimes"]) == {"students-base", "students-sharp"}
+    md = paths[1].read_text()
+    assert "T: demo teacher" in md and "T: sharper teacher" in md
+    assert paths[2].stat().st_size > 1000

@@ -54,7 +54,8 @@ from labelstore.store.manifest import (
     shard_name,
 )
 from labelstore.store.remote_store import RemoteStore, is_rank_shard
-from labelstore.store.writer import DEFAULT_BATCH_BYTES, DEFAULT_SHARD_BYTES, StoreWriter, _meta_diff
+from labelstore.store.safefs import pid_alive
+from labelstore.store.writer import DEFAULT_BATCH_BYTES, DEFAULT_SHARD_BYTES, StoreWriter, _meta_diff, merged_ranges
 
 LEASE_ENV = "LABELSTORE_LOCK_LEASE_S"
 SPOOL_ENV = "LABELSTORE_SPOOL_DIR"
@@ -76,16 +77,6 @@ def fault(point: str) -> None:
 def default_spool(url: str, rank: int) -> Path:
     base = os.environ.get(SPOOL_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "labelstore", "spool")
     return Path(base) / f"{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:16]}-r{rank:05d}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 class RemoteLock:
@@ -137,7 +128,7 @@ class RemoteLock:
         if not isinstance(holder, dict):
             return True, "an unreadable lock object"
         who = f"pid {holder.get('pid')} on {holder.get('host')}"
-        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
             return True, f"{who}, which is no longer running"
         modified = info.get("LastModified")
         age = (datetime.now(timezone.utc) - modified).total_seconds() if isinstance(modified, datetime) else \
@@ -393,18 +384,9 @@ class RemoteStoreWriter(StoreWriter):
 
     # ------------------------------------------------------------------ StoreWriter overrides
     def committed_ranges(self):
-        import numpy as np
-
         with self._mutex:  # (publishing threads move records from the spool to the bucket)
             recs = list(self._records) + list_commits(self.root, self.rank)  # spooled: committed, not published
-        runs = sorted((a, b) for c in recs for a, b in c["sample_ranges"])
-        merged: list[list[int]] = []
-        for a, b in runs:
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        return np.asarray(merged, dtype=np.int64).reshape(-1, 2)
+        return merged_ranges(recs)
 
     def commit(self) -> None:
         self._lock_remote.check()

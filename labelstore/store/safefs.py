@@ -139,6 +139,17 @@ def open_nofollow_write(path, flags: int, what: str, mode: int = 0o644) -> int:
         raise
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (a process we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 def is_regular(path) -> bool:
     """True if ``path`` exists and is a regular file (not following a symbolic link)."""
     try:

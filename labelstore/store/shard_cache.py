@@ -43,6 +43,7 @@ from labelstore.errors import (
 from labelstore.store import objectstore as obs
 from labelstore.store.index import INDEX, ShardTable, shard_table
 from labelstore.store.manifest import CONFIG, MANIFEST, MAX_MANIFEST_BYTES, TAIL_PRIOR, load_manifest
+from labelstore.store.safefs import pid_alive
 
 CACHE_DIR_ENV = "LABELSTORE_CACHE_DIR"
 CACHE_BYTES_ENV = "LABELSTORE_CACHE_BYTES"
@@ -78,16 +79,6 @@ def first_access_order(shard_starts, indices) -> np.ndarray:
     shards = table.shards_of(idx % n)
     _, first = np.unique(shards, return_index=True)
     return shards[np.sort(first)].astype(np.int64)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 def _remap(exc: LabelStoreError, local: str, url: str) -> LabelStoreError:
@@ -247,7 +238,7 @@ class RemoteShards:
                 pid = int(lock.read_text() or "0")
             except (OSError, ValueError):
                 pid = 0
-            if pid and not _pid_alive(pid):  # its downloader died: take over
+            if pid and not pid_alive(pid):  # its downloader died: take over
                 try:
                     os.unlink(lock)
                 except OSError:
@@ -300,7 +291,7 @@ class RemoteShards:
             for e in it:
                 if e.name.startswith(".tmp-"):  # a download of a process that died: never renamed, never read
                     pid = e.name.split(".")[-2]
-                    if pid.isdigit() and not _pid_alive(int(pid)):
+                    if pid.isdigit() and not pid_alive(int(pid)):
                         _unlink(Path(e.path))
                 elif e.name.endswith(".arrow") and not e.name.startswith("."):
                     try:

@@ -77,6 +77,18 @@ def _runs(ids: list[int]) -> list[list[int]]:
     return runs
 
 
+def merged_ranges(records) -> np.ndarray:
+    """int64 [n, 2]: the sorted, merged ``[start, end)`` runs of the commit records' ``sample_ranges``."""
+    runs = sorted((a, b) for c in records for a, b in c["sample_ranges"])
+    merged: list[list[int]] = []
+    for a, b in runs:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return np.asarray(merged, dtype=np.int64).reshape(-1, 2)
+
+
 class StoreWriter:
     """Write one rank's share of a label store.
 
@@ -199,14 +211,7 @@ class StoreWriter:
     def committed_ranges(self) -> np.ndarray:
         """int64 [n, 2]: sorted, merged ``[start, end)`` runs of the sample ids committed by any rank (what a
         resume must skip). Built from validated commit records, never expanded id by id."""
-        runs = sorted((a, b) for c in list_commits(self.root) for a, b in c["sample_ranges"])
-        merged: list[list[int]] = []
-        for a, b in runs:
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        return np.asarray(merged, dtype=np.int64).reshape(-1, 2)
+        return merged_ranges(list_commits(self.root))
 
     def committed_mask(self, sample_ids, ranges: np.ndarray | None = None) -> np.ndarray:
         """bool mask: which of ``sample_ids`` are committed (binary search over :meth:`committed_ranges`)."""

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
                 for assistant_only in (False, True):
                     out = tmp / f"{encoding}-{selection}-{assistant_only}"
                     t0 = time.perf_counter()
-                    compile_store(teacher=tmp / "teacher", data=data, out=out, k=args.k, selection=selection,
+                    compile_store(teacher=tmp / "teacher", data=data, out=out, selection=selection,
+                                  k=args.k if selection == "topk" else None,
                                   samples=16, encoding=encoding, assistant_only=assistant_only,
                                   max_length=args.max_length, device="cpu", progress=False)
                     s = summary(out)

@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         try:
             t0 = time.perf_counter()
             res = compile_store(CompileOptions(
-                teacher=str(teacher), data=data, out=os.path.join(tmp, "s"), k=args.k, codec=args.codec,
+                teacher=str(teacher), data=data, out=os.path.join(tmp, "s"), selection="topk", k=args.k,
+                codec=args.codec,
                 max_length=args.max_length, max_samples=args.samples, tokens_per_batch=args.tokens_per_batch,
                 device="cpu", dtype="float32", progress=False))
             runs["compile_end_to_end"].append(time.perf_counter() - t0)

@@ -81,23 +81,25 @@ class Method:
     alpha: float | None = None  # None: the config's alpha
 
 
+TOPK32 = {"selection": "topk", "k": 32}  # the store setting of the top-32 rows (the compile default is sample)
+
 METHODS: tuple[Method, ...] = (
     Method("ce", "ce", None, "ground-truth CE only"),
     Method("hard", "hard", {"hard_labels": True}, "hard labels (store, argmax)"),
-    Method("topk1", "soft", {"k": 1}, "soft labels, stored top-1 + tail"),
-    Method("topk8", "soft", {"k": 8}, "soft labels, stored top-8 + tail"),
-    Method("topk32", "soft", {"k": 32}, "soft labels, stored top-32 + tail"),
+    Method("topk1", "soft", {"selection": "topk", "k": 1}, "soft labels, stored top-1 + tail"),
+    Method("topk8", "soft", {"selection": "topk", "k": 8}, "soft labels, stored top-8 + tail"),
+    Method("topk32", "soft", TOPK32, "soft labels, stored top-32 + tail"),
     Method("topp90", "soft", {"selection": "topp", "top_p": 0.9, "k": 32},
            "soft labels, stored top-p 0.9 (at most 32) + tail"),
     Method("sample16", "soft", {"selection": "sample", "samples": 16}, "soft labels, 16 stored draws (unbiased)"),
     Method("topk8+sample16", "soft", {"selection": "topk+sample", "k_exact": 8, "samples": 16},
            "soft labels, stored top-8 + 16 draws from the rest"),
     Method("online", "online", None, "online dense distillation (teacher every step)"),
-    Method("topk32-prior", "soft", {"k": 32}, "soft labels, stored top-32, tail spread by the store's prior",
+    Method("topk32-prior", "soft", TOPK32, "soft labels, stored top-32, tail spread by the store's prior",
            tail="prior"),
-    Method("topk32-a0.9", "soft", {"k": 32}, "soft labels, stored top-32 + tail, alpha 0.9", alpha=0.9),
-    Method("topk32-rkl", "soft", {"k": 32}, "soft labels, stored top-32 + tail, reverse KL", div="reverse_kl"),
-    Method("topk32-jsd", "soft", {"k": 32}, "soft labels, stored top-32 + tail, JSD (beta 0.5)", div="jsd"),
+    Method("topk32-a0.9", "soft", TOPK32, "soft labels, stored top-32 + tail, alpha 0.9", alpha=0.9),
+    Method("topk32-rkl", "soft", TOPK32, "soft labels, stored top-32 + tail, reverse KL", div="reverse_kl"),
+    Method("topk32-jsd", "soft", TOPK32, "soft labels, stored top-32 + tail, JSD (beta 0.5)", div="jsd"),
     Method("sample16-a0.9", "soft", {"selection": "sample", "samples": 16}, "16 stored draws, alpha 0.9",
            alpha=0.9),
     Method("online-a0.9", "online", None, "online dense distillation, alpha 0.9", alpha=0.9),

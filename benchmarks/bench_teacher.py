@@ -88,7 +88,7 @@ def runners(model, n_seq: int, length: int):
     from labelstore.teacher.pipeline import fused_batch, materialised_batch
     from labelstore_kernels import extract_topk
 
-    opts = CompileOptions(teacher="-", data=["-"], out="-", k=K, max_length=length, device="cpu")
+    opts = CompileOptions(teacher="-", data=["-"], out="-", selection="topk", k=K, max_length=length, device="cpu")
     codec = get_codec(opts.codec_name)
     vocab_in = model.get_input_embeddings().weight.shape[0]
     x, m, lengths = batch(n_seq, length, vocab_in)

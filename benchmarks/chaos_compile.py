@@ -125,7 +125,10 @@ def build_inputs(base: Path, demo: bool) -> dict:
 def settings(inputs: dict, selection: str) -> dict:
     extra = {"topk": {}, "topk+sample": {"k_exact": 2, "samples": 8, "seed": 3},
              "sample": {"samples": 8, "seed": 3}, "topp": {"top_p": 0.2}}[selection]
-    return dict(inputs, selection=selection, **extra)
+    out = dict(inputs, selection=selection, **extra)
+    if selection in ("sample", "topk+sample"):  # --k sizes topk/topp stores only (and is refused with the others)
+        out.pop("k", None)
+    return out
 
 
 def cli_args(s: dict, out: Path) -> list[str]:

@@ -87,3 +87,29 @@ def test_every_option_has_a_flag_that_sets_it():
 def test_pack_and_truncate_are_exclusive():
     with pytest.raises(SystemExit):
         _parse(REQUIRED + ["--pack", "--truncate"])
+
+
+def test_the_default_selection_is_sixteen_draws_and_k_needs_topk():
+    """The compile default follows the student benchmark (README 'Defaults, from this table')."""
+    opts = _parse(REQUIRED)
+    assert (opts.selection, opts.samples, opts.codec_name) == ("sample", 16, "count8")
+    assert opts.selection_meta(1000) == {"mode": "sample", "k": 16, "samples": 16}
+    assert not opts.uses_tail_prior  # a sampled store has no tail to spread
+    # --k alone used to size the default top-k store: refused with what to pass, never silently ignored
+    with pytest.raises(ValueError, match=r"--k 32 sizes --selection topk and topp stores.*--selection topk"):
+        _parse(REQUIRED + ["--k", "32"]).validate()
+    with pytest.raises(ValueError, match="--k 8 sizes"):
+        CompileOptions(teacher="T", data=["a"], out="S", selection="topk+sample", k=8).validate()
+    topk = _parse(REQUIRED + ["--selection", "topk", "--k", "8"])
+    topk.validate()
+    assert topk.selection_meta(1000) == {"mode": "topk", "k": 8} and topk.codec_name == "log8"
+    assert _parse(REQUIRED + ["--selection", "topk"]).selection_meta(1000) == {"mode": "topk", "k": 32}
+    assert _parse(REQUIRED + ["--selection", "topp"]).selection_meta(1000)["k"] == 32
+    # --hard-labels alone stores the argmax; with an explicit other selection it is refused as before
+    hard = _parse(REQUIRED + ["--hard-labels"])
+    hard.validate()
+    assert hard.selection_meta(1000) == {"mode": "argmax", "k": 1} and hard.codec_name == "none"
+    with pytest.raises(ValueError, match="--hard-labels stores the argmax only"):
+        _parse(REQUIRED + ["--hard-labels", "--selection", "sample"]).validate()
+    # dataclasses.replace (used by the compile) keeps the resolved settings
+    assert dataclasses.replace(topk, max_length=7).selection_meta(1000) == {"mode": "topk", "k": 8}

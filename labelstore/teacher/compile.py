@@ -271,9 +271,9 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                 "they do not belong together; pass the teacher's own tokenizer (--tokenizer)"
             )
         codec = get_codec(opts.codec_name)
-        k = 1 if opts.hard_labels else min(opts.k, V)
-        if not opts.hard_labels and opts.selection in ("topk", "topp") and opts.k > V and rank == 0:
-            print(f"labelstore compile: note: --k {opts.k} is more than the teacher's vocabulary ({V:,}): every "
+        k = 1 if opts.hard_labels else min(opts.kept, V)
+        if not opts.hard_labels and opts.selection in ("topk", "topp") and opts.kept > V and rank == 0:
+            print(f"labelstore compile: note: --k {opts.kept} is more than the teacher's vocabulary ({V:,}): every "
                   f"position keeps at most {V:,} entries", file=sys.stderr)
         in_cfg = InputConfig(max_length=opts.max_length, pack=opts.pack, text_field=opts.text_field,
                              token_field=opts.token_field, max_samples=opts.max_samples,

@@ -24,6 +24,10 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretr
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENCODING_NAMES = ("packed", "zstd")
+# The default selection: sampled stores trained students closer to online distillation than top-k stores at a
+# third of the bytes in both regimes of benchmarks/bench_students.py (README "Defaults, from this table").
+DEFAULT_SELECTION = "sample"
+DEFAULT_K = 32  # topk / topp
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -75,11 +79,15 @@ class CompileOptions:
     out: str = _req("store directory or object-storage URL such as s3://bucket/prefix (created, or resumed if it "
                     "exists)")
     tokenizer: str | None = _opt(None, "tokenizer directory or name (default: --teacher)")
-    k: int = _opt(32, "kept entries per position (topk), the maximum per position (topp)")
-    selection: str = _opt("topk", "which entries a position keeps (docs/FORMAT.md 5b): the k most probable (topk), "
-                                  "the smallest set with mass >= --top-p (topp), the distinct ids of --samples draws "
-                                  "(sample, unbiased), or the --k-exact most probable plus draws from the rest "
-                                  "(topk+sample)", choices=COMPILE_MODES)
+    k: int | None = _opt(None, f"kept entries per position (--selection topk), the maximum per position (topp) "
+                               f"(default {DEFAULT_K}; sample and topk+sample stores are sized by --samples and "
+                               "--k-exact, and refuse --k)", type=int)
+    selection: str | None = _opt(None, "which entries a position keeps (docs/FORMAT.md 5b): the distinct ids of "
+                                       "--samples draws (sample, unbiased; the default, chosen by the student "
+                                       "benchmark, README 'Defaults, from this table'), the k most probable "
+                                       "(topk), the smallest set with mass >= --top-p (topp), or the --k-exact most "
+                                       f"probable plus draws from the rest (topk+sample) (default {DEFAULT_SELECTION}; "
+                                       "topk with --hard-labels)", choices=COMPILE_MODES)
     top_p: float = _opt(0.9, "topp: mass to reach per position")
     min_k: int = _opt(1, "topp: minimum entries per position")
     samples: int = _opt(16, f"sample, topk+sample: draws per position, 1..{MAX_SAMPLES}")
@@ -138,6 +146,15 @@ class CompileOptions:
                                           "if given)")
     progress: bool = _opt(True, "no progress bar nor summary", negative=("--quiet",))
 
+    def __post_init__(self):
+        if self.selection is None:  # not given: the default, or topk for --hard-labels (which stores the argmax)
+            self.selection = "topk" if self.hard_labels else DEFAULT_SELECTION
+
+    @property
+    def kept(self) -> int:
+        """``--k`` resolved: the kept entries of a topk/topp compile (:data:`DEFAULT_K` when not given)."""
+        return DEFAULT_K if self.k is None else self.k
+
     # ------------------------------------------------------------------------------------------ CLI
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -183,7 +200,7 @@ class CompileOptions:
         """``meta["selection"]`` exactly as docs/FORMAT.md 5b spells it (k clipped to the vocabulary)."""
         if self.hard_labels:
             return {"mode": "argmax", "k": 1}
-        k = self.k if vocab_size is None else min(self.k, vocab_size)
+        k = self.kept if vocab_size is None else min(self.kept, vocab_size)
         if self.selection == "topk":
             return {"mode": "topk", "k": k}
         if self.selection == "topp":  # min_k follows k when the vocabulary clips it
@@ -212,8 +229,15 @@ class CompileOptions:
     # ------------------------------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag at fault (the CLI exits 2 with it)."""
-        if self.k < 1:
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"--k must be >= 1, got {self.k}")
+        if self.k is not None and not self.hard_labels and self.selection in ("sample", "topk+sample"):
+            # --k used to mean "top-k entries" by default; silently ignoring it would store another kind of label
+            keeps = "the distinct ids of --samples draws" if self.selection == "sample" else \
+                "--k-exact entries plus --samples draws"
+            raise ValueError(f"--k {self.k} sizes --selection topk and topp stores; --selection {self.selection} "
+                             f"keeps {keeps}. Pass --selection topk to keep the {self.k} most probable entries, "
+                             "or drop --k")
         if self.selection not in COMPILE_MODES:
             raise ValueError(f"--selection must be one of {', '.join(COMPILE_MODES)}, got {self.selection!r}")
         if self.hard_labels and self.selection != "topk":

@@ -43,8 +43,9 @@ def env(tmp_path_factory):
     stores = {}
     for name, kw in {"topk": {"pack": False}, "zstd": {"encoding": "zstd"},
                      "sample": {"selection": "sample", "samples": 8, "encoding": "zstd"}}.items():
-        opts = CompileOptions(teacher=str(teacher), data=[str(base / "corpus")], out=str(base / name), k=8,
-                              max_length=32, tokens_per_batch=256, device="cpu", progress=False, **kw)
+        opts = CompileOptions(teacher=str(teacher), data=[str(base / "corpus")], out=str(base / name),
+                              max_length=32, tokens_per_batch=256, device="cpu", progress=False,
+                              **({"selection": "topk", "k": 8} | kw if "selection" not in kw else kw))
         compile_store(opts)
         stores[name] = base / name
     return {"tok": tok, "V": len(tok) + PAD, "stores": stores, "base": base}

@@ -52,17 +52,20 @@ def env(tmp_path_factory):
     return env
 
 
-KW = dict(k=8, max_length=48, tokens_per_batch=48, shard_mb=0.003, device="cpu", progress=False)
+KW = dict(selection="topk", k=8, max_length=48, tokens_per_batch=48, shard_mb=0.003, device="cpu", progress=False)
 
 
 def opts(env, out, **kw) -> CompileOptions:
-    return CompileOptions(**{**dict(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(out)), **KW,
-                             **kw})
+    base = {**dict(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(out)), **KW, **kw}
+    if base["selection"] in ("sample", "topk+sample") and "k" not in kw:  # --k sizes topk/topp stores only
+        del base["k"]
+    return CompileOptions(**base)
 
 
 def cli_args(env, out, data=None) -> list[str]:
     return ["compile", "--teacher", str(env["teacher"]), "--data", *(data or [str(env["corpus"])]), "--out",
-            str(out), "--k", "8", "--max-length", "48", "--tokens-per-batch", "48", "--shard-mb", "0.003",
+            str(out),
+            "--selection", "topk", "--k", "8", "--max-length", "48", "--tokens-per-batch", "48", "--shard-mb", "0.003",
             "--device", "cpu", "--quiet"]
 
 
@@ -262,8 +265,13 @@ def test_resume_with_changed_settings_exits_1_and_changes_nothing(env, tmp_path,
     assert cli_main(args + ["--selection", "topp"]) == 1
     err = capsys.readouterr().err
     assert "selection.mode: 'topk' in the store, 'topp' now" in err and "write to a new --out" in err, err
-    with pytest.raises(ConfigMismatchError, match=r"compile_config\.seed: '<absent>' in the store, 0 now"):
-        compile_store(opts(env, out, selection="sample"))
+    # a store compiled with the old default (top-k) resumed with today's default (sample): every difference named
+    old_default = {key: v for key, v in KW.items() if key not in ("selection", "k")}
+    with pytest.raises(ConfigMismatchError) as exc:
+        compile_store(CompileOptions(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(out),
+                                     **old_default))
+    assert "selection.mode: 'topk' in the store, 'sample' now" in str(exc.value)
+    assert "compile_config.seed: '<absent>' in the store, 0 now" in str(exc.value)
     assert snapshot(out) == before
 
 

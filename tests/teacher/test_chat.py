@@ -159,7 +159,7 @@ def chat_env(tmp_path_factory, tok):
     return {"base": base, "teacher": teacher, "data": data}
 
 
-@pytest.mark.parametrize("mode", [dict(k=8), dict(hard_labels=True),
+@pytest.mark.parametrize("mode", [dict(selection="topk", k=8), dict(hard_labels=True),
                                   dict(selection="topk+sample", k_exact=4, samples=8)], ids=["topk", "hard", "mixed"])
 def test_assistant_only_store_holds_exactly_the_kept_positions(chat_env, tok, mode):
     base = chat_env["base"]
@@ -213,7 +213,7 @@ def test_cli_chat_template_file(chat_env, tmp_path):
     tpl.write_text(GENERATION)
     out = tmp_path / "s"
     args = ["compile", "--teacher", str(chat_env["teacher"]), "--data", str(chat_env["data"]), "--out", str(out),
-            "--k", "4", "--max-length", "40", "--device", "cpu", "--quiet", "--assistant-only",
+            "--selection", "topk", "--k", "4", "--max-length", "40", "--device", "cpu", "--quiet", "--assistant-only",
             "--chat-template", str(tpl)]
     assert cli_main(args) == 0
     cfg = LabelStore(out).meta["compile_config"]

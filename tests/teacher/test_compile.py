@@ -55,9 +55,11 @@ def env(tmp_path_factory):
 
 
 def opts(env, out, **kw) -> CompileOptions:
-    base = dict(teacher=str(env["llama"]), data=[str(env["corpus"])], out=str(out), k=8, max_length=64,
-                tokens_per_batch=256, device="cpu", progress=False)
+    base = dict(teacher=str(env["llama"]), data=[str(env["corpus"])], out=str(out), selection="topk", k=8,
+                max_length=64, tokens_per_batch=256, device="cpu", progress=False)
     base.update(kw)
+    if base["selection"] in ("sample", "topk+sample") and "k" not in kw:  # --k sizes topk/topp stores only
+        del base["k"]
     return CompileOptions(**base)
 
 
@@ -181,7 +183,8 @@ KILLABLE = textwrap.dedent("""
 
 def cli_args(env, out, **kw) -> list[str]:
     o = opts(env, out, **kw)
-    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", o.out, "--k", str(o.k),
+    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", o.out,
+            "--selection", "topk", "--k", str(o.k),
             "--max-length", str(o.max_length), "--tokens-per-batch", str(o.tokens_per_batch),
             "--device", "cpu", "--shard-mb", str(o.shard_mb), "--quiet"]
     return args

@@ -44,9 +44,11 @@ def env(tmp_path_factory):
 
 
 def opts(env, out, **kw) -> CompileOptions:
-    base = dict(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(out), k=8, max_length=L,
-                tokens_per_batch=L, device="cpu", progress=False)
+    base = dict(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(out), selection="topk", k=8,
+                max_length=L, tokens_per_batch=L, device="cpu", progress=False)
     base.update(kw)
+    if base["selection"] in ("sample", "topk+sample") and "k" not in kw:  # --k sizes topk/topp stores only
+        del base["k"]
     return CompileOptions(**base)
 
 

@@ -46,7 +46,8 @@ def env(tmp_path_factory):
 
 def args(env, out, *extra) -> list[str]:
     return ["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", str(out),
-            "--k", "8", "--max-length", "48", "--tokens-per-batch", "96", "--device", "cpu", "--quiet", *extra]
+            "--selection", "topk", "--k", "8",
+            "--max-length", "48", "--tokens-per-batch", "96", "--device", "cpu", "--quiet", *extra]
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -63,7 +64,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
                  "--device cuda: this torch build has no CUDA support; use --device cpu (or auto)",
                  marks=pytest.mark.skipif(torch.cuda.is_available() or torch.version.cuda is not None,
                                           reason="needs a CPU-only torch build")),
-    (["--k", "-5"], "--k must be >= 1, got -5"),
+    (["--selection", "topk", "--k", "-5"], "--k must be >= 1, got -5"),
 ])
 def test_argument_errors_exit_2_with_one_line_and_write_nothing(env, tmp_path, capsys, extra, message):
     out = tmp_path / "s"
@@ -98,7 +99,7 @@ def test_out_that_is_a_users_folder_or_a_file_is_refused(env, tmp_path, capsys):
 
 
 def test_k_above_the_vocabulary_is_said_once(env, tmp_path, capsys):
-    rc, err = run_cli(args(env, tmp_path / "s", "--k", "1000"), capsys)
+    rc, err = run_cli(args(env, tmp_path / "s", "--selection", "topk", "--k", "1000"), capsys)
     V = len(env["tok"])
     assert rc == 0
     assert err.count(f"--k 1000 is more than the teacher's vocabulary ({V:,}): every position keeps at most") == 1
@@ -197,19 +198,22 @@ def test_verify_and_examples_on_wrong_paths(tmp_path, capsys):
 def test_python_api_takes_objects_and_paths(env, tmp_path):
     datasets = pytest.importorskip("datasets")
     ref = tmp_path / "ref"
-    compile_store(CompileOptions(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(ref), k=8,
+    compile_store(CompileOptions(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(ref),
+                                 selection="topk", k=8,
                                  max_length=48, device="cpu", progress=False))
     by_path = tmp_path / "path"
-    compile_store(teacher=env["teacher"], data=env["corpus"], out=by_path, k=8, max_length=48, device="cpu",
+    compile_store(teacher=env["teacher"], data=env["corpus"], out=by_path,
+                  selection="topk", k=8, max_length=48, device="cpu",
                   progress=False)
     model = load_model(env["teacher"]).train()
     texts = list(env["docs"])
     objs = tmp_path / "objs"
     r = compile_store(teacher=model, tokenizer=env["tok"], data=datasets.Dataset.from_dict({"text": texts}),
-                      out=objs, k=8, max_length=48, progress=False)
+                      out=objs, selection="topk", k=8, max_length=48, progress=False)
     assert model.training  # restored after the compile
     recs = tmp_path / "recs"
-    compile_store(teacher=model, tokenizer=env["tok"], data=[{"text": t} for t in texts], out=recs, k=8,
+    compile_store(teacher=model, tokenizer=env["tok"], data=[{"text": t} for t in texts], out=recs,
+                  selection="topk", k=8,
                   max_length=48, progress=False)
     want = raw_store_rows(ref)
     for out in (by_path, objs, recs):
@@ -225,6 +229,6 @@ def test_python_api_takes_objects_and_paths(env, tmp_path):
     with pytest.raises(ValueError, match="--k must be >= 1"):
         compile_store(teacher=env["teacher"], data=env["corpus"], out=tmp_path / "k", k=0)
     with pytest.raises(ConfigMismatchError):  # a resume with other settings is refused, as on the CLI
-        compile_store(teacher=env["teacher"], data=env["corpus"], out=by_path, k=4, max_length=48, device="cpu",
-                      progress=False)
+        compile_store(teacher=env["teacher"], data=env["corpus"], out=by_path, selection="topk", k=4, max_length=48,
+                      device="cpu", progress=False)
     assert not (tmp_path / "t").exists() and not (tmp_path / "k").exists()

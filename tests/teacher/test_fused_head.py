@@ -177,7 +177,7 @@ def env(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch,kw", [("llama", dict(selection="topk+sample", k_exact=3, samples=6, seed=2)),
-                                     ("gpt2", dict(k=8, tokens_per_batch=100))])
+                                     ("gpt2", dict(selection="topk", k=8, tokens_per_batch=100))])
 def test_fused_store_equals_materialised_store(env, tmp_path, arch, kw):
     """Whole compiles (padded batches for gpt2, several row blocks): same rows, same tail prior."""
     teacher = save_teacher(env["base"] / arch, arch, env["tok"], extra_vocab=3)
@@ -204,8 +204,8 @@ def test_head_settings_are_recorded_and_change_the_labels_only_as_asked(env, tmp
     from labelstore.errors import ConfigMismatchError
 
     teacher = save_teacher(env["base"] / "padded", "llama", env["tok"], extra_vocab=40)
-    base = dict(teacher=str(teacher), data=[str(env["corpus"])], max_length=32, tokens_per_batch=32, k=64,
-                device="cpu", progress=False)
+    base = dict(teacher=str(teacher), data=[str(env["corpus"])], max_length=32, tokens_per_batch=32,
+                selection="topk", k=64, device="cpu", progress=False)
     compile_store(CompileOptions(out=str(tmp_path / "plain"), **base))
     compile_store(CompileOptions(out=str(tmp_path / "masked"), mask_vocab_padding=True, **base))
     compile_store(CompileOptions(out=str(tmp_path / "f32"), head_dtype="float32", **base))

@@ -24,7 +24,8 @@ def test_device_map_auto_store_equals_the_plain_store(env, tmp_path):
     for name, extra in (("plain", []), ("mapped", ["--device-map", "auto"])):
         out = tmp_path / name
         assert cli_main(["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", str(out),
-                         "--k", "8", "--max-length", "32", "--tokens-per-batch", "64", "--device", "cpu", "--quiet",
+                         "--selection", "topk", "--k", "8",
+                         "--max-length", "32", "--tokens-per-batch", "64", "--device", "cpu", "--quiet",
                          *extra]) == 0
         stores[name] = raw_store_rows(out)
     a, b = stores["plain"], stores["mapped"]
@@ -77,7 +78,8 @@ def test_tp_size_2_under_torchrun_equals_one_process(env, tmp_path):
 
     from labelstore.store.reader import LabelStore
 
-    common = ["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--k", "8",
+    common = ["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]),
+              "--selection", "topk", "--k", "8",
               "--max-length", "32", "--tokens-per-batch", "64", "--device", "cpu", "--quiet"]
     assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "labelstore",

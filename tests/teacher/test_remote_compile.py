@@ -37,9 +37,11 @@ def spool(tmp_path, monkeypatch):
 
 
 def opts(env, out, **kw) -> CompileOptions:
-    base = dict(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(out), k=8, max_length=64,
-                tokens_per_batch=64, shard_mb=0.004, device="cpu", progress=False)
+    base = dict(teacher=str(env["teacher"]), data=[str(env["corpus"])], out=str(out), selection="topk", k=8,
+                max_length=64, tokens_per_batch=64, shard_mb=0.004, device="cpu", progress=False)
     base.update(kw)
+    if base["selection"] in ("sample", "topk+sample") and "k" not in kw:  # --k sizes topk/topp stores only
+        del base["k"]
     return CompileOptions(**base)
 
 
@@ -84,7 +86,8 @@ def test_compile_to_s3_equals_local(env, s3_bucket, local_store, tmp_path):
 def test_sigkilled_compile_to_s3_resumes_to_the_same_store(env, s3_bucket, local_store, tmp_path, fault):
     url = f"s3://{s3_bucket}/st"
     o = opts(env, url)
-    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", url, "--k", "8", "--max-length", "64",
+    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", url,
+            "--selection", "topk", "--k", "8", "--max-length", "64",
             "--tokens-per-batch", "64", "--shard-mb", "0.004", "--device", "cpu", "--quiet"]
     p = subprocess.run([sys.executable, "-m", "labelstore", *args], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "LABELSTORE_FAULT": fault}, timeout=300)
@@ -117,7 +120,8 @@ def test_cli_compile_to_s3_prints_the_remote_store_summary(env, s3_bucket, capsy
 
     url = f"s3://{s3_bucket}/cli"
     assert main(["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", url,
-                 "--k", "4", "--max-length", "64", "--device", "cpu", "--tokens-per-batch", "auto"]) == 0
+                 "--selection", "topk", "--k", "4",
+                 "--max-length", "64", "--device", "cpu", "--tokens-per-batch", "auto"]) == 0
     out = capsys.readouterr().out
     assert f"store           {url}" in out and "compiled" in out
     assert main(["info", url]) == 0 and f"store           {url}" in capsys.readouterr().out
@@ -128,7 +132,8 @@ def test_torchrun_two_ranks_to_s3_equal_one_local_process(env, s3_bucket, local_
     finalizes once both done markers are there. Its rows equal the one-process local compile."""
     url = f"s3://{s3_bucket}/two"
     o = opts(env, url)
-    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", url, "--k", "8", "--max-length", "64",
+    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", url,
+            "--selection", "topk", "--k", "8", "--max-length", "64",
             "--tokens-per-batch", "64", "--shard-mb", "0.004", "--device", "cpu", "--quiet"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "labelstore",
            *args]

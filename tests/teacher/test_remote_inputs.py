@@ -250,14 +250,16 @@ def test_compile_from_a_bucket_writes_the_local_store(tmp_path, s3_bucket, tok, 
     upload_tree(local, s3_bucket, "corpus")
 
     def run(data, out):
-        res = compile_store(CompileOptions(teacher=str(teacher), data=data, out=str(out), k=8, max_length=64,
+        res = compile_store(CompileOptions(teacher=str(teacher), data=data, out=str(out),
+                                           selection="topk", k=8, max_length=64,
                                            tokens_per_batch=256, device="cpu", progress=False))
         return store_rows(out), res
 
     want, _ = run([str(local)], tmp_path / "local")
     # the command line, as a user types it
     assert cli_main(["compile", "--teacher", str(teacher), "--data", f"s3://{s3_bucket}/corpus/", "--out",
-                     str(tmp_path / "remote"), "--k", "8", "--max-length", "64", "--tokens-per-batch", "256",
+                     str(tmp_path / "remote"),
+                     "--selection", "topk", "--k", "8", "--max-length", "64", "--tokens-per-batch", "256",
                      "--device", "cpu", "--quiet"]) == 0
     got = store_rows(tmp_path / "remote")
     assert len(got) > 3

@@ -28,7 +28,8 @@ def env(tmp_path_factory):
 
 
 def args(env, out, *extra):
-    return ["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", str(out), "--k", "4",
+    return ["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", str(out),
+            "--selection", "topk", "--k", "4",
             "--device", "cpu", "--quiet", *extra]
 
 

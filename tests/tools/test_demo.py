@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,6 @@ def test_demo_builds_caches_and_reports(tmp_path, corpus):
     cache = tmp_path / "cache"
     first = run_demo(cache_dir=cache, config=TINY, corpus_root=corpus, samples=6, max_length=64,
                      fidelity_samples=2, log=lines.append, out=str(tmp_path / "store"))
-    first["out"] = tmp_path / "store"
     teacher = cache / TINY.cache_name()
     assert first["built"] and first["teacher"] == str(teacher)
     assert sorted(p.name for p in cache.iterdir()) == [teacher.name]  # no temporary folder left behind
@@ -58,22 +58,59 @@ def test_demo_builds_caches_and_reports(tmp_path, corpus):
     text = "def f(x):\n    return x + 1\n"
     assert tok.decode(tok(text)["input_ids"]) == text
 
+    # the demo compiles with the compile default: a sampled store of 16 draws per position
     s, fid = first["summary"], first["fidelity"]
     assert s["samples"] == 6 and s["vocab_size"] == TINY.vocab_size
+    assert fid["mode"] == "sample" and fid["draws"] == 16 and fid["positions"] == 2 * 64
     assert 0 < fid["entropy"] <= math.log(TINY.vocab_size) + 1e-9
-    assert 0 < fid["kept_mass"] <= 1 and fid["positions"] == 2 * 64
-    # the figures against a reference computed here, in float64, from the store and the saved teacher
-    ref = _reference_fidelity(first["out"], model, 2)
+    ref = _reference_sampled(tmp_path / "store", model, 2)
+    for key in ("kept_mass", "kl_store_teacher", "first_is_argmax", "entries"):
+        assert fid[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
+    out = "\n".join(lines)
+    assert "bytes per token" in out and "log V" in out and "KL(store || teacher)" in out
+
+    # --selection topk: the top-k report, against a float64 reference written out here
+    topk = run_demo(cache_dir=cache, config=TINY, corpus_root=corpus, samples=6, max_length=64, selection="topk",
+                    fidelity_samples=2, log=lines.append, out=str(tmp_path / "store-topk"))
+    assert not topk["built"] and topk["teacher"] == first["teacher"]
+    fid = topk["fidelity"]
+    assert fid["mode"] == "topk" and 0 < fid["kept_mass"] <= 1 and fid["positions"] == 2 * 64
+    ref = _reference_fidelity(tmp_path / "store-topk", model, 2)
     assert fid["kl_mean_uniform_tail"] == pytest.approx(ref["kl_uniform"], rel=1e-6)
     assert fid["kept_mass"] == pytest.approx(ref["kept_mass"], rel=1e-9)
     assert fid["first_is_argmax"] == ref["first_is_argmax"]
-    out = "\n".join(lines)
-    assert "bytes per token" in out and "log V" in out and "KL(teacher || store)" in out
+    assert "KL(teacher || store)" in "\n".join(lines)
 
     again = run_demo(cache_dir=cache, config=TINY, corpus_root=corpus, samples=6, max_length=64,
                      fidelity_samples=2, log=lines.append, out=str(tmp_path / "store2"))
-    assert not again["built"] and again["teacher"] == first["teacher"]
-    assert again["fidelity"] == first["fidelity"]  # same teacher, same store
+    assert not again["built"] and again["fidelity"] == first["fidelity"]  # same teacher, same seed, same store
+
+
+@torch.inference_mode()
+def _reference_sampled(path, model, n):
+    """A sampled store against the dense float64 teacher, position by position: q = count / draws."""
+    from labelstore import LabelStore
+
+    store = LabelStore(path)
+    S = store.meta["selection"]["samples"]
+    kept, rkl, first, entries = [], [], [], []
+    for i in range(n):
+        s = store[i]
+        p = torch.softmax(model(input_ids=s.input_ids[None]).logits[0].double(), -1)
+        for t in range(p.shape[0]):
+            c = int(s.counts[t])
+            ids = [int(x) for x in s.ids[t, :c]]
+            q = [float(x) for x in s.probs[t, :c]]
+            draws = [qj * S for qj in q]  # each stored frequency is a whole number of the S draws, all stored
+            assert all(abs(d - round(d)) < 1e-4 and round(d) >= 1 for d in draws) and round(sum(draws)) == S
+            kept.append(sum(float(p[t, j]) for j in ids))
+            rkl.append(sum(qj * (math.log(qj) - math.log(float(p[t, j]))) for qj, j in zip(q, ids)))
+            best = max(range(c), key=lambda e: (q[e], -e))
+            first.append(float(ids[best] == int(p[t].argmax())))
+            entries.append(c)
+    assert S == 16
+    return {"kept_mass": np.mean(kept), "kl_store_teacher": np.mean(rkl), "first_is_argmax": np.mean(first),
+            "entries": np.mean(entries)}
 
 
 @torch.inference_mode()

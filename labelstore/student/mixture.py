@@ -62,10 +62,13 @@ class StoreMixture(torch.utils.data.Dataset):
                     )
         sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
         self.sizes = sizes
+        # index i of the mixture lies in part j = searchsorted(offsets, i, "right") - 1: one int64 per part, never
+        # one per row (a 5T-token mixture has billions of rows)
         if weights is None:
             self.weights = None
-            self._part = np.repeat(np.arange(len(sizes)), sizes)
-            self._row = np.concatenate([np.arange(n) for n in sizes]) if sizes.sum() else np.zeros(0, np.int64)
+            self.counts = sizes
+            self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            self._perms = None
             return
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (len(self.parts),) or not np.all(np.isfinite(w)) or w.min() < 0 or w.sum() <= 0:
@@ -79,26 +82,37 @@ class StoreMixture(torch.utils.data.Dataset):
         order = np.argsort(-(self.weights * total - counts), kind="stable")
         counts[order[:short]] += 1
         rng = np.random.default_rng(seed)
-        part, row = [], []
-        for j, (n, size) in enumerate(zip(counts, sizes)):
-            if n == 0:
-                continue
-            perm = rng.permutation(size)
-            row.append(perm[np.arange(n) % size])
-            part.append(np.full(n, j, dtype=np.int64))
-        self._part, self._row = np.concatenate(part), np.concatenate(row)
+        # part j's items are its rows in a seeded permutation, repeated when it is drawn more often than its size;
+        # the permutations are the only per-row state (int32 where the part allows it)
+        self._perms = []
+        for n, size in zip(counts, sizes):
+            perm = rng.permutation(size) if n else np.zeros(0, np.int64)
+            self._perms.append(perm.astype(np.int32) if size < 2**31 else perm)
         self.counts = counts
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def _locate_many(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row in the part) of mixture indices ``idx`` (in range)."""
+        part = np.searchsorted(self._offsets, idx, side="right") - 1
+        k = idx - self._offsets[part]
+        if self._perms is None:
+            return part, k
+        row = np.empty_like(k)
+        for j in np.unique(part).tolist():
+            sel = part == j
+            row[sel] = self._perms[j][k[sel] % self.sizes[j]]
+        return part, row
 
     def __len__(self) -> int:
-        return int(self._part.size)
+        return int(self._offsets[-1])
 
     def locate(self, i: int) -> tuple[int, int]:
         """(part, index in the part) of mixture index ``i``."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a mixture of {n} items")
-        i = int(i) % n
-        return int(self._part[i]), int(self._row[i])
+        part, row = self._locate_many(np.array([int(i) % n], dtype=np.int64))
+        return int(part[0]), int(row[0])
 
     def __getitem__(self, i: int) -> dict:
         j, r = self.locate(i)
@@ -109,7 +123,7 @@ class StoreMixture(torch.utils.data.Dataset):
     def will_read(self, indices) -> None:
         """Announce the mixture indices about to be read, in order, to each part that can use it (remote stores)."""
         idx = np.asarray(indices, dtype=np.int64) % max(len(self), 1)
-        part, row = self._part[idx], self._row[idx]
+        part, row = self._locate_many(idx)
         for j, p in enumerate(self.parts):
             if hasattr(p, "will_read"):
                 p.will_read(row[part == j])

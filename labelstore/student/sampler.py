@@ -84,45 +84,83 @@ class StoreSampler(torch.utils.data.Sampler):
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's full index list for ``epoch`` (default: the current one)."""
         e = self.epoch if epoch is None else int(epoch)
-        if self.shuffle == "shards":
-            order = self._shard_order(e)
+        parts = list(self._rank_chunks(e, 0))
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def _rank_chunks(self, epoch: int, start: int):
+        """This rank's indices of ``epoch`` from its ``start``-th on, in chunks. ``shuffle="shards"`` and
+        ``shuffle=False`` never hold more than a group of shards (or this rank's share) at once; ``shuffle=True``
+        holds the epoch's permutation, one int64 per row of the store (use ``"shards"`` for stores of billions of
+        rows: 2.4e9 rows would be 19 GB per rank)."""
+        n, W, r = self.n, self.num_replicas, self.rank
+        if n == 0 or start >= self.num_samples:
+            return
+        if self.shuffle == "shards":  # contiguous blocks: each rank reads its own groups of shards
+            yield from self._order_range(epoch, r * self.num_samples + start, (r + 1) * self.num_samples)
         elif self.shuffle:
             g = torch.Generator()
-            g.manual_seed(self.seed + e)
-            order = torch.randperm(self.n, generator=g).numpy()
-        else:
-            order = np.arange(self.n)
-        if self.drop_last:
-            order = order[: self.total_size]
-        elif self.total_size > self.n:
-            pad = self.total_size - self.n
-            order = np.concatenate([order, np.resize(order, pad)]) if self.n else order
-        if self.shuffle == "shards":  # contiguous blocks: each rank reads its own groups of shards
-            return order[self.rank * self.num_samples: (self.rank + 1) * self.num_samples].astype(np.int64)
-        return order[self.rank: self.total_size: self.num_replicas].astype(np.int64)
+            g.manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=g).numpy()
+            yield order[(np.arange(r + start * W, self.total_size, W) % n)].astype(np.int64)
+        else:  # store order, every W-th position; positions past n repeat the order's start (the padding)
+            step = 1 << 20
+            for a in range(r + start * W, self.total_size, step * W):
+                yield np.arange(a, min(self.total_size, a + step * W), W, dtype=np.int64) % n
 
-    def _shard_order(self, epoch: int) -> np.ndarray:
-        """Shards permuted, taken ``shard_window`` at a time, rows permuted within each group (seeded)."""
+    def _groups(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s shard permutation and the row offset of each group of ``shard_window`` shards in it
+        (one int64 per shard, never per row)."""
         g = torch.Generator()
         g.manual_seed(self.seed + epoch)
         starts = self._starts
         shards = torch.randperm(len(starts) - 1, generator=g).numpy()
-        parts = []
-        for i in range(0, len(shards), self.shard_window):
-            rows = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shards[i: i + self.shard_window]])
-            parts.append(rows[torch.randperm(len(rows), generator=g).numpy()])
+        rows = np.diff(starts)[shards]
+        sizes = np.add.reduceat(rows, np.arange(0, len(shards), self.shard_window)) if len(shards) else rows
+        return shards, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _group_rows(self, epoch: int, shards: np.ndarray, gi: int) -> np.ndarray:
+        """The rows of group ``gi``, permuted by a generator seeded with ``(seed, epoch, gi)`` alone, so any group
+        can be produced without the ones before it."""
+        starts = self._starts
+        members = shards[gi * self.shard_window: (gi + 1) * self.shard_window]
+        rows = np.concatenate([np.arange(starts[s], starts[s + 1], dtype=np.int64) for s in members])
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed % (1 << 64), epoch, gi])))
+        return rows[rng.permutation(len(rows))]
+
+    def _order_range(self, epoch: int, a: int, b: int):
+        """Positions ``[a, b)`` of the epoch's two-level order (position ``p`` past the store's ``n`` rows repeats
+        position ``p mod n``: the padding), one group at a time."""
+        shards, goff = self._groups(epoch)
+        n = self.n
+        cached = (-1, None)
+        p = a
+        while p < b:
+            q = p % n
+            gi = int(np.searchsorted(goff, q, side="right")) - 1
+            if cached[0] != gi:
+                cached = (gi, self._group_rows(epoch, shards, gi))
+            rows = cached[1]
+            lo = q - int(goff[gi])
+            take = min(len(rows) - lo, b - p)
+            yield rows[lo: lo + take]
+            p += take
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        """The whole two-level order of ``epoch`` (shards permuted, taken ``shard_window`` at a time, rows permuted
+        within each group), before padding: the definition the rank blocks are cut from."""
+        parts = list(self._order_range(epoch, 0, self.n))
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return self.num_samples - self._start
 
     def __iter__(self):
-        idx = self.epoch_indices()
         start, self._start = self._start, 0
         self._yielded = start
-        for i in idx[start:]:
-            self._yielded += 1
-            yield int(i)
+        for chunk in self._rank_chunks(self.epoch, start):
+            for i in chunk.tolist():
+                self._yielded += 1
+                yield i
 
     def state_dict(self, consumed: int | None = None) -> dict:
         """Where this rank stands: epoch and samples consumed in it (default: the indices handed out)."""

@@ -109,3 +109,37 @@ def test_refused_where_shards_do_not_define_the_order(ds):
         StoreSampler(StoreMixture([ds, ds]), num_replicas=1, rank=0, shuffle="shards")
     with pytest.raises(ValueError, match="shuffle must be"):
         StoreSampler(ds, num_replicas=1, rank=0, shuffle="blocks")
+
+
+def test_a_rank_builds_only_the_groups_of_its_block(ds, monkeypatch):
+    """At the seed's scale a per-row permutation of the store does not fit in memory: with shuffle="shards" a rank
+    produces only the groups its block of the order overlaps, one at a time, and a resume starts mid-group."""
+    world, window = 4, 2
+    ref = StoreSampler(ds, num_replicas=world, rank=0, shuffle="shards", seed=7, shard_window=window)
+    shards, goff = ref._groups(0)
+    full = ref._shard_order(0)
+    for r in range(world):
+        s = StoreSampler(ds, num_replicas=world, rank=r, shuffle="shards", seed=7, shard_window=window)
+        built = []
+        real = StoreSampler._group_rows
+
+        def spy(self, epoch, shards, gi, real=real, built=built):
+            built.append(gi)
+            return real(self, epoch, shards, gi)
+
+        monkeypatch.setattr(StoreSampler, "_group_rows", spy)
+        got = np.fromiter(iter(s), np.int64)
+        monkeypatch.setattr(StoreSampler, "_group_rows", real)
+        a, b = r * s.num_samples, (r + 1) * s.num_samples
+        want = np.resize(full, s.total_size)[a:b]  # the padded order, cut into contiguous blocks
+        np.testing.assert_array_equal(got, want)
+        # exactly the groups whose rows [goff[g], goff[g+1]) meet this block (positions past n wrap to the start)
+        pos = np.arange(a, b) % len(full)
+        need = sorted(set((np.searchsorted(goff, pos, side="right") - 1).tolist()))
+        assert sorted(set(built)) == need and len(built) == len(set(built)), (built, need)
+        assert len(need) < len(goff) - 1  # not every group
+        # a resume part-way through the block yields the rest, from the middle of a group
+        st = s.state_dict(consumed=5)
+        again = StoreSampler(ds, num_replicas=world, rank=r, shuffle="shards", seed=7, shard_window=window)
+        again.load_state_dict(st)
+        np.testing.assert_array_equal(np.fromiter(iter(again), np.int64), want[5:])

@@ -29,6 +29,8 @@ import torch
 from labelstore.distributed import rank_world
 from labelstore.errors import ConfigMismatchError
 
+SHARDS_ORDER = 2  # the shuffle="shards" order: 2 = groups permuted by (seed, epoch, group) generators (0.4.0)
+
 
 def shard_starts_of(data_source) -> np.ndarray:
     """The global index of each shard's first row, and the row count last, of the one store under a dataset."""
@@ -174,6 +176,7 @@ class StoreSampler(torch.utils.data.Sampler):
             "num_replicas": self.num_replicas,
             "rank": self.rank,
             "num_samples": self.num_samples,
+            **({"shards_order": SHARDS_ORDER} if self.shuffle == "shards" else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -186,6 +189,12 @@ class StoreSampler(torch.utils.data.Sampler):
                     f"sampler state has {key}={state[key]!r} but this sampler has {getattr(self, key)!r}; resume "
                     "with the same store, seed, shuffle, drop_last and world layout"
                 )
+        if self.shuffle == "shards" and state.get("shards_order", 1) != SHARDS_ORDER and int(state["consumed"]):
+            raise ConfigMismatchError(
+                f"sampler state from another shuffle='shards' order (version {state.get('shards_order', 1)}, "
+                f"labelstore 0.3; this one is version {SHARDS_ORDER}): continuing mid-epoch would repeat some rows and "
+                "skip others. Resume at the start of the next epoch (set_epoch(state['epoch'] + 1)) instead"
+            )
         consumed = int(state["consumed"])
         if not 0 <= consumed <= self.num_samples:
             raise ValueError(f"consumed={consumed} is outside [0, {self.num_samples}]")

@@ -143,3 +143,15 @@ def test_a_rank_builds_only_the_groups_of_its_block(ds, monkeypatch):
         again = StoreSampler(ds, num_replicas=world, rank=r, shuffle="shards", seed=7, shard_window=window)
         again.load_state_dict(st)
         np.testing.assert_array_equal(np.fromiter(iter(again), np.int64), want[5:])
+
+
+def test_a_mid_epoch_state_from_the_old_shards_order_is_refused(ds):
+    s = StoreSampler(ds, num_replicas=1, rank=0, shuffle="shards", seed=7, shard_window=2)
+    state = s.state_dict(consumed=5)
+    assert state["shards_order"] == 2
+    old = {k: v for k, v in state.items() if k != "shards_order"}  # what 0.3.0 wrote
+    with pytest.raises(ConfigMismatchError, match="another shuffle='shards' order"):
+        StoreSampler(ds, num_replicas=1, rank=0, shuffle="shards", seed=7, shard_window=2).load_state_dict(old)
+    fresh = StoreSampler(ds, num_replicas=1, rank=0, shuffle="shards", seed=7, shard_window=2)
+    fresh.load_state_dict(dict(old, consumed=0))  # an epoch boundary holds no order: accepted
+    assert len(fresh) == fresh.num_samples

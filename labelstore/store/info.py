@@ -36,6 +36,8 @@ def summary(path) -> dict:
     disk = tot["bytes"] + sum(p.stat().st_size for p in (root / "manifest.json", root / CONFIG) if p.exists())
     disk += man.get("index", {}).get("bytes", 0)  # version 4: index.arrow (its size recorded in the manifest)
     v = meta["vocab_size"]
+    if man.get("tail_prior"):  # tail_prior.f32: float32 [V] (docs/FORMAT.md 5c)
+        disk += 4 * v
     cc, rt = meta.get("compile_config", {}), meta.get("runtime", {})
     labelled = cc.get("data", {}).get("labelled_positions", tokens) if cc.get("label_positions") else tokens
     out = {

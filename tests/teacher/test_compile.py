@@ -148,6 +148,14 @@ def test_stored_labels_match_the_dense_teacher(env, tmp_path, arch, pack, codec)
     assert float(np.mean(np.concatenate(kl_gap))) < (2e-3 if codec == "log8" else 1e-5)
     # the tail prior: the teacher's mean next-token distribution over every stored position
     np.testing.assert_allclose(raw_prior(tmp_path / "s"), (mass / store.num_tokens).numpy(), rtol=1e-4, atol=1e-9)
+    # `info`'s bytes on disk: every file a reader needs, the prior included
+    from labelstore.store.info import summary
+
+    root = tmp_path / "s"
+    files = [*root.glob("shards/*.arrow"), root / "manifest.json", root / "index.arrow", root / "tail_prior.f32",
+             root / "config.json"]
+    assert all(f.is_file() for f in files)
+    assert summary(root)["bytes_on_disk"] == sum(f.stat().st_size for f in files)
 
 
 def test_hard_labels_are_the_teacher_argmax(env, tmp_path):

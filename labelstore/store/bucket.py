@@ -1,0 +1,249 @@
+"""Bucket-coded rows (format version 5, encoding "bucket"): fewer bytes for the same entries.
+
+The bytes of a store are in the kept token ids. Encoding "zstd" (version 2) stores them as byte planes under zstd,
+which on a 17-bit vocabulary costs *more* than plain bit packing (the third plane holds one bit per id). This
+encoding codes each kept id in two parts (docs/FORMAT.md 6c):
+
+1. **Next-token swap.** At every position but a row's last, the next input token ``x = input_ids[t + 1]`` (the
+   token the position predicts, which the row already stores) and token 0 trade places: ``c = 0`` if
+   ``id == x``, ``c = x`` if ``id == 0``, else ``c = id``. A bijection on ``[0, V)``; a teacher that ranks the
+   true next token among its entries then pays for it as the cheapest symbol.
+2. **Log buckets.** ``c < 16`` is symbol ``c`` with no extra bits. Otherwise, with ``e = bit_length(c) - 1``
+   (4 .. 25) and ``s`` the 3 bits below the leading one, the symbol is ``16 + 8 (e - 4) + s`` and the ``e - 3``
+   low bits of ``c`` are extra bits. The symbols (one byte each) go under zstd, whose Huffman stage codes the
+   skew of the ids (small ids are frequent in BPE vocabularies, and every swapped next token is symbol 0); the
+   extra bits, nearly uniform within a bucket, are bit-packed raw.
+
+Values (1-byte codecs) are the "zstd" encoding's per-position deltas, stored **slot-major** (every position's
+first entry, then every second entry, ...), so a zstd block sees the deltas of one rank together. Everything else
+(``input_ids``, ``counts``, 2-byte values, ``tail``, ``doc_starts``) is exactly the "zstd" encoding's.
+
+Decoding is vectorized numpy over a whole row (no per-symbol Python); zstd does the entropy decoding in C.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from labelstore.errors import StoreCorruptError
+from labelstore.store import entropy
+
+SMALL = 16  # c < SMALL: the symbol is c itself, no extra bits
+SUB_BITS = 3  # bits below the leading one that go into the symbol
+_U64 = np.uint64
+
+
+def num_symbols(id_bits: int) -> int:
+    """Symbols a store of ``id_bits`` can hold: codes ``< 2**id_bits`` (a decoded symbol at or above is corrupt)."""
+    if id_bits <= 4:
+        return 1 << id_bits
+    return SMALL + (id_bits - 4) * 8
+
+
+def _symbol_luts():
+    """Per symbol (0..255): its extra bits, and its code's high part (code = high << extra | low)."""
+    sym = np.arange(256, dtype=np.int64)
+    nb = np.where(sym < SMALL, 0, (sym - SMALL) // 8 + 1)  # e - 3, e = 4 + (sym - 16) // 8
+    high = np.where(sym < SMALL, sym, 8 + ((sym - SMALL) & 7))  # the leading one and the 3 symbol bits
+    return nb.astype(np.uint32), high.astype(np.uint32)
+
+
+_NB_LUT, _HIGH_LUT = _symbol_luts()
+
+
+def _full(counts: np.ndarray) -> int | None:
+    """The common count of every position when all are equal and nonzero (a fixed-k row), else None."""
+    if counts.size and counts[0] > 0 and (counts == counts[0]).all():
+        return int(counts[0])
+    return None
+
+
+_NONE = np.uint32(0xFFFFFFFF)  # "no next token" (a row's last position): equal to no code (codes < 2**26)
+
+
+def _next_tokens(input_ids: np.ndarray, T: int) -> np.ndarray:
+    nxt = np.full(T, _NONE, dtype=np.uint32)
+    if T > 1:
+        nxt[:-1] = np.asarray(input_ids)[1:]
+    return nxt
+
+
+def swap_next(ids: np.ndarray, counts: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+    """The next-token swap (its own inverse) as uint32: per entry of position ``t`` (not a row's last), trade
+    ``input_ids[t + 1]`` and 0. ``ids`` must be below 2**26 (any code a store holds)."""
+    out = np.array(ids, dtype=np.uint32).reshape(-1)
+    T = counts.size
+    if out.size == 0 or T < 2:
+        return out
+    nxt = _next_tokens(input_ids, T)
+    k = _full(counts)
+    if k is not None:  # a fixed-k row: compare over [T, k] by broadcasting
+        hit = np.flatnonzero(out.reshape(T, k) == nxt[:, None])
+    else:
+        hit = np.flatnonzero(out == np.repeat(nxt, counts))
+    zero = np.flatnonzero(out == 0)
+    if zero.size:
+        pos = zero // k if k is not None else np.searchsorted(np.cumsum(counts), zero, side="right")
+        x = nxt[pos]
+        keep = x != _NONE
+        out[zero[keep]] = x[keep]
+    out[hit] = 0
+    return out
+
+
+def encode_codes(codes: np.ndarray) -> tuple[np.ndarray, bytes]:
+    """(symbols uint8, extra bits packed little-endian bit order) of non-negative codes ``< 2**26``."""
+    c = np.asarray(codes, dtype=np.int64)
+    if c.size == 0:
+        return np.zeros(0, np.uint8), b""
+    big = c >= SMALL
+    e = np.zeros(c.size, dtype=np.int64)
+    e[big] = np.floor(np.log2(c[big])).astype(np.int64)
+    e[big] += (c[big] >> (e[big] + 1)) > 0  # guard the float log2 at powers of two (exact for c < 2**26 anyway)
+    e[big] -= (c[big] >> e[big]) == 0
+    nb = np.where(big, e - SUB_BITS, 0)
+    sub = np.where(big, (c >> np.maximum(nb, 0)) & 7, 0)
+    sym = np.where(big, SMALL + 8 * (e - 4) + sub, c).astype(np.uint8)
+    extra = np.where(big, c & ((np.int64(1) << nb) - 1), 0)
+    return sym, _pack_varbits(extra, nb)
+
+
+def _pack_varbits(vals: np.ndarray, nbits: np.ndarray) -> bytes:
+    """Concatenate ``nbits[i]`` (<= 32) low bits of ``vals[i]``, least significant first, into bytes (the last one
+    zero-padded). The values do not overlap, so OR-ing them into 64-bit words is a segmented sum."""
+    nbits = nbits.astype(np.uint64)
+    ends = np.cumsum(nbits)
+    total = int(ends[-1]) if ends.size else 0
+    if total == 0:
+        return b""
+    starts = ends - nbits
+    v = vals.astype(np.uint64) & ((np.uint64(1) << nbits) - np.uint64(1))
+    word, shift = (starts >> np.uint64(6)).astype(np.int64), starts & np.uint64(63)
+    words = np.zeros(total // 64 + 2, dtype="<u8")
+    first = np.flatnonzero(np.concatenate([[True], word[1:] != word[:-1]]))
+    words[word[first]] = np.add.reduceat(v << shift, first)  # bits past 64 fall off here ...
+    spill = np.flatnonzero(shift + nbits > np.uint64(64))
+    # ... and go to the next word (at most one value spills into a word)
+    words[word[spill] + 1] |= v[spill] >> (np.uint64(64) - shift[spill])
+    return words.view(np.uint8)[: (total + 7) // 8].tobytes()
+
+
+def decode_codes(sym: np.ndarray, extra: np.ndarray, id_bits: int, where: str) -> np.ndarray:
+    """Inverse of :func:`encode_codes` (uint32 codes); refuses a symbol beyond ``id_bits``'s range, extra bits of
+    another length than the symbols need, and nonzero padding bits."""
+    n = sym.size
+    if n and int(sym.max()) >= num_symbols(id_bits):
+        raise StoreCorruptError(f"{where}: ids symbol {int(sym.max())} is out of range for {id_bits}-bit ids; damaged")
+    nb = _NB_LUT.take(sym)
+    high = _HIGH_LUT.take(sym)
+    ends = np.cumsum(nb, dtype=np.int64)
+    total = int(ends[-1]) if n else 0
+    need = (total + 7) // 8
+    if extra.size != need:
+        raise StoreCorruptError(f"{where}: ids carry {extra.size} bytes of extra bits, the symbols need {need}; damaged")
+    if total % 8 and int(extra[-1]) >> (total % 8):
+        raise StoreCorruptError(f"{where}: the ids' extra bits have nonzero padding; damaged")
+    if total == 0:
+        return high
+    starts = ends - nb
+    padded = np.zeros(need + 4, dtype=np.uint8)
+    padded[:need] = extra
+    # every value (<= 22 bits at a bit offset <= 7) lies in the 4 bytes from its first byte: one unaligned
+    # little-endian uint32 read per value
+    win = np.ndarray((need + 1,), dtype="<u4", buffer=padded, strides=(1,)).take(starts >> 3)
+    win >>= (starts & 7).astype(np.uint32)
+    win &= (np.uint32(1) << nb) - np.uint32(1)
+    high <<= nb
+    high |= win
+    return high
+
+
+def _slot_major(entries: np.ndarray, counts: np.ndarray, to_slot: bool) -> np.ndarray:
+    """Reorder a row's entries between position-major (the row's order) and slot-major order: every position's
+    entry 0 (positions ascending), then every entry 1 of the positions that have one, and so on."""
+    T = counts.size
+    k = _full(counts)
+    if k is not None:
+        if to_slot:
+            return np.ascontiguousarray(entries.reshape(T, k).T).reshape(-1)
+        return np.ascontiguousarray(entries.reshape(k, T).T).reshape(-1)
+    K = int(counts.max()) if T else 0
+    mask = np.arange(K)[None, :] < counts[:, None]  # [T, K]: position t has an entry in slot j
+    if to_slot:
+        grid = np.zeros((T, K), dtype=entries.dtype)
+        grid[mask] = entries
+        return grid.T[mask.T]
+    grid = np.zeros((K, T), dtype=entries.dtype)
+    grid[mask.T] = entries
+    return grid.T[mask]
+
+
+def _undelta_slot_major(raw: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Position-major codes from slot-major per-position deltas: running sums mod 256 over each position's slots,
+    one vector add per slot on a [K, T] grid (numpy's uint8 cumsum is several times slower)."""
+    T = counts.size
+    k = _full(counts)
+    if raw.size == 0:
+        return raw.copy()
+    if k is not None:
+        grid = raw.reshape(k, T).copy()
+        mask = None
+    else:
+        K = int(counts.max())
+        mask = np.arange(K)[:, None] < counts[None, :]  # [K, T]
+        grid = np.zeros((K, T), dtype=np.uint8)
+        grid[mask] = raw  # positions past their count stay 0: harmless in the sums, dropped below
+    for j in range(1, grid.shape[0]):
+        np.add(grid[j], grid[j - 1], out=grid[j])
+    if mask is None:
+        return np.ascontiguousarray(grid.T).reshape(-1)
+    return grid.T[mask.T]
+
+
+class BucketCoder:
+    """Encoder and decoder of the "bucket" encoding's ``ids`` and ``values`` columns (the rest is "zstd")."""
+
+    def __init__(self, level: int = entropy.DEFAULT_LEVEL):
+        self.zc = entropy.RowCompressor(level)
+        self.zd = entropy.RowDecompressor()
+
+    def encode(self, id_bits, bpv, input_ids, counts_bytes, counts, ids, values, tail_bytes) -> dict[str, bytes]:
+        counts = np.asarray(counts, dtype=np.int64)
+        z = self.zc._c.compress
+        w = entropy.id_width(id_bits)
+        sym, extra = encode_codes(swap_next(ids, counts, input_ids))
+        frame = z(sym.tobytes())
+        if bpv == 1:
+            deltas = entropy._delta_codes(np.asarray(values, dtype=np.uint8), counts)
+            vstream = _slot_major(deltas, counts, True).tobytes()
+        elif bpv == 2:
+            vstream = entropy._planes(np.frombuffer(np.asarray(values, np.uint8).tobytes(), "<u2"), 2)
+        else:
+            vstream = b""
+        tail_stream = entropy._planes(np.frombuffer(tail_bytes, dtype="<u4"), 4) if tail_bytes else b""
+        return {
+            "input_ids": z(entropy._planes(input_ids, w)),
+            "counts": z(counts_bytes),
+            "ids": struct.pack("<I", len(frame)) + frame + extra,
+            "values": z(vstream) if vstream else b"",
+            "tail": z(tail_stream) if tail_stream else b"",
+        }
+
+    def ids(self, buf, id_bits: int, counts: np.ndarray, input_ids: np.ndarray, n: int, where: str) -> np.ndarray:
+        buf = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+        if buf.size < 4:
+            raise StoreCorruptError(f"{where}: ids column of {buf.size} bytes has no symbol-frame length; damaged")
+        flen = int(buf[:4].view("<u4")[0])
+        if 4 + flen > buf.size:
+            raise StoreCorruptError(f"{where}: ids symbol frame of {flen} bytes overruns its column; damaged")
+        sym = np.frombuffer(self.zd.frame(buf[4:4 + flen], n, where, "ids symbols"), dtype=np.uint8)
+        codes = decode_codes(sym, buf[4 + flen:], id_bits, where)
+        return swap_next(codes, counts, input_ids).astype(np.int64)
+
+    def values(self, buf, bpv: int, counts: np.ndarray, n: int, where: str) -> np.ndarray:
+        if bpv != 1:
+            return self.zd.values(buf, bpv, counts, n, where)
+        raw = np.frombuffer(self.zd.frame(buf, n, where, "values"), dtype=np.uint8)
+        return _undelta_slot_major(raw, counts)

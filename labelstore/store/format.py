@@ -1,4 +1,4 @@
-"""The on-disk format (version 4, and 5 for encoding "bucket"; versions 1 to 3 still read): the Arrow schema, the metadata, the per-row
+"""The on-disk format (version 4, and 5 for encoding "expgolomb"; versions 1 to 3 still read): the Arrow schema, the metadata, the per-row
 encoding and the checksums (row CRC, manifest and config digests).
 
 This module is the executable half of docs/FORMAT.md; the two must agree. Writer, reader and
@@ -27,11 +27,11 @@ from labelstore.store import bitpack
 
 FORMAT_NAME = "labelstore"
 FORMAT_VERSION = 4  # what writers write: version 3's rows and checksums, the shard table in index.arrow (FORMAT.md 8)
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)  # 1: packed; 2: zstd; 3: either, version-3 checksums; 4: index; 5: bucket
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)  # 1: packed; 2: zstd; 3: either, version-3 checksums; 4: index; 5: expgolomb
 WRITABLE_VERSIONS = (3, 4)  # a writer may be asked for version 3 (a JSON shard list, for older readers)
-BUCKET_VERSION = 5  # version 4 plus encoding "bucket" (FORMAT.md 6c); written only by stores of that encoding
-ENCODINGS = ("packed", "zstd", "bucket")
-ZSTD_FAMILY = ("zstd", "bucket")  # encodings whose columns are zstd frames and carry a "level"
+EXPGOLOMB_VERSION = 5  # version 4 plus encoding "expgolomb" (FORMAT.md 6c); written only by stores of that encoding
+ENCODINGS = ("packed", "zstd", "expgolomb")
+ZSTD_FAMILY = ("zstd", "expgolomb")  # encodings whose columns are zstd frames and carry a "level"
 DEFAULT_ENCODING = "packed"
 META_KEY = b"labelstore"
 SHARD_KEY = b"labelstore_shard"  # version 3: the shard's own {"rank", "seq"} in its schema metadata
@@ -138,11 +138,11 @@ def normalize_meta(meta: dict) -> dict:
         enc = {"name": enc["name"], "level": int(enc.get("level", 3))}
     out["encoding"] = enc
     asked = meta.get("format_version")
-    if isinstance(enc, dict) and enc.get("name") == "bucket":
-        if asked not in (None, BUCKET_VERSION):
-            raise StoreFormatError(f"encoding 'bucket' is format version {BUCKET_VERSION}; version {asked!r} "
+    if isinstance(enc, dict) and enc.get("name") == "expgolomb":
+        if asked not in (None, EXPGOLOMB_VERSION):
+            raise StoreFormatError(f"encoding 'expgolomb' is format version {EXPGOLOMB_VERSION}; version {asked!r} "
                                    "cannot hold it (use encoding 'zstd' or 'packed' for older readers)")
-        out["format_version"] = BUCKET_VERSION
+        out["format_version"] = EXPGOLOMB_VERSION
     else:
         out["format_version"] = asked if asked in WRITABLE_VERSIONS else FORMAT_VERSION
     out.setdefault("store_id", uuid.uuid4().hex)  # a writer resuming a store adopts the store's own id
@@ -173,9 +173,9 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
         raise StoreFormatError(f"{where}: encoding {enc!r} is unknown ({', '.join(ENCODINGS)})")
     if ver < 3 and (ver == 2) != (enc["name"] == "zstd"):
         raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver}")
-    if (ver == BUCKET_VERSION) != (enc["name"] == "bucket"):
+    if (ver == EXPGOLOMB_VERSION) != (enc["name"] == "expgolomb"):
         raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver} (encoding "
-                               f"'bucket' is version {BUCKET_VERSION}, and version {BUCKET_VERSION} only that)")
+                               f"'expgolomb' is version {EXPGOLOMB_VERSION}, and version {EXPGOLOMB_VERSION} only that)")
     if ver >= 3:
         sid = meta.get("store_id")
         if not isinstance(sid, str) or not re.fullmatch(r"[0-9a-f]{32}", sid):
@@ -294,7 +294,7 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
     """Validate one sequence's arrays against ``meta`` and pack them into bytes.
 
     ``compressor`` (a :class:`labelstore.store.entropy.RowCompressor` for encoding "zstd", a
-    :class:`labelstore.store.bucket.BucketCoder` for "bucket") is made here when not given."""
+    :class:`labelstore.store.expgolomb.ExpGolombCoder` for "expgolomb") is made here when not given."""
     v = meta["vocab_size"]
     bits = meta["id_bits"]
     k = meta["selection"]["k"]
@@ -333,10 +333,10 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
     enc_name = meta.get("encoding", {}).get("name")
     if enc_name in ZSTD_FAMILY:
         if compressor is None:
-            from labelstore.store.bucket import BucketCoder
+            from labelstore.store.expgolomb import ExpGolombCoder
             from labelstore.store.entropy import RowCompressor
 
-            compressor = (RowCompressor if enc_name == "zstd" else BucketCoder)(meta["encoding"]["level"])
+            compressor = (RowCompressor if enc_name == "zstd" else ExpGolombCoder)(meta["encoding"]["level"])
         streams = compressor.encode(bits, bpv, input_ids, counts.astype(count_dt).tobytes(), counts, ids,
                                     values, tail_b)
         return EncodedRow(sample_id=int(sample_id), num_tokens=T, doc_starts=ds.tobytes(), num_entries=n,

@@ -23,7 +23,7 @@ HEAD_DTYPES = ("auto", "float32")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's named placements
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-ENCODING_NAMES = ("packed", "zstd")
+ENCODING_NAMES = ("packed", "zstd", "expgolomb")  # expgolomb: format v5, docs/FORMAT.md 6c
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

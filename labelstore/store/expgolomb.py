@@ -1,4 +1,4 @@
-"""Bucket-coded rows (format version 5, encoding "bucket"): fewer bytes for the same entries.
+"""Exp-Golomb-coded ids (format version 5, encoding "expgolomb"): fewer bytes for the same entries.
 
 The bytes of a store are in the kept token ids. Encoding "zstd" (version 2) stores them as byte planes under zstd,
 which on a 17-bit vocabulary costs *more* than plain bit packing (the third plane holds one bit per id). This
@@ -202,8 +202,8 @@ def _undelta_slot_major(raw: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return grid.T[mask.T]
 
 
-class BucketCoder:
-    """Encoder and decoder of the "bucket" encoding's ``ids`` and ``values`` columns (the rest is "zstd")."""
+class ExpGolombCoder:
+    """Encoder and decoder of the "expgolomb" encoding's ``ids`` and ``values`` columns (the rest is "zstd")."""
 
     def __init__(self, level: int = entropy.DEFAULT_LEVEL):
         self.zc = entropy.RowCompressor(level)

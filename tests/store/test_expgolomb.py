@@ -7,9 +7,11 @@ import pickle
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from store_factory import make_meta, random_rows, write_rows
 
-from labelstore.errors import StoreCorruptError, StoreFormatError
+from labelstore.errors import LabelStoreError, StoreCorruptError, StoreFormatError
 from labelstore.store import expgolomb
 from labelstore.store.format import PAYLOAD_COLUMNS, normalize_meta, validate_meta
 from labelstore.store.reader import LabelStore
@@ -181,3 +183,24 @@ def test_damaged_streams_are_refused(tmp_path):
     bad("values", values=z(b"\x00" * (n + 1)))
     # and the intact row still decodes to the stored ids
     assert s.decode_parts(sid, T, parts).ids.tolist() == good.ids.tolist()
+
+
+@pytest.fixture(scope="module")
+def one_row(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eg") / "s"
+    with StoreWriter(path, make_meta(1000, 6, encoding="expgolomb")) as w:
+        write_rows(w, random_rows(2, vocab_size=1000, k=6, seed=8, lengths=[25, 9]))
+    return LabelStore(path), *_row_parts(path)
+
+
+@settings(max_examples=150, deadline=None)
+@given(col=st.sampled_from(["ids", "values"]), keep=st.integers(0, 400), blob=st.binary(max_size=300))
+def test_fuzzed_columns_only_raise_labelstore_errors(one_row, col, keep, blob):
+    """A hostile row (its CRC forged to match): any prefix of a real column plus garbage either decodes, with
+    every id in range, or raises a labelstore error, never another exception."""
+    s, sid, T, parts = one_row
+    try:
+        raw = s.decode_parts(sid, T, dict(parts, **{col: parts[col][:keep] + blob}))
+    except LabelStoreError:
+        return
+    assert raw.ids.size == int(raw.counts.sum()) and (raw.ids.size == 0 or int(raw.ids.max()) < 1000)

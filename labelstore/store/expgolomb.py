@@ -142,7 +142,8 @@ def decode_codes(sym: np.ndarray, extra: np.ndarray, id_bits: int, where: str) -
     total = int(ends[-1]) if n else 0
     need = (total + 7) // 8
     if extra.size != need:
-        raise StoreCorruptError(f"{where}: ids carry {extra.size} bytes of extra bits, the symbols need {need}; damaged")
+        raise StoreCorruptError(f"{where}: ids carry {extra.size} bytes of extra bits, the symbols need {need}; "
+                                "damaged")
     if total % 8 and int(extra[-1]) >> (total % 8):
         raise StoreCorruptError(f"{where}: the ids' extra bits have nonzero padding; damaged")
     if total == 0:

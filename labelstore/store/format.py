@@ -1,5 +1,5 @@
-"""The on-disk format (version 4, and 5 for encoding "expgolomb"; versions 1 to 3 still read): the Arrow schema, the metadata, the per-row
-encoding and the checksums (row CRC, manifest and config digests).
+"""The on-disk format (version 4, and 5 for encoding "expgolomb"; versions 1 to 3 still read): the Arrow schema, the
+metadata, the per-row encoding and the checksums (row CRC, manifest and config digests).
 
 This module is the executable half of docs/FORMAT.md; the two must agree. Writer, reader and
 `verify` all encode and decode rows through the functions here.
@@ -174,8 +174,9 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
     if ver < 3 and (ver == 2) != (enc["name"] == "zstd"):
         raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver}")
     if (ver == EXPGOLOMB_VERSION) != (enc["name"] == "expgolomb"):
-        raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver} (encoding "
-                               f"'expgolomb' is version {EXPGOLOMB_VERSION}, and version {EXPGOLOMB_VERSION} only that)")
+        raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver} "
+                               f"(encoding 'expgolomb' is version {EXPGOLOMB_VERSION}, and version "
+                               f"{EXPGOLOMB_VERSION} only that)")
     if ver >= 3:
         sid = meta.get("store_id")
         if not isinstance(sid, str) or not re.fullmatch(r"[0-9a-f]{32}", sid):
@@ -333,8 +334,8 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
     enc_name = meta.get("encoding", {}).get("name")
     if enc_name in ZSTD_FAMILY:
         if compressor is None:
-            from labelstore.store.expgolomb import ExpGolombCoder
             from labelstore.store.entropy import RowCompressor
+            from labelstore.store.expgolomb import ExpGolombCoder
 
             compressor = (RowCompressor if enc_name == "zstd" else ExpGolombCoder)(meta["encoding"]["level"])
         streams = compressor.encode(bits, bpv, input_ids, counts.astype(count_dt).tobytes(), counts, ids,

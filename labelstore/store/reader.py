@@ -427,8 +427,8 @@ class LabelStore:
 
     def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
         if self._dec is None:
-            from labelstore.store.expgolomb import ExpGolombCoder
             from labelstore.store.entropy import RowDecompressor
+            from labelstore.store.expgolomb import ExpGolombCoder
 
             self._dec = RowDecompressor()
             self._eg = ExpGolombCoder() if self._encoding == "expgolomb" else None

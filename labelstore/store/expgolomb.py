@@ -95,38 +95,33 @@ def swap_next(ids: np.ndarray, counts: np.ndarray, input_ids: np.ndarray) -> np.
 
 def encode_codes(codes: np.ndarray) -> tuple[np.ndarray, bytes]:
     """(symbols uint8, extra bits packed little-endian bit order) of non-negative codes ``< 2**26``."""
-    c = np.asarray(codes, dtype=np.int64)
+    c = np.asarray(codes, dtype=np.int64).reshape(-1)
     if c.size == 0:
         return np.zeros(0, np.uint8), b""
+    e = np.frexp(c.astype(np.float64))[1].astype(np.int64) - 1  # floor(log2 c), exact below 2**53 (-1 for c = 0)
     big = c >= SMALL
-    e = np.zeros(c.size, dtype=np.int64)
-    e[big] = np.floor(np.log2(c[big])).astype(np.int64)
-    e[big] += (c[big] >> (e[big] + 1)) > 0  # guard the float log2 at powers of two (exact for c < 2**26 anyway)
-    e[big] -= (c[big] >> e[big]) == 0
     nb = np.where(big, e - SUB_BITS, 0)
-    sub = np.where(big, (c >> np.maximum(nb, 0)) & 7, 0)
-    sym = np.where(big, SMALL + 8 * (e - 4) + sub, c).astype(np.uint8)
-    extra = np.where(big, c & ((np.int64(1) << nb) - 1), 0)
-    return sym, _pack_varbits(extra, nb)
+    sym = np.where(big, SMALL + 8 * (e - 4) + ((c >> nb) & 7), c).astype(np.uint8)
+    return sym, _pack_varbits(c & ((np.int64(1) << nb) - 1), _NB_LUT.take(sym))
 
 
 def _pack_varbits(vals: np.ndarray, nbits: np.ndarray) -> bytes:
-    """Concatenate ``nbits[i]`` (<= 32) low bits of ``vals[i]``, least significant first, into bytes (the last one
-    zero-padded). The values do not overlap, so OR-ing them into 64-bit words is a segmented sum."""
-    nbits = nbits.astype(np.uint64)
-    ends = np.cumsum(nbits)
+    """Concatenate ``nbits[i]`` (<= 25) low bits of ``vals[i]`` (already ``< 2**nbits[i]``), least significant
+    first, into bytes (the last one zero-padded). Into 32-bit words: the values starting in a word are OR-ed
+    together (their bits are disjoint), and the one value a word can spill over adds its high bits to the next."""
+    ends = np.cumsum(nbits, dtype=np.int64)
     total = int(ends[-1]) if ends.size else 0
     if total == 0:
         return b""
     starts = ends - nbits
-    v = vals.astype(np.uint64) & ((np.uint64(1) << nbits) - np.uint64(1))
-    word, shift = (starts >> np.uint64(6)).astype(np.int64), starts & np.uint64(63)
-    words = np.zeros(total // 64 + 2, dtype="<u8")
-    first = np.flatnonzero(np.concatenate([[True], word[1:] != word[:-1]]))
-    words[word[first]] = np.add.reduceat(v << shift, first)  # bits past 64 fall off here ...
-    spill = np.flatnonzero(shift + nbits > np.uint64(64))
-    # ... and go to the next word (at most one value spills into a word)
-    words[word[spill] + 1] |= v[spill] >> (np.uint64(64) - shift[spill])
+    word = starts >> 5
+    shift = (starts & 31).astype(np.uint32)
+    v = vals.astype(np.uint32)
+    words = np.zeros(total // 32 + 2, dtype="<u4")
+    first = np.flatnonzero(np.diff(word, prepend=-1))
+    words[word[first]] = np.bitwise_or.reduceat(v << shift, first)  # bits past 32 fall off here ...
+    spill = np.flatnonzero(shift + nbits.astype(np.uint32) > 32)
+    words[word[spill] + 1] |= v[spill] >> (np.uint32(32) - shift[spill])  # ... and land in the next word
     return words.view(np.uint8)[: (total + 7) // 8].tobytes()
 
 

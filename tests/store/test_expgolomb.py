@@ -204,3 +204,53 @@ def test_fuzzed_columns_only_raise_labelstore_errors(one_row, col, keep, blob):
     except LabelStoreError:
         return
     assert raw.ids.size == int(raw.counts.sum()) and (raw.ids.size == 0 or int(raw.ids.max()) < 1000)
+
+
+def _sampled_rows(mode, S, ke, rng):
+    """Rows of a sampled-mode store: exact codes then count8 draw counts (FORMAT.md 5b)."""
+    rows = []
+    for sid in range(5):
+        T = int(rng.integers(0, 12))
+        counts, ids, vals = [], [], []
+        for _ in range(T):
+            draws = np.bincount(rng.integers(0, 5, S), minlength=5)
+            drawn = np.sort(draws[draws > 0])[::-1].astype(np.uint8)
+            exact = np.sort(rng.integers(0, 255, ke)).astype(np.uint8)
+            v = np.concatenate([exact, drawn])
+            counts.append(v.size)
+            ids.append(rng.choice(300, size=v.size, replace=False))
+            vals.append(v)
+        rows.append({"sample_id": sid, "input_ids": rng.integers(0, 300, T), "counts": np.array(counts, int),
+                     "ids": np.concatenate(ids) if ids else np.zeros(0, int),
+                     "values": np.concatenate(vals) if vals else np.zeros(0, np.uint8),
+                     "tail": rng.random(T).astype(np.float32) if mode != "sample" else np.zeros(0, np.float32),
+                     "doc_starts": np.zeros(0, np.int32)})
+    return rows
+
+
+@pytest.mark.parametrize("case", ["log8", "e4m3", "e5m2", "fp16", "hard", "sample", "topk+sample"])
+def test_every_codec_and_mode_decodes_bit_identical_to_packed(tmp_path, case):
+    rng = np.random.default_rng(11)
+    if case in ("sample", "topk+sample"):
+        S, ke = 8, (0 if case == "sample" else 3)
+        sel = {"mode": "sample", "k": S, "samples": S} if case == "sample" else \
+            {"mode": "topk+sample", "k": ke + S, "k_exact": ke, "samples": S}
+        meta = make_meta(300, ke + S, codec="count8" if case == "sample" else "log8", selection=sel)
+        rows = _sampled_rows(case, S, ke, rng)
+    elif case == "hard":
+        meta = make_meta(300, 1, codec="none", label_kind="hard", selection={"mode": "argmax", "k": 1})
+        rows = random_rows(6, vocab_size=300, k=1, codec="none", label_kind="hard", seed=2)
+    else:
+        meta = make_meta(300, 8, codec=case)
+        rows = random_rows(6, vocab_size=300, k=8, codec=case, seed=2)
+    out = {}
+    for enc in ("packed", "expgolomb"):
+        with StoreWriter(tmp_path / enc, dict(meta, encoding=enc)) as w:
+            write_rows(w, rows)
+        out[enc] = list(LabelStore(tmp_path / enc))
+    assert len(out["packed"]) == len(rows) == len(out["expgolomb"])
+    for x, y in zip(out["packed"], out["expgolomb"]):
+        assert x.sample_id == y.sample_id and y.input_ids.tolist() == x.input_ids.tolist()
+        assert y.ids.tolist() == x.ids.tolist() and y.counts.tolist() == x.counts.tolist()
+        assert y.probs.numpy().view(np.uint32).tolist() == x.probs.numpy().view(np.uint32).tolist()
+        assert y.tail.numpy().view(np.uint32).tolist() == x.tail.numpy().view(np.uint32).tolist()

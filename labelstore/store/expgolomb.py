@@ -51,6 +51,7 @@ def _symbol_luts():
 
 
 _NB_LUT, _HIGH_LUT = _symbol_luts()
+_MASK_LUT = (np.uint32(1) << _NB_LUT) - np.uint32(1)
 
 
 def _full(counts: np.ndarray) -> int | None:
@@ -70,10 +71,11 @@ def _next_tokens(input_ids: np.ndarray, T: int) -> np.ndarray:
     return nxt
 
 
-def swap_next(ids: np.ndarray, counts: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+def swap_next(ids: np.ndarray, counts: np.ndarray, input_ids: np.ndarray, inplace: bool = False) -> np.ndarray:
     """The next-token swap (its own inverse) as uint32: per entry of position ``t`` (not a row's last), trade
-    ``input_ids[t + 1]`` and 0. ``ids`` must be below 2**26 (any code a store holds)."""
-    out = np.array(ids, dtype=np.uint32).reshape(-1)
+    ``input_ids[t + 1]`` and 0. ``ids`` must be below 2**26 (any code a store holds); ``inplace``: ``ids`` is a
+    uint32 array this call may overwrite."""
+    out = ids.reshape(-1) if inplace else np.array(ids, dtype=np.uint32).reshape(-1)
     T = counts.size
     if out.size == 0 or T < 2:
         return out
@@ -94,63 +96,77 @@ def swap_next(ids: np.ndarray, counts: np.ndarray, input_ids: np.ndarray) -> np.
 
 
 def encode_codes(codes: np.ndarray) -> tuple[np.ndarray, bytes]:
-    """(symbols uint8, extra bits packed little-endian bit order) of non-negative codes ``< 2**26``."""
-    c = np.asarray(codes, dtype=np.int64).reshape(-1)
+    """(symbols uint8, extra bits packed little-endian bit order) of non-negative codes ``< 2**26``, in 32-bit
+    arithmetic."""
+    c = np.asarray(codes).reshape(-1).astype(np.int32)
     if c.size == 0:
         return np.zeros(0, np.uint8), b""
-    e = np.frexp(c.astype(np.float64))[1].astype(np.int64) - 1  # floor(log2 c), exact below 2**53 (-1 for c = 0)
-    big = c >= SMALL
-    nb = np.where(big, e - SUB_BITS, 0)
-    sym = np.where(big, SMALL + 8 * (e - 4) + ((c >> nb) & 7), c).astype(np.uint8)
-    return sym, _pack_varbits(c & ((np.int64(1) << nb) - 1), _NB_LUT.take(sym))
+    # e = floor(log2 c): the exponent field of float32(c), less one where rounding to float32 reached the next
+    # power of two (c >= 2**24); c = 0 gives -127 (then nb = 0 and the symbol is 0)
+    e = (c.astype(np.float32).view(np.int32) >> 23) - 127
+    e -= (c >> np.maximum(e, 0)) == 0
+    nb = np.maximum(e - SUB_BITS, 0)  # 0 for every c < 16 (e <= 3)
+    sym = (c >> nb) & 7
+    sym += 8 * e - 16  # 16 + 8 (e - 4) + s
+    sym = np.where(c < SMALL, c, sym).astype(np.uint8)
+    c &= (np.int32(1) << nb) - 1
+    return sym, _pack_varbits(c, _NB_LUT.take(sym))
 
 
 def _pack_varbits(vals: np.ndarray, nbits: np.ndarray) -> bytes:
     """Concatenate ``nbits[i]`` (<= 25) low bits of ``vals[i]`` (already ``< 2**nbits[i]``), least significant
     first, into bytes (the last one zero-padded). Into 32-bit words: the values starting in a word are OR-ed
     together (their bits are disjoint), and the one value a word can spill over adds its high bits to the next."""
-    ends = np.cumsum(nbits, dtype=np.int64)
-    total = int(ends[-1]) if ends.size else 0
+    n = nbits.size
+    nbits = nbits.astype(np.uint32, copy=False)
+    pos = np.cumsum(nbits, dtype=np.uint32 if n < (1 << 27) else np.int64)
+    total = int(pos[-1]) if n else 0
     if total == 0:
         return b""
-    starts = ends - nbits
-    word = starts >> 5
-    shift = (starts & 31).astype(np.uint32)
+    pos -= nbits.astype(pos.dtype, copy=False)  # each value's first bit
+    word = pos >> 5
+    shift = (pos & 31).astype(np.uint32, copy=False)
     v = vals.astype(np.uint32)
     words = np.zeros(total // 32 + 2, dtype="<u4")
-    first = np.flatnonzero(np.diff(word, prepend=-1))
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(word[1:], word[:-1], out=first[1:])
+    first = np.flatnonzero(first)
     words[word[first]] = np.bitwise_or.reduceat(v << shift, first)  # bits past 32 fall off here ...
-    spill = np.flatnonzero(shift + nbits.astype(np.uint32) > 32)
+    spill = np.flatnonzero(shift + nbits > 32)
     words[word[spill] + 1] |= v[spill] >> (np.uint32(32) - shift[spill])  # ... and land in the next word
     return words.view(np.uint8)[: (total + 7) // 8].tobytes()
 
 
 def decode_codes(sym: np.ndarray, extra: np.ndarray, id_bits: int, where: str) -> np.ndarray:
     """Inverse of :func:`encode_codes` (uint32 codes); refuses a symbol beyond ``id_bits``'s range, extra bits of
-    another length than the symbols need, and nonzero padding bits."""
+    another length than the symbols need, and nonzero padding bits. (In place on 32-bit arrays where it can: a
+    row's temporaries are what decoding costs.)"""
     n = sym.size
     if n and int(sym.max()) >= num_symbols(id_bits):
         raise StoreCorruptError(f"{where}: ids symbol {int(sym.max())} is out of range for {id_bits}-bit ids; damaged")
     nb = _NB_LUT.take(sym)
-    high = _HIGH_LUT.take(sym)
-    ends = np.cumsum(nb, dtype=np.int64)
-    total = int(ends[-1]) if n else 0
+    # bit offsets: 32-bit while they fit (at most 22 extra bits per entry)
+    pos = np.cumsum(nb, dtype=np.uint32 if n < (1 << 27) else np.int64)
+    total = int(pos[-1]) if n else 0
     need = (total + 7) // 8
     if extra.size != need:
         raise StoreCorruptError(f"{where}: ids carry {extra.size} bytes of extra bits, the symbols need {need}; "
                                 "damaged")
     if total % 8 and int(extra[-1]) >> (total % 8):
         raise StoreCorruptError(f"{where}: the ids' extra bits have nonzero padding; damaged")
+    high = _HIGH_LUT.take(sym)
     if total == 0:
         return high
-    starts = ends - nb
+    pos -= nb.astype(pos.dtype, copy=False)  # each entry's first bit
     padded = np.zeros(need + 4, dtype=np.uint8)
     padded[:need] = extra
     # every value (<= 22 bits at a bit offset <= 7) lies in the 4 bytes from its first byte: one unaligned
     # little-endian uint32 read per value
-    win = np.ndarray((need + 1,), dtype="<u4", buffer=padded, strides=(1,)).take(starts >> 3)
-    win >>= (starts & 7).astype(np.uint32)
-    win &= (np.uint32(1) << nb) - np.uint32(1)
+    win = np.ndarray((need + 1,), dtype="<u4", buffer=padded, strides=(1,)).take(pos >> 3)
+    pos &= 7
+    win >>= pos.astype(np.uint32, copy=False)
+    win &= _MASK_LUT.take(sym)
     high <<= nb
     high |= win
     return high
@@ -236,7 +252,7 @@ class ExpGolombCoder:
             raise StoreCorruptError(f"{where}: ids symbol frame of {flen} bytes overruns its column; damaged")
         sym = np.frombuffer(self.zd.frame(buf[4:4 + flen], n, where, "ids symbols"), dtype=np.uint8)
         codes = decode_codes(sym, buf[4 + flen:], id_bits, where)
-        return swap_next(codes, counts, input_ids).astype(np.int64)
+        return swap_next(codes, counts, input_ids, inplace=True).astype(np.int64)
 
     def values(self, buf, bpv: int, counts: np.ndarray, n: int, where: str) -> np.ndarray:
         if bpv != 1:

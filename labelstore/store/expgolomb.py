@@ -51,7 +51,8 @@ def _symbol_luts():
 
 
 _NB_LUT, _HIGH_LUT = _symbol_luts()
-_MASK_LUT = (np.uint32(1) << _NB_LUT) - np.uint32(1)
+# one gather per symbol when decoding: (h << b) << 5 | b, with h << b < 2**26 and b < 32
+_DECODE_LUT = ((_HIGH_LUT << _NB_LUT) << np.uint32(5)) | _NB_LUT
 
 
 def _full(counts: np.ndarray) -> int | None:
@@ -145,7 +146,9 @@ def decode_codes(sym: np.ndarray, extra: np.ndarray, id_bits: int, where: str) -
     n = sym.size
     if n and int(sym.max()) >= num_symbols(id_bits):
         raise StoreCorruptError(f"{where}: ids symbol {int(sym.max())} is out of range for {id_bits}-bit ids; damaged")
-    nb = _NB_LUT.take(sym)
+    base = _DECODE_LUT.take(sym)
+    nb = base & np.uint32(31)
+    base >>= np.uint32(5)  # h << b: the code without its extra bits
     # bit offsets: 32-bit while they fit (at most 22 extra bits per entry)
     pos = np.cumsum(nb, dtype=np.uint32 if n < (1 << 27) else np.int64)
     total = int(pos[-1]) if n else 0
@@ -155,9 +158,8 @@ def decode_codes(sym: np.ndarray, extra: np.ndarray, id_bits: int, where: str) -
                                 "damaged")
     if total % 8 and int(extra[-1]) >> (total % 8):
         raise StoreCorruptError(f"{where}: the ids' extra bits have nonzero padding; damaged")
-    high = _HIGH_LUT.take(sym)
     if total == 0:
-        return high
+        return base
     pos -= nb.astype(pos.dtype, copy=False)  # each entry's first bit
     padded = np.zeros(need + 4, dtype=np.uint8)
     padded[:need] = extra
@@ -166,10 +168,11 @@ def decode_codes(sym: np.ndarray, extra: np.ndarray, id_bits: int, where: str) -
     win = np.ndarray((need + 1,), dtype="<u4", buffer=padded, strides=(1,)).take(pos >> 3)
     pos &= 7
     win >>= pos.astype(np.uint32, copy=False)
-    win &= _MASK_LUT.take(sym)
-    high <<= nb
-    high |= win
-    return high
+    np.left_shift(np.uint32(1), nb, out=nb)
+    nb -= np.uint32(1)  # now each entry's mask of b low bits
+    win &= nb
+    base |= win
+    return base
 
 
 def _slot_major(entries: np.ndarray, counts: np.ndarray, to_slot: bool) -> np.ndarray:

@@ -32,7 +32,6 @@ from labelstore.store import entropy
 
 SMALL = 16  # c < SMALL: the symbol is c itself, no extra bits
 SUB_BITS = 3  # bits below the leading one that go into the symbol
-_U64 = np.uint64
 
 
 def num_symbols(id_bits: int) -> int:

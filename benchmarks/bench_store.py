@@ -1,11 +1,12 @@
 """Store write/read throughput and bytes per token, side by side with the quick-script baseline.
 
-    python benchmarks/bench_store.py [--tokens 131072] [--vocab 32000] [--repeats 5] [--encodings packed,zstd]
+    python benchmarks/bench_store.py [--tokens 131072] [--vocab 32000] [--repeats 5] [--encodings packed,zstd,expgolomb]
 
 Content: top-k of SYNTHETIC Zipf-like teacher logits (labelstore.tools.synthetic, mean entropy 2.5 nats), sequences
 of 2048 positions whose probabilities are drawn from a pool of generated positions (jittered) and whose
 ids are uniform random (the worst case for id compression; real top-k ids favour frequent tokens).
-labelstore: log8 values, bit-packed ids (encoding packed, format v1) or per-row zstd (encoding zstd, v2). Baseline
+labelstore: log8 values, bit-packed ids (encoding packed, format v1), per-row zstd (encoding zstd, v2) or Exp-Golomb
+coded ids under zstd (encoding expgolomb, v5; docs/FORMAT.md 6c). Baseline
 (what a quick script does): Parquet (pyarrow defaults, snappy) with int64 input ids, list<int64> kept ids and
 list<float32> probabilities per sequence, read back with pyarrow and sliced into numpy per sequence.
 Reading = decoding every sequence to [T, K] ids and float32 probabilities, warm page cache, one process.
@@ -145,7 +146,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ks", default="8,32,64,128")
-    ap.add_argument("--encodings", default="packed,zstd")
+    ap.add_argument("--encodings", default="packed,zstd,expgolomb")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, both sides (median)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "store.json"))
     a = ap.parse_args()

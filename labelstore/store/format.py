@@ -1,5 +1,5 @@
-"""The on-disk format (version 4; versions 1 to 3 still read): the Arrow schema, the metadata, the per-row
-encoding and the checksums (row CRC, manifest and config digests).
+"""The on-disk format (version 4, and 5 for encoding "expgolomb"; versions 1 to 3 still read): the Arrow schema, the
+metadata, the per-row encoding and the checksums (row CRC, manifest and config digests).
 
 This module is the executable half of docs/FORMAT.md; the two must agree. Writer, reader and
 `verify` all encode and decode rows through the functions here.
@@ -27,9 +27,11 @@ from labelstore.store import bitpack
 
 FORMAT_NAME = "labelstore"
 FORMAT_VERSION = 4  # what writers write: version 3's rows and checksums, the shard table in index.arrow (FORMAT.md 8)
-SUPPORTED_VERSIONS = (1, 2, 3, 4)  # 1: packed rows; 2: zstd rows; 3: either, with the version-3 checksums; 4: index
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)  # 1: packed; 2: zstd; 3: either, version-3 checksums; 4: index; 5: expgolomb
 WRITABLE_VERSIONS = (3, 4)  # a writer may be asked for version 3 (a JSON shard list, for older readers)
-ENCODINGS = ("packed", "zstd")
+EXPGOLOMB_VERSION = 5  # version 4 plus encoding "expgolomb" (FORMAT.md 6c); written only by stores of that encoding
+ENCODINGS = ("packed", "zstd", "expgolomb")
+ZSTD_FAMILY = ("zstd", "expgolomb")  # encodings whose columns are zstd frames and carry a "level"
 DEFAULT_ENCODING = "packed"
 META_KEY = b"labelstore"
 SHARD_KEY = b"labelstore_shard"  # version 3: the shard's own {"rank", "seq"} in its schema metadata
@@ -132,11 +134,17 @@ def normalize_meta(meta: dict) -> dict:
     enc = out.get("encoding") or {"name": DEFAULT_ENCODING}
     if isinstance(enc, str):
         enc = {"name": enc}
-    if isinstance(enc, dict) and enc.get("name") == "zstd":
-        enc = {"name": "zstd", "level": int(enc.get("level", 3))}
+    if isinstance(enc, dict) and enc.get("name") in ZSTD_FAMILY:
+        enc = {"name": enc["name"], "level": int(enc.get("level", 3))}
     out["encoding"] = enc
     asked = meta.get("format_version")
-    out["format_version"] = asked if asked in WRITABLE_VERSIONS else FORMAT_VERSION
+    if isinstance(enc, dict) and enc.get("name") == "expgolomb":
+        if asked not in (None, EXPGOLOMB_VERSION):
+            raise StoreFormatError(f"encoding 'expgolomb' is format version {EXPGOLOMB_VERSION}; version {asked!r} "
+                                   "cannot hold it (use encoding 'zstd' or 'packed' for older readers)")
+        out["format_version"] = EXPGOLOMB_VERSION
+    else:
+        out["format_version"] = asked if asked in WRITABLE_VERSIONS else FORMAT_VERSION
     out.setdefault("store_id", uuid.uuid4().hex)  # a writer resuming a store adopts the store's own id
     out.setdefault("tail_prior_mix", DEFAULT_PRIOR_MIX)
     v = out["vocab_size"]
@@ -165,6 +173,10 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
         raise StoreFormatError(f"{where}: encoding {enc!r} is unknown ({', '.join(ENCODINGS)})")
     if ver < 3 and (ver == 2) != (enc["name"] == "zstd"):
         raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver}")
+    if (ver == EXPGOLOMB_VERSION) != (enc["name"] == "expgolomb"):
+        raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver} "
+                               f"(encoding 'expgolomb' is version {EXPGOLOMB_VERSION}, and version "
+                               f"{EXPGOLOMB_VERSION} only that)")
     if ver >= 3:
         sid = meta.get("store_id")
         if not isinstance(sid, str) or not re.fullmatch(r"[0-9a-f]{32}", sid):
@@ -172,7 +184,7 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
         mix = meta.get("tail_prior_mix")
         if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0 <= mix <= 1:
             raise StoreFormatError(f"{where}: tail_prior_mix {mix!r} is not a number in [0, 1]")
-    if enc["name"] == "zstd" and (not isinstance(enc.get("level"), int) or not -7 <= enc["level"] <= 22):
+    if enc["name"] in ZSTD_FAMILY and (not isinstance(enc.get("level"), int) or not -7 <= enc["level"] <= 22):
         raise StoreFormatError(f"{where}: zstd level {enc.get('level')!r} is not an integer in [-7, 22]")
     v = meta.get("vocab_size")
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_VOCAB:
@@ -282,7 +294,8 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
                compressor=None) -> EncodedRow:
     """Validate one sequence's arrays against ``meta`` and pack them into bytes.
 
-    ``compressor`` (a :class:`labelstore.store.entropy.RowCompressor`) is required for encoding "zstd"."""
+    ``compressor`` (a :class:`labelstore.store.entropy.RowCompressor` for encoding "zstd", a
+    :class:`labelstore.store.expgolomb.ExpGolombCoder` for "expgolomb") is made here when not given."""
     v = meta["vocab_size"]
     bits = meta["id_bits"]
     k = meta["selection"]["k"]
@@ -318,11 +331,13 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
         tail_b = b""
     ds = np.asarray([] if doc_starts is None else doc_starts, dtype="<i4").reshape(-1)
     count_dt = count_dtype(meta["count_bytes"])
-    if meta.get("encoding", {}).get("name") == "zstd":
+    enc_name = meta.get("encoding", {}).get("name")
+    if enc_name in ZSTD_FAMILY:
         if compressor is None:
             from labelstore.store.entropy import RowCompressor
+            from labelstore.store.expgolomb import ExpGolombCoder
 
-            compressor = RowCompressor(meta["encoding"]["level"])
+            compressor = (RowCompressor if enc_name == "zstd" else ExpGolombCoder)(meta["encoding"]["level"])
         streams = compressor.encode(bits, bpv, input_ids, counts.astype(count_dt).tobytes(), counts, ids,
                                     values, tail_b)
         return EncodedRow(sample_id=int(sample_id), num_tokens=T, doc_starts=ds.tobytes(), num_entries=n,

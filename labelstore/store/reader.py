@@ -227,12 +227,14 @@ class LabelStore:
         self._count_dtype = count_dtype(self.meta["count_bytes"])
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._lut = self.codec.decode_lut() if self.codec.bytes_per_value == 1 else None
-        self._zstd = self.meta.get("encoding", {}).get("name") == "zstd"
+        self._encoding = self.meta.get("encoding", {}).get("name", "packed")
+        self._zstd = self._encoding in ("zstd", "expgolomb")  # columns of zstd frames (expgolomb: FORMAT.md 6c)
         self._mode = self.meta["selection"]["mode"]
         self._sampled_mode = is_sampled(self._mode)
         self._has_tail = has_tail_column(self.meta)
         self._v3 = self.meta["format_version"] >= 3
         self._dec = None
+        self._eg = None  # encoding "expgolomb": its ids/values decoder (made with _dec)
         self.count_invalid_codes = False  # verify: count value codes no writer produces (they decode to +0)
         self.invalid_codes = 0
         # exact integer weights of the codes, for the per-position sums of the reconstruction rule (FORMAT.md 5)
@@ -278,6 +280,7 @@ class LabelStore:
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
         state["_dec"] = None  # the zstd decompressor does not pickle; each process makes its own
+        state["_eg"] = None
         return state
 
     def open_options(self) -> dict:
@@ -425,8 +428,10 @@ class LabelStore:
     def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
         if self._dec is None:
             from labelstore.store.entropy import RowDecompressor
+            from labelstore.store.expgolomb import ExpGolombCoder
 
             self._dec = RowDecompressor()
+            self._eg = ExpGolombCoder() if self._encoding == "expgolomb" else None
         d, bits, cb = self._dec, self.id_bits, self.meta["count_bytes"]
         counts = np.frombuffer(d.frame(parts["counts"], T * cb, where, "counts"), dtype=self._count_dtype)
         counts = counts.astype(np.int64)
@@ -435,13 +440,16 @@ class LabelStore:
             raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
         self._check_budget(T, n, where)
         input_ids = d.ids(parts["input_ids"], bits, T, where, "input_ids")
-        ids = d.ids(parts["ids"], bits, n, where, "ids")
+        if self._eg is not None:
+            ids = self._eg.ids(parts["ids"], bits, counts, input_ids, n, where)
+        else:
+            ids = d.ids(parts["ids"], bits, n, where, "ids")
         if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
             raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
         bpv = self.codec.bytes_per_value
         weights, sums, tail = None, None, np.zeros(T, dtype=np.float32)
         if self.label_kind == "soft":
-            codes = d.values(parts["values"], bpv, counts, n, where)
+            codes = (self._eg or d).values(parts["values"], bpv, counts, n, where)
             weights = self._weights(codes, counts)
             sums = self._sums(codes, weights, counts)
         if self._has_tail:

@@ -120,6 +120,10 @@ class StoreWriter:
             from labelstore.store.entropy import RowCompressor
 
             self._compressor = RowCompressor(self.meta["encoding"]["level"])
+        elif self.meta["encoding"]["name"] == "expgolomb":
+            from labelstore.store.expgolomb import ExpGolombCoder
+
+            self._compressor = ExpGolombCoder(self.meta["encoding"]["level"])
         self._lock_fd = None
         self._closed = False
         self._rows: list = []

@@ -23,7 +23,7 @@ HEAD_DTYPES = ("auto", "float32")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's named placements
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-ENCODING_NAMES = ("packed", "zstd")
+ENCODING_NAMES = ("packed", "zstd", "expgolomb")  # expgolomb: format v5, docs/FORMAT.md 6c
 # The default selection: sampled stores trained students closer to online distillation than top-k stores at a
 # third of the bytes in both regimes of benchmarks/bench_students.py (README "Defaults, from this table").
 DEFAULT_SELECTION = "sample"
@@ -139,9 +139,10 @@ class CompileOptions:
     mask_vocab_padding: bool = _opt(False, "give ids >= the tokenizer's vocabulary probability 0 (padding rows of "
                                            "a larger head); the store's vocabulary stays the head's rows")
     shard_mb: float = _opt(256.0, "shard size in MiB")
-    encoding: str = _opt("packed", "row encoding: packed (format v1, fastest reads) or zstd (format v2, entropy-coded "
-                                   "ids and values, about a third smaller on real teachers; docs/FORMAT.md 6b)",
-                         choices=ENCODING_NAMES)
+    encoding: str = _opt("packed", "row encoding: packed (fastest reads), zstd (entropy-coded ids and values, about a "
+                                   "third smaller on real teachers; docs/FORMAT.md 6b) or expgolomb (smaller still: "
+                                   "id magnitudes under zstd plus raw bits, the next input token nearly free; format "
+                                   "version 5, docs/FORMAT.md 6c)", choices=ENCODING_NAMES)
     trust_remote_code: bool = _opt(False, "allow the teacher's own modelling code (passed to from_pretrained only "
                                           "if given)")
     progress: bool = _opt(True, "no progress bar nor summary", negative=("--quiet",))

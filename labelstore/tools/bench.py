@@ -89,8 +89,8 @@ def synthetic_source(vocab: int, positions: int, mean_entropy: float = 2.5, seed
 # ------------------------------------------------------------------------------------------------ measuring
 def default_settings() -> list[dict]:
     s = [{"mode": "topk", "k": k, "codec": "log8", "encoding": "packed"} for k in (1, 8, 16, 32, 64, 128)]
-    s += [{"mode": "topk", "k": k, "codec": "log8", "encoding": "zstd"}
-          for k in (1, 8, 12, 16, 20, 32, 50, 64, 72, 128)]
+    s += [{"mode": "topk", "k": k, "codec": "log8", "encoding": enc}
+          for enc in ("zstd", "expgolomb") for k in (1, 8, 12, 16, 20, 32, 50, 64, 72, 128)]
     s += [{"mode": "topk", "k": 32, "codec": c, "encoding": "packed"} for c in ("e4m3", "e5m2", "fp16")]
     s += [{"mode": "topp", "k": 128, "p": 0.8, "min_k": 4, "codec": "log8", "encoding": "zstd"},
           {"mode": "topk+sample", "k_exact": 8, "samples": 8, "k": 16, "codec": "log8", "encoding": "zstd"},
@@ -224,13 +224,16 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
     bpv = codec.bytes_per_value
     ids_np, val_np, cnt_np, tail_np = ids.numpy(), values.numpy(), counts.numpy().astype(np.int64), tail.numpy()
     nxt = next_tokens.numpy()
+    # the input ids a compile stores: the token each position read, i.e. the previous position's next token
+    # (position 0's is not in the source: 0), so input_ids[t + 1] is the token position t predicts
+    inputs = np.concatenate([np.zeros(1, dtype=nxt.dtype), nxt[:-1]])
     rows = []
     for a in range(0, N, seq_len):
         b = min(N, a + seq_len)
         c = cnt_np[a:b]
         keep = np.arange(K)[None, :] < c[:, None]
         vals = val_np[a:b].reshape(b - a, K, bpv)[keep].reshape(-1) if bpv else np.zeros(0, np.uint8)
-        rows.append((nxt[a:b], c, ids_np[a:b][keep], vals, tail_np[a:b] if not hard else np.zeros(0, np.float32)))
+        rows.append((inputs[a:b], c, ids_np[a:b][keep], vals, tail_np[a:b] if not hard else np.zeros(0, np.float32)))
     teacher_mass = torch.softmax(logits.double(), -1).sum(0).numpy()
     # Bytes per token is the marginal cost: a store holding every row twice minus a store holding it once
     # (one shard each), so the fixed cost of a shard (2 x the schema metadata, schema, footer) is separate.
@@ -277,7 +280,7 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
         out["prior_mix"] = mix
         out["kl_mean_prior"] = float(prior_kl_crossfit(logits, r_ids, r_probs, r_tail, r_counts, folds).mean())
         out["kl_mean_prior_insample"] = None  # the flattering in-sample figure: on the comparison curve only
-        if setting["mode"] == "topk" and setting["codec"] == "log8" and setting["encoding"] == "zstd":
+        if setting["mode"] == "topk" and setting["codec"] == "log8" and setting["encoding"] in ("zstd", "expgolomb"):
             out["kl_mean_prior_insample"] = float(
                 kl_to_reconstruction(logits, r_ids, r_probs, r_tail, r_counts, prior=s.tail_prior())["kl"].mean())
         out["kl_mean_bucket"] = float(bucket_kl(logits, r_ids, r_probs, r_tail, r_counts).mean())

@@ -56,17 +56,19 @@ def distillkit_tables(dk_rows: list[dict], comparisons: list[dict], dk_note: str
                      f"{d['documented_bytes_per_token']:.1f} | {d['kl_mean']:.4f} | {d['kl_mean_prior']:.4f} | "
                      f"{d['kl_mean_bucket']:.5f} | {d['kept_mass']:.3f} | {d['top1_agreement']:.3f} |")
     lines += ["", "## Equal fidelity, rule by rule", "",
-              "The smallest measured labelstore top-k row (log8, zstd) whose mean KL under the SAME rule is at most "
+              "Per labelstore encoding (zstd, expgolomb: the same entries at every k, only the bytes differ), the "
+              "smallest measured top-k row (log8) whose mean KL under the SAME rule is at most "
               "DistillKit's; under the prior rule both sides are charged the prior file at the scale above. "
               "Interpolated: bytes at exactly DistillKit's KL between the two measured k around it (log-linear in "
               "KL; an estimate, not a measured store). The bucket rule is not compared (truncation is free there).",
               "",
-              "| source | rule | DistillKit | its bytes/token | its KL | labelstore top-k | bytes/token | KL | "
-              "bytes ratio | interpolated bytes at its KL | interpolated ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| source | rule | DistillKit | its bytes/token | its KL | labelstore encoding | labelstore top-k | "
+              "bytes/token | KL | bytes ratio | interpolated bytes at its KL | interpolated ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         lines.append(f"| {c['source']} | {c['rule']} | {c['distillkit']} | {c['distillkit_bytes']:.1f} | "
-                     f"{c['distillkit_kl']:.4f} | {_f(c['labelstore_k'], 'd')} | {_f(c['labelstore_bytes'], '.1f')} | "
+                     f"{c['distillkit_kl']:.4f} | {c.get('encoding', 'zstd')} | {_f(c['labelstore_k'], 'd')} | "
+                     f"{_f(c['labelstore_bytes'], '.1f')} | "
                      f"{_f(c['labelstore_kl'], '.4f')} | {_f(c['ratio'], '.2f')} | "
                      f"{_f(c.get('interpolated_bytes'), '.1f')} | {_f(c.get('interpolated_ratio'), '.2f')} |")
     return "\n".join(lines)

@@ -95,33 +95,41 @@ def distillkit_measure(logits: torch.Tensor, name: str, dk, folds, chunk: int = 
 RULE_KEYS = {"uniform": "kl_mean", "prior": "kl_mean_prior"}  # the rules a comparison at equal KL can use
 
 
-def equal_fidelity(results: list[dict], dk_rows: list[dict]) -> list[dict]:
-    """For each DistillKit row and rule: the smallest measured labelstore top-k zstd (log8) row whose KL under
-    the SAME rule is at most DistillKit's, and the byte ratio. Under the prior rule both sides pay the prior
-    file amortised at the scale (DistillKit would need the same file to use that rule).
+def equal_fidelity(results: list[dict], dk_rows: list[dict], encodings=("zstd", "expgolomb")) -> list[dict]:
+    """For each DistillKit row, rule and labelstore encoding (``encodings``, each a curve of top-k log8 rows):
+    the smallest measured labelstore row whose KL under the SAME rule is at most DistillKit's, and the byte
+    ratio. Under the prior rule both sides pay the prior file amortised at the scale (DistillKit would need the
+    same file to use that rule). Encodings never mix: the entries of a k are the same in every encoding.
 
     The bucket rule is left out: it makes truncation free, so a smaller k would always "match"."""
     out = []
     for d in dk_rows:
-        curve = sorted((r for r in results if r["source"] == d["source"] and r["mode"] == "topk"
-                        and r["codec"] == "log8" and r["encoding"] == "zstd" and r["kl_mean"] is not None),
-                       key=lambda r: r["bytes_per_token"])
-        for rule, key in RULE_KEYS.items():
-            extra = curve[0]["prior_bytes_per_token_at_scale"] if (rule == "prior" and curve) else 0.0
-            match = next((r for r in curve if r[key] <= d[key]), None)
-            row = {"source": d["source"], "rule": rule, "distillkit": d["setting"],
-                   "distillkit_bytes": d["bytes_per_token"] + extra, "distillkit_kl": d[key],
-                   "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None}
-            row["interpolated_bytes"] = row["interpolated_ratio"] = None
-            if match is not None:
-                ls_bytes = match["bytes_per_token"] + extra
-                row.update(labelstore_k=match["k"], labelstore_bytes=ls_bytes, labelstore_kl=match[key],
-                           ratio=ls_bytes / row["distillkit_bytes"])
-                i = curve.index(match)
-                if i > 0 and curve[i - 1][key] > d[key] > 0:  # bytes at exactly DistillKit's KL, log-linear in KL
-                    lo, hi = curve[i - 1], match
-                    f = math.log(lo[key] / d[key]) / math.log(lo[key] / hi[key])
-                    b = lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"]) + extra
-                    row.update(interpolated_bytes=b, interpolated_ratio=b / row["distillkit_bytes"])
-            out.append(row)
+        for enc in encodings:
+            curve = sorted((r for r in results if r["source"] == d["source"] and r["mode"] == "topk"
+                            and r["codec"] == "log8" and r["encoding"] == enc and r["kl_mean"] is not None),
+                           key=lambda r: r["bytes_per_token"])
+            if not curve:
+                continue
+            for rule, key in RULE_KEYS.items():
+                out.append(_match(d, curve, enc, rule, key))
     return out
+
+
+def _match(d: dict, curve: list[dict], enc: str, rule: str, key: str) -> dict:
+    extra = curve[0]["prior_bytes_per_token_at_scale"] if rule == "prior" else 0.0
+    match = next((r for r in curve if r[key] <= d[key]), None)
+    row = {"source": d["source"], "rule": rule, "distillkit": d["setting"], "encoding": enc,
+           "distillkit_bytes": d["bytes_per_token"] + extra, "distillkit_kl": d[key],
+           "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None}
+    row["interpolated_bytes"] = row["interpolated_ratio"] = None
+    if match is not None:
+        ls_bytes = match["bytes_per_token"] + extra
+        row.update(labelstore_k=match["k"], labelstore_bytes=ls_bytes, labelstore_kl=match[key],
+                   ratio=ls_bytes / row["distillkit_bytes"])
+        i = curve.index(match)
+        if i > 0 and curve[i - 1][key] > d[key] > 0:  # bytes at exactly DistillKit's KL, log-linear in KL
+            lo, hi = curve[i - 1], match
+            f = math.log(lo[key] / d[key]) / math.log(lo[key] / hi[key])
+            b = lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"]) + extra
+            row.update(interpolated_bytes=b, interpolated_ratio=b / row["distillkit_bytes"])
+    return row

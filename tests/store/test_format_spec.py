@@ -126,6 +126,61 @@ def spec_v2_row(meta, cols, r, T):
     return inp, counts, ids, tail, values
 
 
+def spec_v5_row(meta, cols, r, T):
+    """Version 5 (encoding expgolomb), section 6c: as 6b except the ids (symbols, extra bits, next-token swap) and
+    the 1-byte values (slot-major deltas)."""
+    id_bits, w, cb = meta["id_bits"], (meta["id_bits"] + 7) // 8, meta["count_bytes"]
+    counts = np.frombuffer(spec_zstd(cols["counts"][r], T * cb), dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
+    n = int(counts.sum())
+    inp = spec_planes(spec_zstd(cols["input_ids"][r], T * w), w, T)
+    col = cols["ids"][r]
+    S = int.from_bytes(col[:4], "little")
+    assert 4 + S <= len(col)
+    sym = np.frombuffer(spec_zstd(col[4:4 + S], n), dtype=np.uint8)
+    extra = col[4 + S:]
+    limit = 16 + 8 * (id_bits - 4) if id_bits > 4 else 2**id_bits
+    stream = np.unpackbits(np.frombuffer(extra, dtype=np.uint8), bitorder="little")
+    codes, pos = [], 0
+    for y in sym.tolist():
+        assert y < limit
+        b, h = (0, y) if y < 16 else ((y - 16) // 8 + 1, 8 + (y - 16) % 8)
+        x = sum(int(stream[pos + j]) << j for j in range(b))
+        pos += b
+        codes.append(h * 2**b + x)
+    assert len(extra) == -(-pos // 8) and not stream[pos:].any()  # exact length, zero padding
+    ids, i = [], 0
+    for t in range(T):
+        for _ in range(int(counts[t])):
+            c = codes[i]
+            if t < T - 1:
+                u = int(inp[t + 1])
+                c = u if c == 0 else (0 if c == u else c)
+            ids.append(c)
+            i += 1
+    ids = np.array(ids, dtype=np.int64)
+    assert (ids < meta["vocab_size"]).all()
+    if spec_has_tail(meta):
+        tail = spec_planes(spec_zstd(cols["tail"][r], 4 * T), 4, T).astype("<u4").view("<f4").astype(np.float64)
+    else:
+        assert cols["tail"][r] == b""
+        tail = np.zeros(T)
+    if meta["value_codec"]["name"] == "none":
+        assert cols["values"][r] == b""
+        values = b""
+    elif meta["value_codec"]["name"] == "fp16":
+        values = spec_planes(spec_zstd(cols["values"][r], 2 * n), 2, n).astype("<u2").tobytes()
+    else:
+        slot_major = iter(np.frombuffer(spec_zstd(cols["values"][r], n), dtype=np.uint8).tolist())
+        deltas = [[None] * int(c) for c in counts]
+        for j in range(int(counts.max()) if T else 0):
+            for t in range(T):
+                if counts[t] > j:
+                    deltas[t][j] = next(slot_major)
+        codes = [v for d in deltas for v in (np.cumsum(np.array(d, dtype=np.int64)) % 256).tolist()]
+        values = np.array(codes, dtype=np.uint8).tobytes()
+    return inp, counts, ids, tail, values
+
+
 def spec_has_tail(meta) -> bool:
     """Section 4: no tail column for hard labels and for mode sample."""
     return meta["label_kind"] == "soft" and meta["selection"]["mode"] != "sample"
@@ -194,7 +249,7 @@ def spec_decode_store(path: Path) -> dict:
     """{sample_id: (input_ids, [per-position (ids, probs)], tail)} per docs/FORMAT.md."""
     man = json.loads((path / "manifest.json").read_text())
     version = man["format_version"]
-    assert man["format"] == "labelstore" and version in (1, 2, 3, 4)
+    assert man["format"] == "labelstore" and version in (1, 2, 3, 4, 5)
     if version >= 3:  # section 2: the digest of the manifest without its "digest" key, canonical JSON
         body = {k: v for k, v in man.items() if k != "digest"}
         assert man["digest"] == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -202,7 +257,9 @@ def spec_decode_store(path: Path) -> dict:
     shards = man["shards"] if version < 4 else spec_index(path, man)
     assert man["totals"]["shards"] == len(shards) and man["totals"]["samples"] == sum(s["rows"] for s in shards)
     meta = man["meta"]
-    zstd = meta.get("encoding", {"name": "packed"})["name"] == "zstd"
+    encoding = meta.get("encoding", {"name": "packed"})["name"]
+    zstd = encoding == "zstd"
+    assert (version == 5) == (encoding == "expgolomb")  # sections 6c and 8
     w, cb = meta["id_bits"], meta["count_bytes"]
     assert w == max(1, (meta["vocab_size"] - 1).bit_length())
     bpv = {"none": 0, "fp16": 2}.get(meta["value_codec"]["name"], 1)
@@ -222,6 +279,8 @@ def spec_decode_store(path: Path) -> dict:
             assert crc == cols["crc32"][r]
             if zstd:
                 inp, counts, ids, tail, values = spec_v2_row(meta, cols, r, T)
+            elif encoding == "expgolomb":
+                inp, counts, ids, tail, values = spec_v5_row(meta, cols, r, T)
             else:
                 inp = spec_unpack(cols["input_ids"][r], w, T)
                 counts = np.frombuffer(cols["counts"][r], dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
@@ -245,7 +304,7 @@ def spec_decode_store(path: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
 @pytest.mark.parametrize("codec,vocab", [("log8", 50257), ("e4m3", 1000), ("e5m2", 262144), ("fp16", 1 << 20)])
 def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab, encoding):
     from labelstore.store.reader import LabelStore  # only to cross-check, after the spec decode
@@ -317,7 +376,7 @@ def torch_tensor(r):
     return torch.from_numpy(r).float()[None, :]
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
 @pytest.mark.parametrize("codec", ["log8", "e4m3", "e5m2", "fp16", "log8-step1"])
 def test_position_bits_do_not_depend_on_neighbours(tmp_path, codec, encoding):
     """The same position decodes to the same float32 bits alone, in a row of full positions, in a row of ragged
@@ -361,7 +420,7 @@ def test_position_bits_do_not_depend_on_neighbours(tmp_path, codec, encoding):
     assert dec[1][1][0][1].view(np.uint32).tolist() == bits[1]
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
 @pytest.mark.parametrize("mode", ["sample", "topk+sample", "topk+sample-0", "argmax"])
 def test_spec_decoder_sampled_and_hard_modes(tmp_path, mode, encoding):
     """Section 5b: which entries are exact, count8 weights, the reported tail; hard labels: probability 1, tail 0.

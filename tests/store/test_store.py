@@ -44,7 +44,7 @@ def expected_probs(row, codec):
     return out
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
 @pytest.mark.parametrize("vocab_size", [1000, 50257, 262144, 1 << 20])
 def test_round_trip(tmp_path, vocab_size, encoding):
     k = 16
@@ -54,7 +54,7 @@ def test_round_trip(tmp_path, vocab_size, encoding):
         write_rows(w, rows)
     s = LabelStore(tmp_path / "s")
     assert len(s) == 30 and s.num_shards > 1 and (tmp_path / "s" / "index.arrow").is_file()
-    assert s.meta["format_version"] == 4 and s.meta["encoding"]["name"] == encoding
+    assert s.meta["format_version"] == (5 if encoding == "expgolomb" else 4) and s.meta["encoding"]["name"] == encoding
     assert s.meta["id_bits"] == max(1, (vocab_size - 1).bit_length())
     by_id = {r["sample_id"]: r for r in rows}
     for i in range(len(s)):
@@ -74,7 +74,7 @@ def test_round_trip(tmp_path, vocab_size, encoding):
     assert s.sample_ids().tolist() == [r["sample_id"] for r in rows]
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
 def test_empty_and_length_one_sequences(tmp_path, encoding):
     rows = random_rows(4, lengths=[0, 1, 0, 1], seed=3)
     with StoreWriter(tmp_path / "s", make_meta(encoding=encoding)) as w:
@@ -109,7 +109,7 @@ def test_codec_against_float64_reference(codec):
     assert c.decode(c.encode(torch.zeros(1, 1))).item() == 1.0
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
 def test_hard_label_store(tmp_path, encoding):
     rows = random_rows(5, k=1, codec="none", label_kind="hard", seed=5)
     with StoreWriter(tmp_path / "s", make_meta(k=1, codec="none", label_kind="hard", encoding=encoding)) as w:
@@ -310,7 +310,7 @@ def test_cli_info_and_verify(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "nope")]) == 1
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
 def test_sampled_modes_reconstruction(tmp_path, encoding):
     """sample: p = c / sum(c), no tail. topk+sample: exact part scaled to 1 - t, sampled part to t (FORMAT 5b)."""
     rng = np.random.default_rng(9)

@@ -159,3 +159,21 @@ def test_distillkit_plumbing_and_equal_fidelity_never_cross_rules(tmp_path):
     assert abs(got["uniform"]["interpolated_bytes"] - (20.0 + f * 15.0)) < 1e-9
     assert got["prior"]["interpolated_bytes"] is None  # k = 8 is the first point: nothing to interpolate from
     assert set(got) == {"uniform", "prior"}
+
+
+def test_equal_fidelity_compares_each_encoding_on_its_own_curve():
+    """The same entries in two encodings: each encoding's match comes from its own rows, never the other's."""
+    from labelstore.tools.distillkit_compare import equal_fidelity
+
+    rows = [{"source": "s", "mode": "topk", "codec": "log8", "encoding": enc, "k": k, "bytes_per_token": b * f,
+             "kl_mean": u, "kl_mean_prior": pr, "prior_bytes_per_token_at_scale": 0.0}
+            for enc, f in (("zstd", 1.0), ("expgolomb", 0.9))
+            for k, b, u, pr in ((8, 20.0, 0.9, 0.5), (16, 35.0, 0.6, 0.3), (32, 60.0, 0.4, 0.2))]
+    dkr = [{"source": "s", "setting": "budget", "bytes_per_token": 100.0, "kl_mean": 0.65, "kl_mean_prior": 0.55}]
+    got = {(c["encoding"], c["rule"]): c for c in equal_fidelity(rows, dkr)}
+    assert set(got) == {(e, r) for e in ("zstd", "expgolomb") for r in ("uniform", "prior")}
+    assert got[("zstd", "uniform")]["labelstore_bytes"] == 35.0 and got[("zstd", "uniform")]["labelstore_k"] == 16
+    assert got[("expgolomb", "uniform")]["labelstore_bytes"] == 35.0 * 0.9
+    assert got[("expgolomb", "uniform")]["labelstore_k"] == 16
+    f = np.log(0.9 / 0.65) / np.log(0.9 / 0.6)
+    assert abs(got[("expgolomb", "uniform")]["interpolated_bytes"] - 0.9 * (20.0 + f * 15.0)) < 1e-9

@@ -388,6 +388,11 @@ class RemoteStoreWriter(StoreWriter):
             recs = list(self._records) + list_commits(self.root, self.rank)  # spooled: committed, not published
         return merged_ranges(recs)
 
+    def commit_records(self) -> list[dict]:
+        """Every rank's commit records read when this writer opened, and this rank's spooled ones since."""
+        with self._mutex:
+            return list(self._records) + list_commits(self.root, self.rank)
+
     def commit(self) -> None:
         self._lock_remote.check()
         seq = self._seq

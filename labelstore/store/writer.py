@@ -128,6 +128,8 @@ class StoreWriter:
         self._shard_stats = None
         self._prior_sum = np.zeros(self.meta["vocab_size"], dtype=np.float64)
         self._prior_positions = 0
+        # ``--plan units``: a labelstore.teacher.units.UnitTracker whose record() each commit record carries
+        self.unit_progress = None
         check_store_dirs(self.root)  # before anything is created, written or deleted
         try:
             for sub in ("shards", "commits", "locks"):
@@ -311,6 +313,8 @@ class StoreWriter:
                 "last_sample_id": max(st["ids"]),
                 "sample_ranges": _runs(st["ids"]),
             }
+            if self.unit_progress is not None:  # docs/FORMAT.md 7: this rank's progress by work unit
+                record["units"] = self.unit_progress.record()
             if self._prior_positions:
                 blob = self._prior_sum.astype("<f8").tobytes()
                 atomic_write_bytes(self.root / prior_name(self.rank, self._seq), blob)

@@ -9,6 +9,8 @@ in their own (index-mapped) order; iterable ones batch by batch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from labelstore.errors import InputDataError
@@ -90,15 +92,30 @@ def saved_dataset_source(folder: Path, cfg: SourceConfig) -> Source:
     return src
 
 
-def object_sources(data, cfg: SourceConfig) -> list[Source]:
+def object_sources(data, cfg: SourceConfig, records_per_source: int | None = None) -> list[Source]:
     """Python objects given to :func:`labelstore.compile_store` ``data=`` (besides paths): a ``datasets``
-    Dataset / IterableDataset / DatasetDict, or a list of records (dicts)."""
+    Dataset / IterableDataset / DatasetDict, or a list of records (dicts).
+
+    ``records_per_source``: cut a list of records into sources of that many records (``--plan units``: one work
+    unit each, identified by a hash of its records); None: one source."""
     mod = type(data).__module__ or ""
     if mod.startswith("datasets"):
-        return [dataset_source(data, f"<{type(data).__name__}>", cfg)]
+        src = dataset_source(data, f"<{type(data).__name__}>", cfg)
+        fp = getattr(data, "_fingerprint", None)
+        src.identity = {"fingerprint": fp} if isinstance(fp, str) else None
+        return [src]
     if isinstance(data, (list, tuple)) and data and all(isinstance(r, dict) for r in data):
         recs = list(data)
-        return [Source("<records>", lambda: (record_document(r, cfg, f"data[{i}]") for i, r in enumerate(recs)))]
+        if records_per_source is None:
+            return [Source("<records>", lambda: (record_document(r, cfg, f"data[{i}]") for i, r in enumerate(recs)))]
+        out = []
+        for a in range(0, len(recs), records_per_source):
+            b = min(len(recs), a + records_per_source)
+            digest = hashlib.sha256(json.dumps(recs[a:b], sort_keys=True, default=repr).encode()).hexdigest()
+            out.append(Source(f"<records>[{a}:{b}]", lambda a=a, b=b: (record_document(recs[i], cfg, f"data[{i}]")
+                                                                    for i in range(a, b)),
+                              identity={"records_sha256": digest}))
+        return out
     raise InputDataError(
         f"data= takes paths, a list of paths, a datasets.Dataset or a list of records (dicts), not "
         f"{type(data).__name__}; to compile texts pass data=[{{'text': t}} for t in texts]")

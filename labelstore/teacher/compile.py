@@ -279,6 +279,11 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tp = tp_layout(rank, world, opts.tp_size)  # groups of --tp-size ranks; for the store a group is one rank
+    if opts.plan == "units" and opts.max_samples is not None and tp.groups > 1:
+        raise InputDataError(
+            "--max-samples with --plan units keeps the first N sequences in unit order, which only one process "
+            f"can know without tokenizing every unit; this run has {tp.groups} ranks: run one process, or use "
+            "--plan global")
     if opts.device_map is not None and world > 1:
         raise LabelStoreError(f"--device-map {opts.device_map} places one teacher across all of this node's devices: "
                               "run one process per node, not under torchrun")
@@ -423,11 +428,6 @@ def _compile_units(ctx: _Run) -> tuple[CompileResult, dict]:
     from labelstore.store.remote_writer import RemoteStoreWriter
 
     opts, in_cfg, tp = ctx.opts, ctx.in_cfg, ctx.tp
-    if in_cfg.max_samples is not None and tp.groups > 1:
-        raise InputDataError(
-            f"--max-samples with --plan units keeps the first N sequences in unit order, which only one process "
-            f"can know without tokenizing every unit; this run has {tp.groups} ranks: run one process, or use "
-            "--plan global")
     if ctx.objs.data is not None:
         sources = object_sources(ctx.objs.data, in_cfg.sources, RECORDS_PER_UNIT)
     else:

@@ -442,15 +442,12 @@ def _compile_units(ctx: _Run) -> tuple[CompileResult, dict]:
     writer = open_writer(opts, meta, tp.group, tp.groups, ctx.store_there) if tp.leader else \
         FollowerWriter(opts.out)
     try:
-        if isinstance(writer, RemoteStoreWriter):  # every rank's records, already read; this rank's spooled ones
-            progress = read_progress(None, writer.commit_records())
-        elif isinstance(writer, FollowerWriter):
-            progress = read_progress(None, writer.commit_records())
-        else:
-            progress = read_progress(writer.root)
+        records = None
+        if isinstance(writer, (RemoteStoreWriter, FollowerWriter)):  # every rank's records (remote: already read)
+            records = writer.commit_records()
+        progress = read_progress(None if records is not None else writer.root, records)
         committed = CommittedUnits(progress)
-        committed.check_identities(units, None if isinstance(writer, (RemoteStoreWriter, FollowerWriter))
-                                   else writer.root)
+        committed.check_identities(units, None if records is not None else writer.root, records)
     except BaseException:
         if tp.leader:
             writer.abort()

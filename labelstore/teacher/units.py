@@ -353,8 +353,9 @@ class CommittedUnits:
         holding its first unit (so the ranks' figures add up to the store's)."""
         return sum(n for p in self.progress.values() for a, _, n in p.done if a in block)
 
-    def check_identities(self, units: Sequence[WorkUnit], root=None) -> None:
-        """Refuse when the input of a committed unit changed (naming it when the records say which)."""
+    def check_identities(self, units: Sequence[WorkUnit], root=None, records: list[dict] | None = None) -> None:
+        """Refuse when the input of a committed unit changed, naming it: the records (``records``, else those
+        read from ``root``) say which completed unit had which identity."""
         for rank, p in self.progress.items():
             for u, (_, ident, _) in p.partial.items():
                 if ident is not None and (u >= len(units) or units[u].identity != ident):
@@ -365,16 +366,20 @@ class CommittedUnits:
                     raise _changed(units, u)
                 acc = _xor(acc, units[u].identity)
             if acc != p.done_identity:
-                raise _changed(units, _find_changed(root, rank, units))
+                raise _changed(units, _find_changed(root, records, rank, units))
 
 
-def _find_changed(root, rank: int, units: Sequence[WorkUnit]) -> int | None:
+def _find_changed(root, records, rank: int, units: Sequence[WorkUnit]) -> int | None:
     from labelstore.store.manifest import list_commits
 
-    if root is None:
-        return None
     try:
-        for rec in list_commits(root, rank):
+        if records is not None:
+            recs = [r for r in records if r.get("rank") == rank]
+        elif root is not None:
+            recs = list_commits(root, rank)
+        else:
+            return None
+        for rec in recs:
             for u, ident in rec.get("units", {}).get("completed", []):
                 if u >= len(units) or units[u].identity != ident:
                     return u

@@ -289,7 +289,10 @@ class UnitTracker:
             if (j and runs[j - 1][1] > i) or (j < len(runs) and runs[j][0] <= i):
                 raise ValueError(f"sample {sample_id} is committed already")
             runs.insert(j, [i, i + 1])
-            self.runs = runs = _merge(runs)
+            if j + 1 < len(runs) and runs[j + 1][0] == i + 1:  # join the neighbours it touches (O(1) merges)
+                runs[j][1] = runs.pop(j + 1)[1]
+            if j and runs[j - 1][1] == i:
+                runs[j - 1][1] = runs.pop(j)[1]
         self.covered += 1
         if self.covered == self.n:  # the unit is complete: one done run instead of its sequence runs
             self.p.partial.pop(u.index, None)

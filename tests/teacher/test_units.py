@@ -432,3 +432,22 @@ def test_tracker_turns_a_unit_done_once_every_sequence_is_added_in_any_order():
 def test_a_malformed_progress_entry_is_refused(bad):
     with pytest.raises(StoreFormatError, match="'units' progress entry"):
         RankProgress.from_json(bad, "commit record r00000-000001.json")
+
+
+def test_tracker_runs_equal_the_merged_set_in_any_insertion_order():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 50):
+        order = rng.permutation(n)
+        t = UnitTracker()
+        t.begin(unit(1), n + 1, "00" * 32)  # one sequence short of complete: the runs stay visible
+        for k, i in enumerate(order):
+            t.add((1 << SEQ_BITS) + int(i))
+            got = t.record()["partial"][0][3]
+            want, prev = [], None  # reference: runs of the sorted set of added indices
+            for x in sorted(int(v) for v in order[:k + 1]):
+                if prev is not None and x == prev + 1:
+                    want[-1][1] = x + 1
+                else:
+                    want.append([x, x + 1])
+                prev = x
+            assert got == want

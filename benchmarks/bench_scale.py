@@ -265,7 +265,8 @@ def synth_unit_commits(root: Path, n: int) -> int:
 
 RESUME_UNITS_CHILD = r"""
 import json, sys, time
-from labelstore.teacher.units import CommittedUnits, WorkUnit, rank_units, read_progress
+from labelstore.teacher.unit_progress import CommittedUnits, read_progress
+from labelstore.teacher.units import WorkUnit, rank_units
 sys.path.insert(0, "benchmarks")
 from bench_scale import RANKS, unit_identity
 root, n_units = sys.argv[1], int(sys.argv[2])
@@ -340,7 +341,8 @@ from transformers import AutoTokenizer
 from labelstore.teacher.batching import plan_batches, rank_batches
 from labelstore.teacher.inputs import InputConfig, build_plan
 from labelstore.teacher.sources import expand_sources
-from labelstore.teacher.units import CommittedUnits, UnitCounts, make_units, rank_units, unit_work
+from labelstore.teacher.unit_progress import CommittedUnits
+from labelstore.teacher.units import UnitCounts, make_units, rank_units, unit_work
 root, mode, rank, world, L, tpb = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 def status(key):
     for line in open("/proc/self/status"):
@@ -507,6 +509,11 @@ def main() -> None:
                 "shard_bytes": SHARD_BYTES})
     out.setdefault("loadavg", {})
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.tmp))
+
+    def save():  # after each measurement: a long run that fails keeps what it measured
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(out, indent=1) + "\n")
+
     try:
         if "open" in sections:
             out["loadavg"] = {**(out["loadavg"] if isinstance(out["loadavg"], dict) else {}), "open": os.getloadavg()}
@@ -527,12 +534,14 @@ def main() -> None:
                 shutil.rmtree(base)
             out["open"] = rows
             out["projection_5T"] = project(rows)
+            save()
         if "resume" in sections:
             base = tmp / "resume"
             synth_commits(base, args.resume)
             out["resume"] = {"commit_records": args.resume, "plan": "global",
                              **child(RESUME_CHILD, base, min(args.repeats, 2))}
             print(json.dumps(out["resume"]), flush=True)
+            save()
             shutil.rmtree(base)
         if "resume_units" in sections:
             base = tmp / "resume_units"
@@ -541,6 +550,7 @@ def main() -> None:
                                    "shards_per_unit": UNIT_SHARDS, "synthetic": True,
                                    **child(RESUME_UNITS_CHILD, base, min(args.repeats, 2), str(n_units))}
             print(json.dumps(out["resume_units"]), flush=True)
+            save()
             shutil.rmtree(base)
         if "plan" in sections:
             base = tmp / "plan"
@@ -550,21 +560,21 @@ def main() -> None:
             print(json.dumps(corpus), flush=True)
             runs = []
             settings = [str(args.plan_max_length), str(args.plan_tokens_per_batch)]
-            for mode, rank, world in ([("global", 0, args.plan_ranks)] + [("units", 0, 1)] * args.plan_units_one
-                                      + [("units", r, args.plan_ranks) for r in range(args.plan_ranks)]):
-                got = child(PLAN_CHILD, base, 1, mode, str(rank), str(world), *settings)
-                runs.append(got)
-                print(json.dumps(got), flush=True)
             out["plan"] = {"corpus": corpus, "max_length": args.plan_max_length,
-                           "tokens_per_batch": args.plan_tokens_per_batch, "loadavg": os.getloadavg(),
+                           "tokens_per_batch": args.plan_tokens_per_batch,
                            "note": "global: every rank of any world size tokenizes the whole corpus (measured as "
                                    f"rank 0 of {args.plan_ranks}); units: each rank its block of units",
                            "runs": runs}
+            for mode, rank, world in ([("global", 0, args.plan_ranks)] + [("units", 0, 1)] * args.plan_units_one
+                                      + [("units", r, args.plan_ranks) for r in range(args.plan_ranks)]):
+                got = child(PLAN_CHILD, base, 1, mode, str(rank), str(world), *settings)
+                runs.append({**got, "loadavg": os.getloadavg()})
+                print(json.dumps(got), flush=True)
+                save()
             shutil.rmtree(base)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    save()
     report(out)
 
 

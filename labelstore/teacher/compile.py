@@ -33,6 +33,7 @@ from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreErr
 from labelstore.selection import is_sampled
 from labelstore.teacher.batching import plan_batches, rank_batches
 from labelstore.teacher.chat import ChatRenderer, read_template
+from labelstore.teacher.compile_run import CompileRun, report_truncation
 from labelstore.teacher.hf_sources import object_sources
 from labelstore.teacher.inputs import PROGRESS_EVERY, InputConfig, Plan, build_plan
 from labelstore.teacher.labels import LabelPositionsWriter
@@ -41,9 +42,7 @@ from labelstore.teacher.model import (
     config_vocab_size,
     context_length,
     display_name,
-    load_teacher,
     load_tokenizer,
-    output_vocab_size,
     resolve_device,
     resolve_dtype,
     resolve_max_length,
@@ -60,22 +59,11 @@ from labelstore.teacher.objects import (
 )
 from labelstore.teacher.options import CompileOptions
 from labelstore.teacher.outdir import barrier, check_out, open_writer
-from labelstore.teacher.parallel import FollowerWriter, same_on_all_ranks, tp_layout, tp_mesh
-from labelstore.teacher.pipeline import CompileResult, resolve_tokens_per_batch, run_batches
+from labelstore.teacher.parallel import FollowerWriter, tp_layout
+from labelstore.teacher.pipeline import CompileResult, run_batches
 from labelstore.teacher.resume_checks import accept_older_config, accept_older_teacher_hash, check_inputs_still_there
-from labelstore.teacher.sources import expand_sources
-from labelstore.teacher.units import (
-    RECORDS_PER_UNIT,
-    CommittedUnits,
-    UnitCounts,
-    UnitTracker,
-    check_id_limits,
-    inputs_config,
-    make_units,
-    rank_units,
-    read_progress,
-    unit_work,
-)
+from labelstore.teacher.unit_compile import compile_units
+from labelstore.teacher.units import inputs_config
 from labelstore_kernels.select_torch import SAMPLER_VERSION
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
@@ -313,15 +301,15 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                              token_field=opts.token_field, max_samples=opts.max_samples,
                              assistant_only=opts.assistant_only, chat_template=read_template(opts.chat_template),
                              text_glob=tuple(opts.text_glob or ()), split=opts.split, streaming=opts.streaming)
-        run = _Run(opts, objs, in_cfg, tokenizer, V, k, codec, dtype, device, tp, rank, world, store_there)
+        run = CompileRun(opts, objs, in_cfg, tokenizer, V, k, codec, dtype, device, tp, rank, world, store_there)
         if opts.plan == "units":
-            result, stats = _compile_units(run)
+            result, stats = compile_units(run)
         else:
             with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
                 sources = object_sources(objs.data, in_cfg.sources) if objs.data is not None else opts.data
                 plan = build_plan(sources, tokenizer, in_cfg, V, workdir=workdir,  # validates every input
                                   progress_every=PROGRESS_EVERY if opts.progress and rank == 0 else None)
-                _report_truncation(plan.stats, plan.labelled_positions, opts, rank)
+                report_truncation(plan.stats, plan.labelled_positions, opts, rank)
                 model = run.load_model()
                 opts = run.resolve_tokens_per_batch(model)
                 meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
@@ -351,154 +339,3 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
             objs.model.train()
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _report_truncation(st: dict, labelled_positions: int, opts: CompileOptions, rank: int) -> None:
-    if rank == 0 and opts.progress and not opts.pack and st.get("truncated_documents"):
-        print(f"labelstore compile: --truncate cut {st['truncated_documents']:,} of {st['documents']:,} documents "
-              f"at --max-length {opts.max_length}, dropping {st['truncated_tokens']:,} of "
-              f"{st['document_tokens']:,} tokens ({st['truncated_tokens'] / max(st['document_tokens'], 1):.1%})"
-              + (f" and {st['truncated_label_positions']:,} assistant label positions (keeping "
-                 f"{labelled_positions:,}); a larger --max-length or --pack keeps them"
-                 if st.get("truncated_label_positions") else ""),
-              file=sys.stderr)
-
-
-@dataclasses.dataclass
-class _Run:
-    """What both plan modes share once the tokenizer and the settings are known."""
-
-    opts: CompileOptions
-    objs: Objects
-    in_cfg: InputConfig
-    tokenizer: object
-    V: int
-    k: int
-    codec: object
-    dtype: torch.dtype
-    device: torch.device
-    tp: object
-    rank: int
-    world: int
-    store_there: bool
-    was_training: bool | None = None
-
-    def load_model(self):
-        opts, objs = self.opts, self.objs
-        if objs.model is not None:
-            model, self.was_training = objs.model, objs.model.training
-            model.eval()
-            if opts.device != "auto":
-                model.to(self.device)
-        else:
-            model = load_teacher(opts.teacher, self.dtype, self.device, opts.trust_remote_code,
-                                 device_map=opts.device_map,
-                                 tp_mesh=tp_mesh(self.tp, self.device) if self.tp.tp_size > 1 else None)
-        if output_vocab_size(model) != self.V:
-            raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
-                                      f"its config says vocab_size {self.V:,}; fix the model's config.json")
-        return model
-
-    def resolve_tokens_per_batch(self, model) -> CompileOptions:
-        self.opts = dataclasses.replace(self.opts, tokens_per_batch=same_on_all_ranks(
-            resolve_tokens_per_batch(self.opts, model, self.V, self.device), self.world))
-        return self.opts
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def extract_fn(self, meta: dict):
-        from labelstore_kernels import extract, extract_topk
-
-        opts, k, codec = self.opts, self.k, self.codec
-        if meta["selection"]["mode"] in ("topk", "argmax"):
-            def fn(flat, row_ids):
-                return extract_topk(flat, k, temperature=opts.temperature, codec=codec)  # k=1 "none": argmax
-        else:
-            def fn(flat, row_ids):
-                return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
-                               seed=opts.seed, row_ids=row_ids)
-        return fn
-
-
-def _compile_units(ctx: _Run) -> tuple[CompileResult, dict]:
-    """``--plan units`` (:mod:`labelstore.teacher.units`): this rank lists every input (reading none), then reads,
-    tokenizes and compiles only its block of units, one unit at a time."""
-    from labelstore.store.remote_writer import RemoteStoreWriter
-
-    opts, in_cfg, tp = ctx.opts, ctx.in_cfg, ctx.tp
-    if ctx.objs.data is not None:
-        sources = object_sources(ctx.objs.data, in_cfg.sources, RECORDS_PER_UNIT)
-    else:
-        sources = expand_sources(opts.data, in_cfg.sources)
-    units = make_units(sources)
-    check_id_limits(len(units), opts.max_length)
-    model = ctx.load_model()
-    opts = ctx.resolve_tokens_per_batch(model)
-    renderer = ChatRenderer(ctx.tokenizer, in_cfg.chat_template)
-    meta = build_meta(opts, None, ctx.V, ctx.k, ctx.dtype, ctx.device, teacher_fingerprint(model),
-                      tokenizer_fingerprint(ctx.tokenizer), tp.groups, units=units, renderer=renderer)
-    writer = open_writer(opts, meta, tp.group, tp.groups, ctx.store_there) if tp.leader else \
-        FollowerWriter(opts.out)
-    try:
-        records = None
-        if isinstance(writer, (RemoteStoreWriter, FollowerWriter)):  # every rank's records (remote: already read)
-            records = writer.commit_records()
-        progress = read_progress(None if records is not None else writer.root, records)
-        committed = CommittedUnits(progress)
-        committed.check_identities(units, None if records is not None else writer.root, records)
-    except BaseException:
-        if tp.leader:
-            writer.abort()
-        raise
-    if tp.leader:
-        writer.unit_progress = UnitTracker(progress.get(tp.group))
-        if in_cfg.assistant_only:
-            writer = LabelPositionsWriter(writer, None)
-    counts = UnitCounts()
-    block = rank_units(len(units), tp.group, tp.groups)
-    work = unit_work(units, block, committed, ctx.tokenizer, in_cfg, ctx.V, opts.tokens_per_batch, counts, renderer)
-    totals = {}
-
-    def whole_corpus_checks():
-        """Run by every rank once its units are done, before its writer closes (an error leaves no done marker
-        and no manifest): a rank sees only its own units."""
-        totals.update(_whole_corpus_checks(ctx, units, counts))
-
-    result = run_batches(model, None, None, writer, ctx.extract_fn(meta), ctx.V, ctx.codec, opts, ctx.device,
-                         ctx.pad_id, tp.group, tp.groups,
-                         vocab_limit=len(ctx.tokenizer) if opts.mask_vocab_padding else None,
-                         notice=ctx.rank == 0, follower=not tp.leader, work=work, counts=counts,
-                         before_close=whole_corpus_checks)
-    result.units = {"units": counts.units, "skipped_units": counts.skipped_units,
-                    "tokenized_units": counts.tokenized_units, "sequences": counts.sequences}
-    _report_truncation(totals["stats"], totals["labelled"], opts, ctx.rank)
-    return result, dict(counts.stats)
-
-
-def _whole_corpus_checks(ctx: _Run, units, counts) -> dict:
-    tp, in_cfg = ctx.tp, ctx.in_cfg
-    mine = (counts.sequences + counts.skipped, counts.labelled_positions, counts.skipped, counts.stats) \
-        if tp.leader else (0, 0, 0, {})
-    everyone = [mine]
-    if ctx.world > 1:
-        everyone = [None] * ctx.world
-        torch.distributed.all_gather_object(everyone, mine)
-    sequences = sum(e[0] for e in everyone)
-    labelled = sum(e[1] for e in everyone)
-    committed_before = sum(e[2] for e in everyone)
-    stats: dict = {}
-    for e in everyone:
-        for key, v in e[3].items():
-            stats[key] = stats.get(key, 0) + v
-    if not sequences:
-        names = [u.source.name for u in units]
-        raise InputDataError(
-            f"the corpus is empty: {len(names)} input(s) ({', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''}) hold no text; check --data and --text-field"
-        )
-    if in_cfg.assistant_only and not labelled and not committed_before:
-        raise InputDataError(f"--assistant-only: no position of the {sequences:,} sequences is followed by an "
-                             "assistant or completion token (no assistant turns?); nothing would be stored")
-    return {"stats": stats, "labelled": labelled}

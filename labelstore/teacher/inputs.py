@@ -18,7 +18,8 @@ token (``plan.label_mask``) and the compile stores count 0 and tail 0 at the oth
 3, ``label_positions``), which the student loader reads as ``position_mask == False``. The teacher still reads
 every token. Without it every position keeps a label.
 
-Sequence ``i`` of the plan has sample id ``i``: the same inputs and settings always give the same ids.
+Sequence ``i`` of the plan has sample id ``i`` (``first_id + i`` in a work unit's plan): the same inputs and settings
+always give the same ids.
 The plan's tokens live in a memory-mapped scratch file when a work directory is given, so memory stays small
 whatever the corpus size, and its SHA-256 fingerprint (tokens, document starts and label flags) identifies the
 data in the store's config.
@@ -284,10 +285,6 @@ class Plan:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def sample_ids(self) -> np.ndarray:
-        """int64: the sample id of every sequence, in order (``first_id + i``)."""
-        return self.first_id + np.arange(len(self), dtype=np.int64)
-
     def sequence(self, sample_id: int) -> np.ndarray:
         i = sample_id - self.first_id
         return np.asarray(self.tokens[self.offsets[i]:self.offsets[i + 1]])
@@ -297,10 +294,8 @@ class Plan:
         return np.asarray(self.doc_starts_flat[self.doc_offsets[i]:self.doc_offsets[i + 1]])
 
     def keep(self, sample_id: int) -> np.ndarray:
-        """Label flags (bool, one per token) of one sequence (all True without ``label_mask``)."""
+        """Label flags (bool, one per token) of one sequence (of a plan with ``label_mask``)."""
         i = sample_id - self.first_id
-        if self.label_mask is None:
-            return np.ones(int(self.offsets[i + 1] - self.offsets[i]), dtype=bool)
         return np.asarray(self.label_mask[self.offsets[i]:self.offsets[i + 1]], dtype=bool)
 
     def keep_rows(self, row_ids: np.ndarray, max_length: int) -> np.ndarray | None:
@@ -339,9 +334,8 @@ def build_plan(paths: Sequence[str | os.PathLike] | Sequence[Source], tokenizer,
     stderr every that many seconds. Raises :class:`InputDataError` for missing, unreadable or non-UTF-8 files,
     missing fields and empty corpora.
 
-    ``unit``: plan one work unit of a ``--plan units`` compile (:mod:`labelstore.teacher.units`): sequence ``i``
-    gets sample id ``first_id + i``, at most ``max_sequences`` (default ``cfg.max_samples``) are kept, and an
-    empty unit (or one without a label position) is an empty plan, not an error: those are whole-corpus checks.
+    ``unit`` (a ``--plan units`` work unit, :mod:`labelstore.teacher.units`): sample ids from ``first_id``, at most
+    ``max_sequences`` (default ``cfg.max_samples``); no label position or no text is no error (whole-corpus checks).
     """
     if cfg.pack and _eos_id(tokenizer) is None:
         raise InputDataError("packing needs an EOS token between documents but the tokenizer has none; "

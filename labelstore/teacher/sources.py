@@ -272,19 +272,10 @@ READERS = {"text": _iter_text, "jsonl": _iter_jsonl, "json": _iter_json, "parque
            "arrow": _iter_file_table}
 
 
-def remote_identity(info: dict | None) -> dict | None:
-    """An object's identity from its listing entry: size and ETag (else its modification time)."""
-    if not info:
-        return None
-    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "last_modified", "mtime", "updated")
-                if info.get(k) is not None), None)
-    return {"bytes": info.get("size"), "etag": None if tag is None else str(tag)}
-
-
 def file_source(path: Path | RemoteObject, kind: str, cfg: SourceConfig, info: dict | None = None) -> Source:
     reader = READERS[kind]
     local = None if isinstance(path, RemoteObject) else path
-    ident = remote_identity(info) if isinstance(path, RemoteObject) else None
+    ident = objectstore.object_identity(info) if isinstance(path, RemoteObject) else None
     if kind == "text":
         return Source(str(path), lambda: reader(path), local, ident)
     return Source(str(path), lambda: reader(path, cfg), local, ident)

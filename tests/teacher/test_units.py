@@ -25,16 +25,8 @@ from labelstore.errors import ConfigMismatchError, InputDataError, StoreFormatEr
 from labelstore.store.reader import LabelStore
 from labelstore.store.verify import verify_store
 from labelstore.teacher.compile import CompileOptions, compile_store
-from labelstore.teacher.units import (
-    SEQ_BITS,
-    RankProgress,
-    UnitTracker,
-    WorkUnit,
-    check_id_limits,
-    progress_from_ranges,
-    rank_units,
-    read_progress,
-)
+from labelstore.teacher.unit_progress import RankProgress, UnitTracker, progress_from_ranges, read_progress
+from labelstore.teacher.units import SEQ_BITS, WorkUnit, check_id_limits, rank_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 L = 32
@@ -371,9 +363,9 @@ def test_max_samples_keeps_the_first_sequences_in_unit_order(env, tmp_path, monk
 
 
 def test_records_are_cut_into_units_and_an_empty_corpus_is_refused(env, tmp_path, monkeypatch):
-    import labelstore.teacher.compile as compile_mod
+    import labelstore.teacher.unit_compile as unit_compile
 
-    monkeypatch.setattr(compile_mod, "RECORDS_PER_UNIT", 5)
+    monkeypatch.setattr(unit_compile, "RECORDS_PER_UNIT", 5)
     recs = [{"text": d} for d in env["docs"][:12]]
     o = dict(teacher=str(env["llama"]), k=6, max_length=L, tokens_per_batch=96, device="cpu", progress=False,
              plan="units")

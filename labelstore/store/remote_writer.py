@@ -221,6 +221,8 @@ class RemoteStoreWriter(StoreWriter):
                 f"{meta['format_version']}. Finish the compile with the version that started it, or use a new --out.")
         if isinstance(existing.get("store_id"), str):
             meta["store_id"] = existing["store_id"]
+        if isinstance(existing.get("runtime"), dict):  # shards carry the store's metadata (StoreWriter._check_config)
+            meta["runtime"] = existing["runtime"]
         diffs = _meta_diff(existing, meta)
         if diffs:
             raise ConfigMismatchError(f"{self.url} was written with different settings:\n  " + "\n  ".join(diffs)

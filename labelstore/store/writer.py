@@ -202,6 +202,10 @@ class StoreWriter:
             )
         if isinstance(existing.get("store_id"), str):
             self.meta["store_id"] = existing["store_id"]  # the store's identity, not a setting: adopt it
+        if isinstance(existing.get("runtime"), dict):
+            # every shard carries the store's metadata, which readers compare with the manifest's (the config's):
+            # a resume on another world size, device or version writes the store's recorded runtime, not its own
+            self.meta["runtime"] = existing["runtime"]
         diffs = _meta_diff(existing, self.meta)
         if diffs:
             raise ConfigMismatchError(

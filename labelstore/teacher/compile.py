@@ -12,6 +12,10 @@ Resume and scale-out: rank ``r`` of ``N`` takes the ``r``-th contiguous block of
 (:func:`~labelstore.teacher.batching.rank_batches`). Batches are planned from the inputs
 and ``--tokens-per-batch`` alone, so a rerun computes every sample in the same batch as before, with the same
 numerics. Every rank writes its own shards; rank 0 writes the manifest after a barrier.
+
+``--plan units`` (:mod:`labelstore.teacher.unit_compile`): rank ``r`` takes the ``r``-th contiguous block of work
+units (input files) instead, and plans, batches and compiles one unit at a time (sample id = unit * 2**26 +
+sequence); its commit records carry its progress by unit (:mod:`labelstore.teacher.unit_progress`).
 """
 
 from __future__ import annotations

@@ -443,3 +443,25 @@ def test_tracker_runs_equal_the_merged_set_in_any_insertion_order():
                     want.append([x, x + 1])
                 prev = x
             assert got == want
+
+
+def test_one_process_interrupted_then_resumed_by_two_ranks_equals_one_process(env, tmp_path, monkeypatch):
+    """A change of world size on resume: rank 1 of 2 continues units that the single process committed in part
+    (their committed runs come from rank 0's records), and the store equals an uninterrupted 1-process one."""
+    out = tmp_path / "s"
+    kw = dict(tokens_per_batch=32, shard_mb=0.002)
+    compile_store(opts(env, tmp_path / "clean", **kw))
+    shards = len(list((tmp_path / "clean" / "commits").glob("r*.json")))
+    with monkeypatch.context() as m:
+        interrupt_after(m, shards * 3 // 4)  # inside rank 1's half of the 24 units (12 each under 2 ranks)
+        with pytest.raises(Interrupt):
+            compile_store(opts(env, out, **kw))
+    progress = read_progress(out)[0]
+    started = set(progress.done_units()) | set(progress.partial)
+    assert any(u >= 12 for u in started) and progress.partial
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "labelstore",
+           *cli_args(opts(env, out, **kw))]
+    p = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_same_store(out, tmp_path / "clean")

@@ -1,8 +1,9 @@
 """``--plan units``: each rank reads and tokenizes only its own share of the inputs, in work units.
 
 **Work units.** The inputs (:func:`labelstore.teacher.sources.expand_sources`, in their order) are cut into
-units: one per input file or object, one per ``datasets`` object or ``hf:NAME`` dataset, and one per
-:data:`RECORDS_PER_UNIT` records of a list of records given to ``compile_store(data=...)``. Listing them reads no
+units: one per input file or object, one per ``hf:NAME`` dataset or ``IterableDataset``, and one per
+:data:`RECORDS_PER_UNIT` records of a list of records or rows of a ``datasets.Dataset`` given to
+``compile_store(data=...)``. Listing them reads no
 document. A unit is planned on its own (packing never spans two units: a unit's last sequence may be short) and
 its batches never span two units.
 

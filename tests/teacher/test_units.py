@@ -378,6 +378,13 @@ def test_records_are_cut_into_units_and_an_empty_corpus_is_refused(env, tmp_path
         got = [x for sid, row in sorted(store_rows(tmp_path / "r").items()) if sid >> SEQ_BITS == u
                for x in row[0].tolist()]
         assert got == ids  # each unit packed on its own
+    # a datasets.Dataset of the same records is cut the same way (slices of rows), into the same store
+    import datasets
+
+    d = compile_store(teacher=str(env["llama"]), data=datasets.Dataset.from_list(recs), out=str(tmp_path / "d"),
+                      **{k: v for k, v in o.items() if k != "teacher"})
+    assert d.units["units"] == 3
+    assert_same_store(tmp_path / "r", tmp_path / "d")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     (tmp_path / "empty" / "b.txt").write_text("")

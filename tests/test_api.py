@@ -73,7 +73,7 @@ def test_every_option_has_a_flag_that_sets_it():
                        "--trust-remote-code", "--quiet", "--assistant-only", "--chat-template", "t.jinja",
                        "--text-glob", "*.py", "--split", "train", "--streaming", "--overwrite",
                        "--lm-head", "fused", "--head-dtype", "float32", "--mask-vocab-padding", "--device-map", "auto",
-                       "--tp-size", "2"]
+                       "--tp-size", "2", "--plan", "units"]
     got = _parse(argv)
     default = CompileOptions(teacher="T", data=["a.txt", "b.txt"], out="S")
     changed = {f.name for f in dataclasses.fields(CompileOptions)
@@ -82,6 +82,7 @@ def test_every_option_has_a_flag_that_sets_it():
     assert not unchanged, f"options the CLI could not set: {unchanged}"
     assert (got.k, got.top_p, got.pack, got.tail_prior, got.progress, got.max_samples) == (7, 0.5, False, False,
                                                                                           False, 5)
+    assert got.plan == "units"
 
 
 def test_pack_and_truncate_are_exclusive():

@@ -225,3 +225,13 @@ def get_bytes(fs, path: str, *, url: str, max_bytes: int, what: str) -> bytes | 
 
 __all__ = ["is_url", "filesystem", "call", "join", "put_bytes", "get_bytes", "etag", "redact", "describe",
            "supports_conditional_writes", "local_path", "OPTIONS_ENV"]
+
+
+def object_identity(info: dict | None) -> dict | None:
+    """An object's identity from its listing entry (``fs.info`` / ``find(detail=True)``): its size and ETag (else
+    its modification time); what says it is the same object without reading it (``--plan units``)."""
+    if not info:
+        return None
+    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "last_modified", "mtime", "updated")
+                if info.get(k) is not None), None)
+    return {"bytes": info.get("size"), "etag": None if tag is None else str(tag)}

@@ -221,6 +221,8 @@ class RemoteStoreWriter(StoreWriter):
                 f"{meta['format_version']}. Finish the compile with the version that started it, or use a new --out.")
         if isinstance(existing.get("store_id"), str):
             meta["store_id"] = existing["store_id"]
+        if isinstance(existing.get("runtime"), dict):  # shards carry the store's metadata (StoreWriter._check_config)
+            meta["runtime"] = existing["runtime"]
         diffs = _meta_diff(existing, meta)
         if diffs:
             raise ConfigMismatchError(f"{self.url} was written with different settings:\n  " + "\n  ".join(diffs)
@@ -387,6 +389,11 @@ class RemoteStoreWriter(StoreWriter):
         with self._mutex:  # (publishing threads move records from the spool to the bucket)
             recs = list(self._records) + list_commits(self.root, self.rank)  # spooled: committed, not published
         return merged_ranges(recs)
+
+    def commit_records(self) -> list[dict]:
+        """Every rank's commit records read when this writer opened, and this rank's spooled ones since."""
+        with self._mutex:
+            return list(self._records) + list_commits(self.root, self.rank)
 
     def commit(self) -> None:
         self._lock_remote.check()

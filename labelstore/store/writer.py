@@ -132,6 +132,8 @@ class StoreWriter:
         self._shard_stats = None
         self._prior_sum = np.zeros(self.meta["vocab_size"], dtype=np.float64)
         self._prior_positions = 0
+        # ``--plan units``: a labelstore.teacher.units.UnitTracker whose record() each commit record carries
+        self.unit_progress = None
         check_store_dirs(self.root)  # before anything is created, written or deleted
         try:
             for sub in ("shards", "commits", "locks"):
@@ -204,6 +206,10 @@ class StoreWriter:
             )
         if isinstance(existing.get("store_id"), str):
             self.meta["store_id"] = existing["store_id"]  # the store's identity, not a setting: adopt it
+        if isinstance(existing.get("runtime"), dict):
+            # every shard carries the store's metadata, which readers compare with the manifest's (the config's):
+            # a resume on another world size, device or version writes the store's recorded runtime, not its own
+            self.meta["runtime"] = existing["runtime"]
         diffs = _meta_diff(existing, self.meta)
         if diffs:
             raise ConfigMismatchError(
@@ -315,6 +321,8 @@ class StoreWriter:
                 "last_sample_id": max(st["ids"]),
                 "sample_ranges": _runs(st["ids"]),
             }
+            if self.unit_progress is not None:  # docs/FORMAT.md 7: this rank's progress by work unit
+                record["units"] = self.unit_progress.record()
             if self._prior_positions:
                 blob = self._prior_sum.astype("<f8").tobytes()
                 atomic_write_bytes(self.root / prior_name(self.rank, self._seq), blob)

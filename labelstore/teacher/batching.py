@@ -17,7 +17,8 @@ SORT_WINDOW = 64  # truncate mode: sequences are length-sorted within windows of
 def plan_batches(plan: Plan, tokens_per_batch: int, pack: bool) -> list[np.ndarray]:
     """Deterministic batches of sample ids, each with ``len(batch) * longest <= tokens_per_batch`` (or one).
 
-    Packed plans keep sample order; truncated plans sort by length inside windows, to limit padding.
+    Packed plans keep sample order; truncated plans sort by length inside windows, to limit padding. The ids are
+    the plan's (``plan.first_id + i``: a work unit's plan starts at its unit's first id).
     """
     lengths = plan.lengths()
     n = len(lengths)
@@ -39,12 +40,15 @@ def plan_batches(plan: Plan, tokens_per_batch: int, pack: bool) -> list[np.ndarr
         longest = max(longest, L)
     if cur:
         batches.append(np.asarray(cur, dtype=np.int64))
+    if plan.first_id:
+        batches = [b + plan.first_id for b in batches]
     return batches
 
 
 def pad_batch(plan: Plan, batch: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Right-padded ``input_ids``, ``attention_mask`` and the lengths of one batch."""
-    lengths = np.asarray([plan.offsets[i + 1] - plan.offsets[i] for i in batch], dtype=np.int64)
+    first = plan.first_id
+    lengths = np.asarray([plan.offsets[i - first + 1] - plan.offsets[i - first] for i in batch], dtype=np.int64)
     T = int(lengths.max())
     x = np.full((len(batch), T), pad_id, dtype=np.int64)
     m = np.zeros((len(batch), T), dtype=np.int64)

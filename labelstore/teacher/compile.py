@@ -12,6 +12,10 @@ Resume and scale-out: rank ``r`` of ``N`` takes the ``r``-th contiguous block of
 (:func:`~labelstore.teacher.batching.rank_batches`). Batches are planned from the inputs
 and ``--tokens-per-batch`` alone, so a rerun computes every sample in the same batch as before, with the same
 numerics. Every rank writes its own shards; rank 0 writes the manifest after a barrier.
+
+``--plan units`` (:mod:`labelstore.teacher.unit_compile`): rank ``r`` takes the ``r``-th contiguous block of work
+units (input files) instead, and plans, batches and compiles one unit at a time (sample id = unit * 2**26 +
+sequence); its commit records carry its progress by unit (:mod:`labelstore.teacher.unit_progress`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from labelstore.distributed import local_rank, rank_world
 from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError
 from labelstore.selection import is_sampled
 from labelstore.teacher.batching import plan_batches, rank_batches
-from labelstore.teacher.chat import read_template
+from labelstore.teacher.chat import ChatRenderer, read_template
+from labelstore.teacher.compile_run import CompileRun, report_truncation
 from labelstore.teacher.hf_sources import object_sources
 from labelstore.teacher.inputs import PROGRESS_EVERY, InputConfig, Plan, build_plan
 from labelstore.teacher.labels import LabelPositionsWriter
@@ -41,9 +46,7 @@ from labelstore.teacher.model import (
     config_vocab_size,
     context_length,
     display_name,
-    load_teacher,
     load_tokenizer,
-    output_vocab_size,
     resolve_device,
     resolve_dtype,
     resolve_max_length,
@@ -60,9 +63,11 @@ from labelstore.teacher.objects import (
 )
 from labelstore.teacher.options import CompileOptions
 from labelstore.teacher.outdir import barrier, check_out, open_writer
-from labelstore.teacher.parallel import FollowerWriter, same_on_all_ranks, tp_layout, tp_mesh
-from labelstore.teacher.pipeline import CompileResult, resolve_tokens_per_batch, run_batches
+from labelstore.teacher.parallel import FollowerWriter, tp_layout
+from labelstore.teacher.pipeline import CompileResult, run_batches
 from labelstore.teacher.resume_checks import accept_older_config, accept_older_teacher_hash, check_inputs_still_there
+from labelstore.teacher.unit_compile import compile_units
+from labelstore.teacher.units import inputs_config
 from labelstore_kernels.select_torch import SAMPLER_VERSION
 
 __all__ = ["CompileOptions", "CompileResult", "add_arguments", "build_meta", "compile_store", "run"]
@@ -102,9 +107,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
-def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype: torch.dtype,
-               device: torch.device, teacher_hash: str, tokenizer_hash: str, world: int) -> dict:
-    """Store metadata: ``compile_config`` holds every setting that changes the labels (compared on resume)."""
+def build_meta(opts: CompileOptions, plan: Plan | None, vocab_size: int, k: int, dtype: torch.dtype,
+               device: torch.device, teacher_hash: str, tokenizer_hash: str, world: int,
+               units=None, renderer: ChatRenderer | None = None) -> dict:
+    """Store metadata: ``compile_config`` holds every setting that changes the labels (compared on resume).
+
+    ``--plan units`` (``plan`` None, ``units`` the work units): ``compile_config.plan`` is ``"units"`` and
+    ``data`` counts and names the units (their contents are checked unit by unit, docs/FORMAT.md 7); the chat
+    template's digest is recorded whenever there is one (it is not known before the units are read whether a
+    conversation will be rendered). A config without ``plan`` is a ``global`` plan (every store before 0.6).
+    """
     import transformers
 
     from labelstore import __version__
@@ -115,12 +127,22 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
     # only sampled labels depend on the seed and the sampler (stores of other modes written before resume as before)
     config = {"seed": int(opts.seed), "sampler_version": SAMPLER_VERSION} if sampled else {}
     labels = {}  # keys added only when used, so that stores of earlier versions still resume
-    data = {"sha256": plan.fingerprint, "samples": len(plan), "tokens": plan.num_tokens}
-    if plan.label_mask is not None:  # docs/FORMAT.md 3: positions without a label hold count 0 and tail 0
-        labels["label_positions"] = "assistant"
-        data["labelled_positions"] = plan.labelled_positions
-    if plan.chat_template_sha256 is not None:
-        labels["chat_template_sha256"] = plan.chat_template_sha256
+    if plan is not None:
+        data = {"sha256": plan.fingerprint, "samples": len(plan), "tokens": plan.num_tokens}
+        if plan.label_mask is not None:  # docs/FORMAT.md 3: positions without a label hold count 0 and tail 0
+            labels["label_positions"] = "assistant"
+            data["labelled_positions"] = plan.labelled_positions
+        if plan.chat_template_sha256 is not None:
+            labels["chat_template_sha256"] = plan.chat_template_sha256
+        files, input_stats = plan.files, {"input_stats": {**plan.stats, "labelled_positions": plan.labelled_positions}}
+    else:
+        data = inputs_config(units)
+        labels["plan"] = "units"
+        if opts.assistant_only:
+            labels["label_positions"] = "assistant"
+        if renderer is not None and renderer.template_sha256 is not None:
+            labels["chat_template_sha256"] = renderer.template_sha256
+        files, input_stats = [u.source.name for u in units[:1000]], {}
     return {
         "vocab_size": vocab_size,
         "label_kind": "hard" if opts.hard_labels else "soft",
@@ -148,7 +170,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             **labels,
         },
         "runtime": {
-            "data_files": plan.files[:1000],
+            "data_files": files[:1000],
             "tokens_per_batch": opts.tokens_per_batch,
             "device": str(device),
             "world_size": world,
@@ -156,7 +178,7 @@ def build_meta(opts: CompileOptions, plan: Plan, vocab_size: int, k: int, dtype:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "teacher_path": _full_name(opts.teacher),
-            "input_stats": {**plan.stats, "labelled_positions": plan.labelled_positions},
+            **input_stats,
         },
     }
 
@@ -235,7 +257,6 @@ def compile_store(opts: CompileOptions | None = None, /, *, teacher=None, tokeni
 
 def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
     from labelstore.store.locations import finalize
-    from labelstore_kernels import extract, extract_topk
 
     opts.validate()
     if objs.model is None:
@@ -250,6 +271,11 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tp = tp_layout(rank, world, opts.tp_size)  # groups of --tp-size ranks; for the store a group is one rank
+    if opts.plan == "units" and opts.max_samples is not None and tp.groups > 1:
+        raise InputDataError(
+            "--max-samples with --plan units keeps the first N sequences in unit order, which only one process "
+            f"can know without tokenizing every unit; this run has {tp.groups} ranks: run one process, or use "
+            "--plan global")
     if opts.device_map is not None and world > 1:
         raise LabelStoreError(f"--device-map {opts.device_map} places one teacher across all of this node's devices: "
                               "run one process per node, not under torchrun")
@@ -257,7 +283,7 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
         # ranks may finish far apart (a resumed store, uneven documents): wait long at the final barrier
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(hours=24))
-    was_training = None
+    run = None
     try:
         tokenizer = objs.tokenizer or load_tokenizer(opts.tokenizer or opts.teacher, opts.trust_remote_code)
         V = model_vocab(objs.model) if objs.model is not None else \
@@ -279,67 +305,41 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                              token_field=opts.token_field, max_samples=opts.max_samples,
                              assistant_only=opts.assistant_only, chat_template=read_template(opts.chat_template),
                              text_glob=tuple(opts.text_glob or ()), split=opts.split, streaming=opts.streaming)
-        with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
-            sources = object_sources(objs.data, in_cfg.sources) if objs.data is not None else opts.data
-            plan = build_plan(sources, tokenizer, in_cfg, V, workdir=workdir,  # validates every input
-                              progress_every=PROGRESS_EVERY if opts.progress and rank == 0 else None)
-            _report_truncation(plan, opts, rank)
-            if objs.model is not None:
-                model, was_training = objs.model, objs.model.training
-                model.eval()
-                if opts.device != "auto":
-                    model.to(device)
-            else:
-                model = load_teacher(opts.teacher, dtype, device, opts.trust_remote_code, device_map=opts.device_map,
-                                     tp_mesh=tp_mesh(tp, device) if tp.tp_size > 1 else None)
-            if output_vocab_size(model) != V:
-                raise ConfigMismatchError(f"the teacher's output layer has {output_vocab_size(model):,} rows but "
-                                          f"its config says vocab_size {V:,}; fix the model's config.json")
-            opts = dataclasses.replace(opts, tokens_per_batch=same_on_all_ranks(
-                resolve_tokens_per_batch(opts, model, V, device), world))
-            meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
-                              tokenizer_fingerprint(tokenizer), tp.groups)
-            check_inputs_still_there(opts.out, plan)  # a resume: what the store recorded still holds
-            accept_older_config(opts.out, meta)
-            accept_older_teacher_hash(opts.out, meta, model)
-            batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
-            mine = rank_batches(batches, tp.group, tp.groups)
-            writer = open_writer(opts, meta, tp.group, tp.groups, store_there) if tp.leader else \
-                FollowerWriter(opts.out)
-            if plan.label_mask is not None and tp.leader:  # --assistant-only: no entry where no target follows
-                writer = LabelPositionsWriter(writer, plan)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            if meta["selection"]["mode"] in ("topk", "argmax"):
-                def extract_fn(flat, row_ids):
-                    return extract_topk(flat, k, temperature=opts.temperature, codec=codec)  # k=1 "none": argmax
-            else:
-                def extract_fn(flat, row_ids):
-                    return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
-                                   seed=opts.seed, row_ids=row_ids)
-            result = run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device,
-                                  pad_id, tp.group, tp.groups,
-                                  vocab_limit=len(tokenizer) if opts.mask_vocab_padding else None,
-                                  notice=rank == 0, follower=not tp.leader)
+        run = CompileRun(opts, objs, in_cfg, tokenizer, V, k, codec, dtype, device, tp, rank, world, store_there)
+        if opts.plan == "units":
+            result, stats = compile_units(run)
+        else:
+            with tempfile.TemporaryDirectory(prefix="labelstore-plan-") as workdir:
+                sources = object_sources(objs.data, in_cfg.sources) if objs.data is not None else opts.data
+                plan = build_plan(sources, tokenizer, in_cfg, V, workdir=workdir,  # validates every input
+                                  progress_every=PROGRESS_EVERY if opts.progress and rank == 0 else None)
+                report_truncation(plan.stats, plan.labelled_positions, opts, rank)
+                model = run.load_model()
+                opts = run.resolve_tokens_per_batch(model)
+                meta = build_meta(opts, plan, V, k, dtype, device, teacher_fingerprint(model),
+                                  tokenizer_fingerprint(tokenizer), tp.groups)
+                check_inputs_still_there(opts.out, plan)  # a resume: what the store recorded still holds
+                accept_older_config(opts.out, meta)
+                accept_older_teacher_hash(opts.out, meta, model)
+                batches = plan_batches(plan, opts.tokens_per_batch, opts.pack)
+                mine = rank_batches(batches, tp.group, tp.groups)
+                writer = open_writer(opts, meta, tp.group, tp.groups, store_there) if tp.leader else \
+                    FollowerWriter(opts.out)
+                if plan.label_mask is not None and tp.leader:  # --assistant-only: no entry where no target follows
+                    writer = LabelPositionsWriter(writer, plan)
+                result = run_batches(model, plan, mine, writer, run.extract_fn(meta), V, codec, opts, device,
+                                     run.pad_id, tp.group, tp.groups,
+                                     vocab_limit=len(tokenizer) if opts.mask_vocab_padding else None,
+                                     notice=rank == 0, follower=not tp.leader)
+                stats = dict(plan.stats)
         barrier(world)
         if world > 1 and rank == 0:
             finalize(opts.out, tp.groups)
         barrier(world)
-        result.input_stats = dict(plan.stats)
+        result.input_stats = stats
         return result
     finally:
-        if was_training:
+        if run is not None and run.was_training:
             objs.model.train()
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _report_truncation(plan: Plan, opts: CompileOptions, rank: int) -> None:
-    st = plan.stats
-    if rank == 0 and opts.progress and not opts.pack and st.get("truncated_documents"):
-        print(f"labelstore compile: --truncate cut {st['truncated_documents']:,} of {st['documents']:,} documents "
-              f"at --max-length {opts.max_length}, dropping {st['truncated_tokens']:,} of "
-              f"{st['document_tokens']:,} tokens ({st['truncated_tokens'] / max(st['document_tokens'], 1):.1%})"
-              + (f" and {st['truncated_label_positions']:,} assistant label positions (keeping "
-                 f"{plan.labelled_positions:,}); a larger --max-length or --pack keeps them"
-                 if st.get("truncated_label_positions") else ""),
-              file=sys.stderr)

@@ -18,7 +18,8 @@ token (``plan.label_mask``) and the compile stores count 0 and tail 0 at the oth
 3, ``label_positions``), which the student loader reads as ``position_mask == False``. The teacher still reads
 every token. Without it every position keeps a label.
 
-Sequence ``i`` of the plan has sample id ``i``: the same inputs and settings always give the same ids.
+Sequence ``i`` of the plan has sample id ``i`` (``first_id + i`` in a work unit's plan): the same inputs and settings
+always give the same ids.
 The plan's tokens live in a memory-mapped scratch file when a work directory is given, so memory stays small
 whatever the corpus size, and its SHA-256 fingerprint (tokens, document starts and label flags) identifies the
 data in the store's config.
@@ -267,6 +268,8 @@ class Plan:
     label_mask: np.ndarray | None = None
     stats: dict = field(default_factory=dict)
     chat_template_sha256: str | None = None  # set when a conversation was rendered with a chat template
+    first_id: int = 0  # sample id of sequence 0 (a unit's plan: labelstore.teacher.units)
+    unit: object = None  # the WorkUnit of a unit's plan
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -282,18 +285,25 @@ class Plan:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def sequence(self, i: int) -> np.ndarray:
+    def sequence(self, sample_id: int) -> np.ndarray:
+        i = sample_id - self.first_id
         return np.asarray(self.tokens[self.offsets[i]:self.offsets[i + 1]])
 
-    def doc_starts(self, i: int) -> np.ndarray:
+    def doc_starts(self, sample_id: int) -> np.ndarray:
+        i = sample_id - self.first_id
         return np.asarray(self.doc_starts_flat[self.doc_offsets[i]:self.doc_offsets[i + 1]])
+
+    def keep(self, sample_id: int) -> np.ndarray:
+        """Label flags (bool, one per token) of one sequence (of a plan with ``label_mask``)."""
+        i = sample_id - self.first_id
+        return np.asarray(self.label_mask[self.offsets[i]:self.offsets[i + 1]], dtype=bool)
 
     def keep_rows(self, row_ids: np.ndarray, max_length: int) -> np.ndarray | None:
         """Label flags (bool) of global rows ``sample_id * max_length + position``; None: keep all."""
         if self.label_mask is None:
             return None
         sid, pos = np.divmod(np.asarray(row_ids, dtype=np.int64), max_length)
-        return np.asarray(self.label_mask[self.offsets[sid] + pos], dtype=bool)
+        return np.asarray(self.label_mask[self.offsets[sid - self.first_id] + pos], dtype=bool)
 
 
 class _Progress:
@@ -314,20 +324,26 @@ class _Progress:
 
 
 def build_plan(paths: Sequence[str | os.PathLike] | Sequence[Source], tokenizer, cfg: InputConfig, vocab_size: int,
-               workdir: str | os.PathLike | None = None, progress_every: float | None = None) -> Plan:
+               workdir: str | os.PathLike | None = None, progress_every: float | None = None, *,
+               first_id: int = 0, max_sequences: int | None = None, unit: bool = False,
+               renderer: ChatRenderer | None = None) -> Plan:
     """Read, tokenize and cut every input into sequences; validates all inputs before returning.
 
     ``paths``: ``--data`` entries, or :class:`Source` objects. With ``workdir`` the tokens go to a scratch file
     there (memory-mapped back), otherwise into memory. ``progress_every``: print a tokenizing progress line to
     stderr every that many seconds. Raises :class:`InputDataError` for missing, unreadable or non-UTF-8 files,
     missing fields and empty corpora.
+
+    ``unit`` (a ``--plan units`` work unit, :mod:`labelstore.teacher.units`): sample ids from ``first_id``, at most
+    ``max_sequences`` (default ``cfg.max_samples``); no label position or no text is no error (whole-corpus checks).
     """
     if cfg.pack and _eos_id(tokenizer) is None:
         raise InputDataError("packing needs an EOS token between documents but the tokenizer has none; "
                              "use --truncate or a tokenizer with an eos_token")
     sources = list(paths) if paths and all(isinstance(p, Source) for p in paths) else \
         expand_sources(paths, cfg.sources)
-    renderer = ChatRenderer(tokenizer, cfg.chat_template)
+    renderer = renderer or ChatRenderer(tokenizer, cfg.chat_template)
+    limit = cfg.max_samples if max_sequences is None else max_sequences
     sink = open(Path(workdir) / "plan-tokens.bin", "wb") if workdir is not None else None  # noqa: SIM115
     parts: list[np.ndarray] = []
     masks: list[np.ndarray] = []
@@ -353,12 +369,16 @@ def build_plan(paths: Sequence[str | os.PathLike] | Sequence[Source], tokenizer,
             else:
                 parts.append(tokens)
             progress(stats, len(lengths))
-            if cfg.max_samples is not None and len(lengths) >= cfg.max_samples:
+            if limit is not None and len(lengths) >= limit:
                 break
     finally:
         if sink is not None:
             sink.close()
     names = [s.name for s in sources]
+    if not lengths and unit:
+        return Plan(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(1, np.int64),
+                    digest.hexdigest(), names, np.zeros(0, np.uint8) if cfg.assistant_only else None, stats,
+                    None, first_id)
     if not lengths:
         raise InputDataError(
             f"the corpus is empty: {len(names)} input(s) ({', '.join(names[:3])}"
@@ -373,8 +393,8 @@ def build_plan(paths: Sequence[str | os.PathLike] | Sequence[Source], tokenizer,
     doc_offsets = np.zeros(len(starts) + 1, dtype=np.int64)
     np.cumsum([s.size for s in starts], out=doc_offsets[1:])
     label_mask = np.concatenate(masks) if cfg.assistant_only else None
-    if label_mask is not None and not label_mask.any():
+    if label_mask is not None and not label_mask.any() and not unit:
         raise InputDataError(f"--assistant-only: no position of the {len(lengths):,} sequences is followed by an "
                              "assistant or completion token (no assistant turns?); nothing would be stored")
     return Plan(tokens, offsets, np.concatenate(starts), doc_offsets, digest.hexdigest(), names, label_mask, stats,
-                renderer.template_sha256 if renderer.used_template else None)
+                renderer.template_sha256 if renderer.used_template else None, first_id)

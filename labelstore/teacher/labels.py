@@ -21,17 +21,21 @@ class LabelPositionsWriter:
     """
 
     def __init__(self, writer, plan):
-        if plan.label_mask is None:
+        if plan is not None and plan.label_mask is None:  # None: set_plan() comes before the first row
             raise ValueError("LabelPositionsWriter needs a plan with label flags (assistant_only)")
         self._writer, self._plan = writer, plan
         self._bpv = get_codec(writer.meta["value_codec"]).bytes_per_value
+
+    def set_plan(self, plan) -> None:
+        """The plan the next rows come from (a ``--plan units`` compile has one plan per work unit)."""
+        self._plan = plan
 
     def __getattr__(self, name):
         return getattr(self._writer, name)
 
     def add(self, sample_id: int, input_ids, counts, ids, values, tail, doc_starts=None) -> None:
         plan = self._plan
-        keep = np.asarray(plan.label_mask[plan.offsets[sample_id]:plan.offsets[sample_id + 1]], dtype=bool)
+        keep = plan.keep(sample_id)
         counts = np.asarray(counts).reshape(-1)
         if keep.size != counts.size:
             raise ValueError(f"sample {sample_id}: {counts.size} counts for {keep.size} planned positions")

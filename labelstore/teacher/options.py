@@ -103,7 +103,13 @@ class CompileOptions:
                       negative=("--truncate",), negative_help="one sequence per document, cut to max-length")
     text_field: str = _opt("text", "JSONL field / table column holding the text")
     token_field: str = _opt("input_ids", "table column of pre-tokenized ids, used when the text column is absent")
-    max_samples: int | None = _opt(None, "compile only the first N sequences", type=int)
+    max_samples: int | None = _opt(None, "compile only the first N sequences (--plan units: one process only)",
+                                   type=int)
+    plan: str = _opt("global", "global: every rank tokenizes the whole corpus into one plan (sample id = sequence "
+                               "index); units: each rank reads and tokenizes only its block of work units (one per "
+                               "input file; sample id = unit * 2**26 + sequence in the unit; packing never spans two "
+                               "files), and a resume reads only the newest commit record of each rank",
+                     choices=("global", "units"))
     assistant_only: bool = _opt(False, "store labels only at positions whose next token belongs to an assistant turn "
                                        "('messages' records) or a completion ('prompt'+'completion' records); the "
                                        "teacher still reads every token")
@@ -271,6 +277,8 @@ class CompileOptions:
             raise ValueError(f"--max-length must be a positive integer, got {self.max_length!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ValueError(f"--max-samples must be a positive integer, got {self.max_samples!r}")
+        if self.plan not in ("global", "units"):
+            raise ValueError(f"--plan must be global or units, got {self.plan!r}")
         check_device(self.device)
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(f"--chat-template {self.chat_template}: no such file (a Jinja template file)")

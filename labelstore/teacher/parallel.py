@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from labelstore.errors import LabelStoreError
+from labelstore.store.writer import StoreWriter
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,19 @@ class FollowerWriter:
     def __init__(self, root):
         self.root = root
 
-    def committed_sample_ids(self) -> np.ndarray:
+    def committed_ranges(self) -> np.ndarray:
+        """int64 [n, 2]: merged ``[start, end)`` runs of the committed sample ids (never expanded id by id)."""
+        from labelstore.store.locations import commit_records
+        from labelstore.store.writer import merged_ranges
+
+        return merged_ranges(commit_records(self.root))
+
+    def commit_records(self) -> list[dict]:
         from labelstore.store.locations import commit_records
 
-        parts = [np.arange(a, b, dtype=np.int64) for c in commit_records(self.root)
-                 for a, b in c.get("sample_ranges", [])]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        return commit_records(self.root)
+
+    committed_mask = StoreWriter.committed_mask
 
 
 def same_on_all_ranks(value: int, world: int) -> int:

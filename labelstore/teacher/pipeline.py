@@ -12,6 +12,7 @@ samples are added.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import signal
 import threading
@@ -53,14 +54,16 @@ class CompileResult:
     seconds: float  # wall time of the batch loop (forward, extraction, writes)
     cpu_seconds: float = 0.0  # process CPU time of the same loop, all threads
     input_stats: dict | None = None  # documents, tokens and (truncate mode) what was cut off: Plan.stats
+    units: dict | None = None  # --plan units: this rank's units, skipped (committed) and tokenized ones
 
 
 class WriterThread(threading.Thread):
     """Takes extracted batches off a bounded queue, copies them to the host and adds them to the store."""
 
-    def __init__(self, writer, plan: Plan, hard: bool, bytes_per_value: int, bar):
+    def __init__(self, writer, plan: Plan | None, hard: bool, bytes_per_value: int, bar, tracker=None):
         super().__init__(name="labelstore-writer", daemon=True)
         self.writer, self.plan, self.hard, self.bpv, self.bar = writer, plan, hard, bytes_per_value, bar
+        self.tracker = tracker  # --plan units: told of each row before the writer adds it
         self.has_tail = has_tail_column(writer.meta)  # False for hard labels and pure `sample` stores
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.error: BaseException | None = None
@@ -81,7 +84,13 @@ class WriterThread(threading.Thread):
             except BaseException as exc:  # handed to the main thread
                 self.error = exc
 
-    def _write(self, batch: np.ndarray, lengths: np.ndarray, todo: np.ndarray, ex, mass) -> None:
+    def _write(self, plan: Plan, batch: np.ndarray, lengths: np.ndarray, todo: np.ndarray, ex, mass) -> None:
+        if plan is not self.plan:  # --plan units: the first batch of the next unit
+            self.plan = plan
+            if hasattr(self.writer, "set_plan"):
+                self.writer.set_plan(plan)
+            if self.tracker is not None:
+                self.tracker.begin(plan.unit, len(plan), plan.fingerprint)
         mass = mass.cpu().numpy() if mass is not None else None
         ids = ex.ids.cpu().numpy()
         counts = ex.counts.cpu().numpy()
@@ -104,6 +113,8 @@ class WriterThread(threading.Thread):
             ds = self.plan.doc_starts(int(sid))
             if mass is not None:  # before add(): a shard committed by add() then owns this sequence's mass
                 self.writer.add_teacher_mass(mass[r], b - a)
+            if self.tracker is not None:  # likewise: a commit record written by add() covers this row
+                self.tracker.add(int(sid))
             self.writer.add(int(sid), self.plan.sequence(int(sid)), c, s_ids, s_vals,
                             tail[a:b] if self.has_tail else np.zeros(0, np.float32), ds)
             T, n = b - a, int(c.sum())
@@ -120,7 +131,8 @@ class WriterThread(threading.Thread):
 
 
 def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, pad_id, rank, world,
-                vocab_limit: int | None = None, notice: bool | None = None, follower: bool = False):
+                vocab_limit: int | None = None, notice: bool | None = None, follower: bool = False,
+                work=None, counts=None, before_close=None):
     """Compile this rank's batches ``mine`` into ``writer`` (module docstring); returns this rank's figures.
 
     ``vocab_limit`` (``--mask-vocab-padding``: the tokenizer's size) gives the ids at and above it probability 0.
@@ -128,10 +140,26 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
     :func:`labelstore.teacher.head.plan_head` (its notice printed where ``notice``, default on rank 0).
     ``follower``: a non-leader member of a tensor-parallel group (:mod:`labelstore.teacher.parallel`) runs the
     leader's forwards and nothing else; ``writer`` is then a :class:`~labelstore.teacher.parallel.FollowerWriter`.
+    ``work`` (``--plan units``, instead of ``plan`` and ``mine``): ``(plan, batches, todo masks)`` per work unit,
+    produced lazily (:func:`labelstore.teacher.units.unit_work`, which fills ``counts``). ``before_close``: called
+    once every batch is written, before the writer closes (an error it raises leaves the rank unfinished).
     """
-    first = next((b for b in mine if len(b)), None)
-    hp = plan_head(model, opts.lm_head, head_dtype=opts.head_dtype, valid_vocab=vocab_limit,
-                   probe_ids=None if first is None else torch.from_numpy(plan.sequence(int(first[0])).astype(np.int64)),
+    total, skipped = None, 0
+    if work is None:
+        committed = writer.committed_ranges()  # [start, end) runs: never expanded id by id
+        todo_masks = [~writer.committed_mask(b, committed) for b in mine]
+        total = int(sum(int(t.sum()) for t in todo_masks))
+        skipped = int(sum(len(b) for b in mine)) - total
+        work = [(plan, mine, todo_masks)]
+    work = iter(work)
+    head_item = next(work, None)
+    items = itertools.chain([] if head_item is None else [head_item], work)
+    probe = None
+    if head_item is not None:
+        p0, b0, m0 = head_item
+        first = next((b[t] for b, t in zip(b0, m0) if t.any()), None)
+        probe = None if first is None else torch.from_numpy(p0.sequence(int(first[0])).astype(np.int64))
+    hp = plan_head(model, opts.lm_head, head_dtype=opts.head_dtype, valid_vocab=vocab_limit, probe_ids=probe,
                    device=input_device(model, device), notice=(rank == 0) if notice is None else notice)
     if hp.head is not None and hp.head.vocab_size != V:
         raise ConfigMismatchError(f"the teacher's LM head has {hp.head.vocab_size} rows, expected its output "
@@ -139,38 +167,44 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
     selection = opts.selection_meta(V)
     device = input_device(model, device)  # under --device-map: where the embedding lives
     if follower:
-        return follow_batches(model, hp, plan, mine, writer, pad_id, device, rank, world)
-    committed = writer.committed_ranges()  # [start, end) runs: never expanded id by id
-    todo_masks = [~writer.committed_mask(b, committed) for b in mine]
-    total = int(sum(int(t.sum()) for t in todo_masks))
-    skipped = int(sum(len(b) for b in mine)) - total
+        result = follow_batches(model, hp, items, pad_id, device, rank, world)
+        if before_close is not None:
+            before_close()
+        return result
     bar = None
     if opts.progress and rank == 0:
         from labelstore.teacher.progress import progress_bar  # tqdm on a terminal, timed lines in a log
 
         bar = progress_bar(total, f"compile{'' if world == 1 else f' rank 0/{world}'}")
-    thread = WriterThread(writer, plan, opts.hard_labels, codec.bytes_per_value, bar)
+    thread = WriterThread(writer, plan, opts.hard_labels, codec.bytes_per_value, bar,
+                          tracker=getattr(writer, "unit_progress", None))
     thread.start()
     t0, c0 = time.perf_counter(), time.process_time()
     ok = False
     try:
         with torch.inference_mode():
-            for batch, todo in zip(mine, todo_masks):
-                if not todo.any():
-                    continue
+            for plan, mine, todo_masks in items:
+                for batch, todo in zip(mine, todo_masks):
+                    if not todo.any():
+                        continue
+                    if thread.error is not None:
+                        break
+                    x, m, lengths = pad_batch(plan, batch, pad_id)
+                    rids = row_ids(batch, lengths, opts.max_length)
+                    if hp.fused:
+                        ex, mass = fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device)
+                    else:
+                        ex, mass = materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opts,
+                                                      device)
+                    thread.queue.put((plan, batch, lengths, todo, ex, mass))
                 if thread.error is not None:
                     break
-                x, m, lengths = pad_batch(plan, batch, pad_id)
-                rids = row_ids(batch, lengths, opts.max_length)
-                if hp.fused:
-                    ex, mass = fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device)
-                else:
-                    ex, mass = materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opts, device)
-                thread.queue.put((batch, lengths, todo, ex, mass))
         thread.queue.put(None)
         thread.join()
         if thread.error is not None:
             raise thread.error
+        if before_close is not None:
+            before_close()
         writer.close()
         ok = True
     finally:
@@ -192,6 +226,8 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
                     signal.signal(signal.SIGINT, old)
         if bar is not None:
             bar.close()
+    if counts is not None:
+        skipped = counts.skipped
     return CompileResult(out=str(opts.out), rank=rank, world_size=world, samples=thread.samples,
                          tokens=thread.tokens, skipped=skipped, seconds=time.perf_counter() - t0,
                          cpu_seconds=time.process_time() - c0)
@@ -218,19 +254,20 @@ def resolve_tokens_per_batch(opts, model, V: int, device: torch.device) -> int:
     return auto_tokens_per_batch(free_memory(device), device.type, per_token, fixed, opts.max_length)
 
 
-def follow_batches(model, hp, plan, mine, writer, pad_id, device, rank, world) -> CompileResult:
-    """A tensor-parallel follower: the same forwards as its group's leader (each is a collective), no output."""
-    committed = writer.committed_sample_ids()
+def follow_batches(model, hp, items, pad_id, device, rank, world) -> CompileResult:
+    """A tensor-parallel follower: the same forwards as its group's leader (each is a collective), no output.
+    ``items``: ``(plan, batches, todo masks)``, the leader's."""
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for batch in mine:
-            if not (~np.isin(batch, committed)).any():
-                continue
-            x, m, _ = pad_batch(plan, batch, pad_id)
-            if hp.head is None:
-                model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
-            else:
-                body_hidden(model, x.to(device), m.to(device))
+        for plan, mine, todo_masks in items:
+            for batch, todo in zip(mine, todo_masks):
+                if not todo.any():
+                    continue
+                x, m, _ = pad_batch(plan, batch, pad_id)
+                if hp.head is None:
+                    model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
+                else:
+                    body_hidden(model, x.to(device), m.to(device))
     return CompileResult(out="", rank=rank, world_size=world, samples=0, tokens=0, skipped=0,
                          seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 

@@ -24,7 +24,7 @@ class ProgressLog:
     """The part of tqdm's interface the compile uses (``update``, ``set_postfix_str``, ``close``), as log lines."""
 
     def __init__(self, total: int, desc: str, every: float = LOG_EVERY, file=None):
-        self.total, self.desc, self.every = int(total), desc, float(every)
+        self.total, self.desc, self.every = (None if total is None else int(total)), desc, float(every)
         self.file = file if file is not None else sys.stderr
         self.n, self.postfix = 0, ""
         self.t0 = self.last = time.monotonic()
@@ -40,6 +40,10 @@ class ProgressLog:
         self.postfix = s
 
     def _line(self, now: float) -> None:
+        if self.total is None:  # --plan units: a rank learns its sequences unit by unit
+            print(f"{self.desc}: {self.n:,} sequences{f', {self.postfix}' if self.postfix else ''}, "
+                  f"{_duration(now - self.t0)} elapsed", file=self.file, flush=True)
+            return
         frac = self.n / self.total if self.total else 1.0
         eta = (now - self.t0) * (1 - frac) / frac if frac > 0 else float("nan")
         print(f"{self.desc}: {self.n:,}/{self.total:,} sequences ({frac:.1%})"
@@ -52,7 +56,7 @@ class ProgressLog:
             self._line(time.monotonic())
 
 
-def progress_bar(total: int, desc: str):
+def progress_bar(total: int | None, desc: str):
     """tqdm on a terminal, :class:`ProgressLog` otherwise."""
     if sys.stderr.isatty():
         from tqdm import tqdm

@@ -38,6 +38,7 @@ class Source:
     name: str
     documents: Callable[[], Iterator[Document]]
     path: Path | None = None  # a local file (checked again on resume)
+    identity: dict | None = None  # what identifies its content without reading it (labelstore.teacher.units)
 
 
 def record_document(rec, cfg: SourceConfig, where: str) -> Document:

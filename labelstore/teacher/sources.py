@@ -272,12 +272,13 @@ READERS = {"text": _iter_text, "jsonl": _iter_jsonl, "json": _iter_json, "parque
            "arrow": _iter_file_table}
 
 
-def file_source(path: Path | RemoteObject, kind: str, cfg: SourceConfig) -> Source:
+def file_source(path: Path | RemoteObject, kind: str, cfg: SourceConfig, info: dict | None = None) -> Source:
     reader = READERS[kind]
     local = None if isinstance(path, RemoteObject) else path
+    ident = objectstore.object_identity(info) if isinstance(path, RemoteObject) else None
     if kind == "text":
-        return Source(str(path), lambda: reader(path), local)
-    return Source(str(path), lambda: reader(path, cfg), local)
+        return Source(str(path), lambda: reader(path), local, ident)
+    return Source(str(path), lambda: reader(path, cfg), local, ident)
 
 
 # -------------------------------------------------------------------------------------------- expand
@@ -373,7 +374,7 @@ def _remote_sources(url: str, cfg: SourceConfig) -> list[Source]:
                                               "hidden names are skipped): check the pattern and the bucket")
         kinds = [(p, file_kind(obj(p), cfg.text_glob, explicit=False)) for p in files]
         _refuse_unknown(f"input {shown}", [PurePosixPath(p[len(root) + 1:]) for p, k in kinds if k is None])
-        return [file_source(obj(p), k, cfg) for p, k in kinds]
+        return [file_source(obj(p), k, cfg, found[p]) for p, k in kinds]
     try:
         info = objectstore.call(fs.info, path, url=shown, action="reading input", passthrough=(FileNotFoundError,))
     except FileNotFoundError:
@@ -382,7 +383,7 @@ def _remote_sources(url: str, cfg: SourceConfig) -> list[Source]:
         if url.endswith("/"):
             raise InputDataError(f"input {shown} is an object, not a prefix: drop the trailing '/'")
         o = obj(path)
-        return [file_source(o, file_kind(o), cfg)]
+        return [file_source(o, file_kind(o), cfg, info)]
     found = objectstore.call(fs.find, path, detail=True, url=shown, action="listing input")
     rels = sorted((p[len(path) + 1:], p) for p, i in found.items()
                   if i.get("type") == "file" and not p.endswith("/") and p.startswith(path + "/"))
@@ -396,4 +397,4 @@ def _remote_sources(url: str, cfg: SourceConfig) -> list[Source]:
                              "Parquet/JSONL objects)")
     kinds = [(r, p, file_kind(obj(p), cfg.text_glob, explicit=False)) for r, p in rels]
     _refuse_unknown(f"input prefix {shown}", [PurePosixPath(r) for r, _, k in kinds if k is None])
-    return [file_source(obj(p), k, cfg) for _, p, k in kinds]
+    return [file_source(obj(p), k, cfg, found[p]) for _, p, k in kinds]

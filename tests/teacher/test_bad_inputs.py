@@ -230,7 +230,9 @@ def test_teacher_producing_inf_is_named_and_committed_shards_kept(env, tmp_path,
     assert all(z not in tok(d)["input_ids"] for d in env["docs"])
     corpus = tmp_path / "corpus"
     write_corpus(corpus, env["docs"] + ["a zebra"])
-    real_load = compile_mod.load_teacher
+    import labelstore.teacher.compile_run as compile_run  # where both plans load the teacher
+
+    real_load = compile_run.load_teacher
 
     def load_teacher(*a, **k):
         model = real_load(*a, **k)
@@ -243,7 +245,7 @@ def test_teacher_producing_inf_is_named_and_committed_shards_kept(env, tmp_path,
         model.register_forward_hook(hook, with_kwargs=True)
         return model
 
-    monkeypatch.setattr(compile_mod, "load_teacher", load_teacher)
+    monkeypatch.setattr(compile_run, "load_teacher", load_teacher)
     out = tmp_path / "s"
     assert cli_main(cli_args(env, out, data=[str(corpus)])) == 1
     err = capsys.readouterr().err

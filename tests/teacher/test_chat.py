@@ -236,3 +236,19 @@ def test_readme_chat_example_runs(chat_env, tmp_path, monkeypatch):
     assert result.samples == 1 and bool(torch.isfinite(scope["loss"]))
     mask = batch["position_mask"][0]
     assert 0 < int(mask.sum()) < mask.numel()  # only the assistant's and the completion's positions
+
+
+def test_assistant_only_units_plan_of_one_file_equals_the_global_plan(chat_env, tmp_path):
+    """One input file is one work unit, whose sample ids (unit 0: 0, 1, ...) and sequences are the global plan's:
+    the --plan units store must equal the global one row for row, label positions included."""
+    kw = dict(teacher=str(chat_env["teacher"]), data=[str(chat_env["data"])], max_length=40, tokens_per_batch=80,
+              device="cpu", progress=False, shard_mb=0.002, k=8, assistant_only=True)
+    compile_store(CompileOptions(out=str(tmp_path / "g"), **kw))
+    compile_store(CompileOptions(out=str(tmp_path / "u"), plan="units", **kw))
+    g, u = raw_store_rows(tmp_path / "g"), raw_store_rows(tmp_path / "u")
+    assert sorted(g) == sorted(u)
+    for sid in g:
+        for key in g[sid]:
+            assert np.array_equal(g[sid][key], u[sid][key]), (sid, key)
+    cfg = LabelStore(tmp_path / "u").meta["compile_config"]
+    assert cfg["plan"] == "units" and cfg["label_positions"] == "assistant"

@@ -374,3 +374,34 @@ def test_expgolomb_encoding_compiles_format_5_with_the_same_labels(env, tmp_path
     size = {name: sum(p.stat().st_size for p in (tmp_path / name / "shards").glob("*.arrow")) for name in "pe"}
     assert size["e"] < size["p"]
     assert verify_store(tmp_path / "e")["ok"]
+
+
+def test_interrupted_then_resumed_on_two_ranks_equals_one_process(env, tmp_path, monkeypatch):
+    """A resume on another world size: the shards of the resumed ranks carry the store's recorded metadata (its
+    runtime included), so the store reads back, and equals an uninterrupted 1-process compile."""
+    from labelstore.store.writer import StoreWriter
+
+    kw = dict(shard_mb=0.004, tokens_per_batch=64)
+    real, seen = StoreWriter.commit, []
+
+    class Stop(BaseException):
+        pass
+
+    def commit(self):
+        real(self)
+        seen.append(1)
+        if len(seen) == 3:
+            raise Stop()
+
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "commit", commit)
+        with pytest.raises(Stop):
+            compile_store(opts(env, tmp_path / "s", **kw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "labelstore", *cli_args(env, tmp_path / "s", **kw)]
+    p = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert LabelStore(tmp_path / "s").meta["runtime"]["world_size"] == 1  # the store's first run's
+    compile_store(opts(env, tmp_path / "clean", **kw))
+    assert_same_rows(store_rows(tmp_path / "s"), store_rows(tmp_path / "clean"))

@@ -144,3 +144,38 @@ def test_torchrun_two_ranks_to_s3_equal_one_local_process(env, s3_bucket, local_
     assert any("/r00000-" in n for n in names) and any("/r00001-" in n for n in names)
     got = download(url, tmp_path / "down")
     assert not raw_rows_differences(raw_store_rows(got), raw_store_rows(local_store))
+
+
+def test_units_plan_from_and_to_s3_resumes_to_the_local_store(env, s3_bucket, tmp_path, monkeypatch):
+    """--plan units with inputs and store in a bucket: interrupted after 3 commits, resumed, it equals the same
+    compile from local copies into a folder (same unit names, so the same config); then an input object whose
+    labels are committed is rewritten: the next resume is refused, naming it."""
+    from labelstore.errors import InputDataError
+    from labelstore.store.writer import StoreWriter
+
+    fs = fresh_s3fs()
+    fs.put(str(env["corpus"]) + "/", f"{s3_bucket}/corpus/", recursive=True)
+    url, data = f"s3://{s3_bucket}/labels/units", [f"s3://{s3_bucket}/corpus/"]
+    real, seen = StoreWriter.commit, []
+
+    class Stop(BaseException):
+        pass
+
+    def commit(self):
+        real(self)
+        seen.append(1)
+        if len(seen) == 3:
+            raise Stop()
+
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "commit", commit)
+        with pytest.raises(Stop):
+            compile_store(opts(env, url, data=data, plan="units"))
+    resumed = compile_store(opts(env, url, data=data, plan="units"))
+    assert resumed.skipped > 0 and resumed.units["skipped_units"] > 0
+    compile_store(opts(env, tmp_path / "local", plan="units"))
+    got = download(url, tmp_path / "down")
+    assert not raw_rows_differences(raw_store_rows(got), raw_store_rows(tmp_path / "local"))
+    fs.pipe(f"{s3_bucket}/corpus/doc0000.txt", b"a different first document")
+    with pytest.raises(InputDataError, match=r"doc0000\.txt \(work unit 0\) changed after its labels were committed"):
+        compile_store(opts(env, url, data=data, plan="units"))

@@ -44,14 +44,16 @@ def env(tmp_path_factory):
 
 
 def opts(env, out, **kw) -> CompileOptions:
-    base = dict(teacher=str(env["llama"]), data=[str(env["corpus"])], out=str(out), k=6, max_length=L,
+    # the compile default selection (16 draws per position): sampled entries are keyed by the sparse unit ids
+    base = dict(teacher=str(env["llama"]), data=[str(env["corpus"])], out=str(out), max_length=L,
                 tokens_per_batch=96, device="cpu", progress=False, plan="units", shard_mb=0.004)
     base.update(kw)
     return CompileOptions(**base)
 
 
 def cli_args(o: CompileOptions) -> list[str]:
-    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", o.out, "--k", str(o.k),
+    args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", o.out,
+            "--selection", o.selection, *(["--k", str(o.k)] if o.k is not None else []),
             "--max-length", str(o.max_length), "--tokens-per-batch", str(o.tokens_per_batch), "--device", "cpu",
             "--shard-mb", str(o.shard_mb), "--plan", o.plan, "--quiet"]
     return args + ([] if o.pack else ["--truncate"])
@@ -74,8 +76,10 @@ def assert_same_store(a, b) -> None:
         for x, y in zip(ra[sid], rb[sid]):
             np.testing.assert_array_equal(x, y, err_msg=f"sample {sid}")
     np.testing.assert_array_equal(LabelStore(a).sample_ids(), LabelStore(b).sample_ids())  # same row order
-    np.testing.assert_allclose(np.fromfile(Path(a) / "tail_prior.f32", "<f4"),
-                               np.fromfile(Path(b) / "tail_prior.f32", "<f4"), rtol=1e-6)
+    pa_, pb_ = Path(a) / "tail_prior.f32", Path(b) / "tail_prior.f32"
+    assert pa_.exists() == pb_.exists() == (LabelStore(a).meta["selection"]["mode"] != "sample")
+    if pa_.exists():  # top-k stores: the teacher's mean distribution, a float sum in another order
+        np.testing.assert_allclose(np.fromfile(pa_, "<f4"), np.fromfile(pb_, "<f4"), rtol=1e-6)
 
 
 def expected_sequences(tok, docs, pack: bool) -> dict[int, list[int]]:
@@ -234,6 +238,8 @@ def test_interrupted_inside_a_unit_resumes_to_the_same_store(env, tmp_path, monk
     else:
         write_corpus(data, env["docs"], kind="jsonl")
     kw = dict(data=[str(data)], pack=pack, tokens_per_batch=64, shard_mb=0.002)
+    if not pack:  # a top-k store too: its tail prior sums over the resumed run's positions
+        kw.update(selection="topk", k=6)
     with monkeypatch.context() as m:
         interrupt_after(m, 3)
         with pytest.raises(Interrupt):
@@ -367,7 +373,7 @@ def test_records_are_cut_into_units_and_an_empty_corpus_is_refused(env, tmp_path
 
     monkeypatch.setattr(unit_compile, "RECORDS_PER_UNIT", 5)
     recs = [{"text": d} for d in env["docs"][:12]]
-    o = dict(teacher=str(env["llama"]), k=6, max_length=L, tokens_per_batch=96, device="cpu", progress=False,
+    o = dict(teacher=str(env["llama"]), max_length=L, tokens_per_batch=96, device="cpu", progress=False,
              plan="units")
     r = compile_store(teacher=str(env["llama"]), data=recs, out=str(tmp_path / "r"),
                       **{k: v for k, v in o.items() if k != "teacher"})

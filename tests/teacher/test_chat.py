@@ -242,7 +242,7 @@ def test_assistant_only_units_plan_of_one_file_equals_the_global_plan(chat_env, 
     """One input file is one work unit, whose sample ids (unit 0: 0, 1, ...) and sequences are the global plan's:
     the --plan units store must equal the global one row for row, label positions included."""
     kw = dict(teacher=str(chat_env["teacher"]), data=[str(chat_env["data"])], max_length=40, tokens_per_batch=80,
-              device="cpu", progress=False, shard_mb=0.002, k=8, assistant_only=True)
+              device="cpu", progress=False, shard_mb=0.002, assistant_only=True)
     compile_store(CompileOptions(out=str(tmp_path / "g"), **kw))
     compile_store(CompileOptions(out=str(tmp_path / "u"), plan="units", **kw))
     g, u = raw_store_rows(tmp_path / "g"), raw_store_rows(tmp_path / "u")

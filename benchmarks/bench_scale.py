@@ -123,11 +123,8 @@ def synthesise(base: Path, n: int) -> tuple[Path, Path]:
     return v3, v4
 
 
-OPEN_CHILD = r"""
-import json, resource, sys, time
-import numpy as np
-from labelstore.store.reader import LabelStore
-path = sys.argv[1]
+# what every child script starts with: its memory figures from /proc (MiB)
+MEASURE = r"""
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -139,6 +136,14 @@ def reset_peak():  # Linux >= 4.0: VmHWM restarts from the current RSS
         return True
     except OSError:
         return False
+"""
+
+
+OPEN_CHILD = MEASURE + r"""
+import json, resource, sys, time
+import numpy as np
+from labelstore.store.reader import LabelStore
+path = sys.argv[1]
 reset = reset_peak()
 before = status("VmRSS")
 t0 = time.perf_counter()
@@ -156,22 +161,11 @@ print(json.dumps({"open_s": t1 - t0, "first_lookup_s": t2 - t1, "rss_before_mib"
                   "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "samples": len(s)}))
 """
 
-RESUME_CHILD = r"""
+RESUME_CHILD = MEASURE + r"""
 import json, resource, sys, time
 import numpy as np
 from labelstore.store.manifest import list_commits
 root = sys.argv[1]
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-def reset_peak():  # Linux >= 4.0: VmHWM restarts from the current RSS
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 reset = reset_peak()
 before = status("VmRSS")
 t0 = time.perf_counter()
@@ -263,24 +257,13 @@ def synth_unit_commits(root: Path, n: int) -> int:
     return units
 
 
-RESUME_UNITS_CHILD = r"""
+RESUME_UNITS_CHILD = MEASURE + r"""
 import json, sys, time
 from labelstore.teacher.unit_progress import CommittedUnits, read_progress
 from labelstore.teacher.units import WorkUnit, rank_units
 sys.path.insert(0, "benchmarks")
 from bench_scale import RANKS, unit_identity
 root, n_units = sys.argv[1], int(sys.argv[2])
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 units = [WorkUnit(u, None, f"part-{u:06d}.jsonl", unit_identity(u)) for u in range(n_units)]  # as make_units gives
 reset = reset_peak()
 before = status("VmRSS")
@@ -335,7 +318,7 @@ def synth_corpus(root: Path, tokens: int) -> dict:
             "bytes": sum(f.stat().st_size for f in data.iterdir()), "synthetic": True}
 
 
-PLAN_CHILD = r"""
+PLAN_CHILD = MEASURE + r"""
 import json, os, sys, tempfile, time
 from transformers import AutoTokenizer
 from labelstore.teacher.batching import plan_batches, rank_batches
@@ -344,21 +327,10 @@ from labelstore.teacher.sources import expand_sources
 from labelstore.teacher.unit_progress import CommittedUnits
 from labelstore.teacher.units import UnitCounts, make_units, rank_units, unit_work
 root, mode, rank, world, L, tpb = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
 def written():
     for line in open("/proc/self/io"):
         if line.startswith("write_bytes:"):
             return int(line.split()[1])
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 tok = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
 calls = [0]
 cls = type(tok)

@@ -62,3 +62,18 @@ def _codes(codec, counts, rng):
     r[starts[counts > 0]] = 0.0
     c = get_codec(codec)
     return c.encode(torch.from_numpy(r).float()[None, :]).reshape(-1).numpy()
+
+
+def read_all_rows(path) -> list[tuple]:
+    """Every row of a store, in store order, as (sample_id, input_ids, ids, probs, tail) numpy arrays (raises only
+    labelstore errors on a damaged store)."""
+    from labelstore.store.reader import LabelStore
+
+    s = LabelStore(path)
+    return [(x.sample_id, x.input_ids.numpy(), x.ids.numpy(), x.probs.numpy(), x.tail.numpy()) for x in s]
+
+
+def same_rows(got, want) -> bool:
+    """Whether two :func:`read_all_rows` results are identical, bit for bit."""
+    return len(got) == len(want) and all(
+        a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:])) for a, b in zip(got, want))

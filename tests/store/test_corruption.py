@@ -8,11 +8,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_factory import make_meta_v3, random_rows, write_rows
+from store_factory import make_meta_v3, random_rows, read_all_rows, same_rows, write_rows
 
 from labelstore.errors import LabelStoreError
 from labelstore.store.format import with_digest
@@ -54,20 +53,9 @@ def pristine(tmp_path_factory):
     return p
 
 
-def _read_everything(path):
-    """Every row as numpy arrays (raises only labelstore errors on a damaged store)."""
-    s = LabelStore(path)
-    return [(x.sample_id, x.input_ids.numpy(), x.ids.numpy(), x.probs.numpy(), x.tail.numpy()) for x in s]
-
-
-def _same_rows(got, want) -> bool:
-    return len(got) == len(want) and all(
-        a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:])) for a, b in zip(got, want))
-
-
 @pytest.fixture(scope="module")
 def pristine_rows(pristine):
-    return _read_everything(pristine)
+    return read_all_rows(pristine)
 
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
@@ -107,11 +95,11 @@ def test_fuzzed_manifest_only_raises_labelstore_errors(pristine, pristine_rows, 
     shutil.copytree(pristine / "shards", d / "shards")
     (d / "manifest.json").write_bytes(body)
     try:
-        rows = _read_everything(d)
+        rows = read_all_rows(d)
     except LabelStoreError:
         return
     # read without an error: then it must be the original data, never different numbers
-    assert _same_rows(rows, pristine_rows)
+    assert same_rows(rows, pristine_rows)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -132,12 +120,12 @@ def test_fuzzed_shard_bytes_only_raise_labelstore_errors(pristine, pristine_rows
     man = with_digest({k: v for k, v in man.items() if k != "digest"})  # forged consistently: the shard is parsed
     (d / "manifest.json").write_text(json.dumps(man))
     try:
-        rows = _read_everything(d)
+        rows = read_all_rows(d)
     except LabelStoreError:
         return
     # read without an error: the rows it holds must be the original shard's rows, exactly
     first = [r for r in pristine_rows if rec["first_sample_id"] <= r[0] <= rec["last_sample_id"]][:rec["rows"]]
-    assert _same_rows(rows, first)
+    assert same_rows(rows, first)
 
 
 def test_symlinked_shards_refused(pristine, tmp_path):

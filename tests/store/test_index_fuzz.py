@@ -14,12 +14,11 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_factory import make_meta, random_rows, write_rows
+from store_factory import make_meta, random_rows, read_all_rows, same_rows, write_rows
 
 from labelstore.errors import LabelStoreError
 from labelstore.store.format import with_digest
 from labelstore.store.index import INDEX, INDEX_FIELDS, write_index_columns
-from labelstore.store.reader import LabelStore
 from labelstore.store.verify import verify_store
 from labelstore.store.writer import StoreWriter
 
@@ -37,20 +36,9 @@ def pristine(tmp_path_factory):
     return p
 
 
-def _read_everything(path):
-    """Every row, in store order, as numpy arrays (raises only labelstore errors on a damaged store)."""
-    s = LabelStore(path)
-    return [(x.sample_id, x.input_ids.numpy(), x.ids.numpy(), x.probs.numpy(), x.tail.numpy()) for x in s]
-
-
-def _same_rows(got, want) -> bool:
-    return len(got) == len(want) and all(
-        a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:])) for a, b in zip(got, want))
-
-
 @pytest.fixture(scope="module")
 def pristine_rows(pristine):
-    rows = _read_everything(pristine)
+    rows = read_all_rows(pristine)
     assert len(rows) == 12
     return rows
 
@@ -64,10 +52,10 @@ def _copy(pristine, tmp_path_factory):
 def _outcome(path, pristine_rows) -> str:
     """Read everything: a labelstore error, or exactly the original rows (anything else fails the test)."""
     try:
-        rows = _read_everything(path)
+        rows = read_all_rows(path)
     except LabelStoreError:
         return "error"
-    assert _same_rows(rows, pristine_rows), "a damaged store read without an error but with other numbers"
+    assert same_rows(rows, pristine_rows), "a damaged store read without an error but with other numbers"
     return "same"
 
 

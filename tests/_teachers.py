@@ -215,3 +215,23 @@ def interrupt_compile(args: list[str], out: Path, cwd: Path, after_commits: int)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
+
+
+class Interrupt(BaseException):
+    pass
+
+
+def interrupt_after(monkeypatch, commits: int):
+    """Stop the compile (as Ctrl-C would) once ``commits`` shards are committed."""
+    from labelstore.store.writer import StoreWriter
+
+    real = StoreWriter.commit
+    seen = []
+
+    def commit(self):
+        real(self)
+        seen.append(1)
+        if len(seen) == commits:
+            raise Interrupt()
+
+    monkeypatch.setattr(StoreWriter, "commit", commit)

@@ -20,7 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _teachers import dense_logprobs, load_model, make_documents, make_tokenizer, save_teacher, write_corpus
+from _teachers import (
+    Interrupt,
+    dense_logprobs,
+    interrupt_after,
+    load_model,
+    make_documents,
+    make_tokenizer,
+    save_teacher,
+    write_corpus,
+)
 
 from labelstore.cli import main as cli_main
 from labelstore.codecs import get_codec
@@ -379,23 +388,10 @@ def test_expgolomb_encoding_compiles_format_5_with_the_same_labels(env, tmp_path
 def test_interrupted_then_resumed_on_two_ranks_equals_one_process(env, tmp_path, monkeypatch):
     """A resume on another world size: the shards of the resumed ranks carry the store's recorded metadata (its
     runtime included), so the store reads back, and equals an uninterrupted 1-process compile."""
-    from labelstore.store.writer import StoreWriter
-
     kw = dict(shard_mb=0.004, tokens_per_batch=64)
-    real, seen = StoreWriter.commit, []
-
-    class Stop(BaseException):
-        pass
-
-    def commit(self):
-        real(self)
-        seen.append(1)
-        if len(seen) == 3:
-            raise Stop()
-
     with monkeypatch.context() as m:
-        m.setattr(StoreWriter, "commit", commit)
-        with pytest.raises(Stop):
+        interrupt_after(m, 3)
+        with pytest.raises(Interrupt):
             compile_store(opts(env, tmp_path / "s", **kw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "labelstore", *cli_args(env, tmp_path / "s", **kw)]

@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _teachers import make_documents, make_tokenizer, raw_rows_differences, raw_store_rows, save_teacher, write_corpus
+from _teachers import (
+    Interrupt,
+    interrupt_after,
+    make_documents,
+    make_tokenizer,
+    raw_rows_differences,
+    raw_store_rows,
+    save_teacher,
+    write_corpus,
+)
 from s3_server import fresh_s3fs
 
 from labelstore.errors import OutputDirectoryError
@@ -151,25 +160,13 @@ def test_units_plan_from_and_to_s3_resumes_to_the_local_store(env, s3_bucket, tm
     compile from local copies into a folder (same unit names, so the same config); then an input object whose
     labels are committed is rewritten: the next resume is refused, naming it."""
     from labelstore.errors import InputDataError
-    from labelstore.store.writer import StoreWriter
 
     fs = fresh_s3fs()
     fs.put(str(env["corpus"]) + "/", f"{s3_bucket}/corpus/", recursive=True)
     url, data = f"s3://{s3_bucket}/labels/units", [f"s3://{s3_bucket}/corpus/"]
-    real, seen = StoreWriter.commit, []
-
-    class Stop(BaseException):
-        pass
-
-    def commit(self):
-        real(self)
-        seen.append(1)
-        if len(seen) == 3:
-            raise Stop()
-
     with monkeypatch.context() as m:
-        m.setattr(StoreWriter, "commit", commit)
-        with pytest.raises(Stop):
+        interrupt_after(m, 3)
+        with pytest.raises(Interrupt):
             compile_store(opts(env, url, data=data, plan="units"))
     resumed = compile_store(opts(env, url, data=data, plan="units"))
     assert resumed.skipped > 0 and resumed.units["skipped_units"] > 0

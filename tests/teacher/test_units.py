@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _teachers import make_documents, make_tokenizer, save_teacher, write_corpus
+from _teachers import Interrupt, interrupt_after, make_documents, make_tokenizer, save_teacher, write_corpus
 
 from labelstore.errors import ConfigMismatchError, InputDataError, StoreFormatError
 from labelstore.store.reader import LabelStore
@@ -208,26 +208,6 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_compile(env, tmp_path):
     assert resumed.units["tokenized_units"] < 24
     compile_store(opts(env, tmp_path / "clean", tokens_per_batch=32))
     assert_same_store(out, tmp_path / "clean")
-
-
-class Interrupt(BaseException):
-    pass
-
-
-def interrupt_after(monkeypatch, commits: int):
-    """Stop the compile (as Ctrl-C would) once ``commits`` shards are committed."""
-    from labelstore.store.writer import StoreWriter
-
-    real = StoreWriter.commit
-    seen = []
-
-    def commit(self):
-        real(self)
-        seen.append(1)
-        if len(seen) == commits:
-            raise Interrupt()
-
-    monkeypatch.setattr(StoreWriter, "commit", commit)
 
 
 @pytest.mark.parametrize("pack", [True, False])

@@ -201,7 +201,7 @@ KILLABLE = textwrap.dedent("""
 def cli_args(env, out, **kw) -> list[str]:
     o = opts(env, out, **kw)
     args = ["compile", "--teacher", o.teacher, "--data", *o.data, "--out", o.out,
-            "--selection", "topk", "--k", str(o.k),
+            "--selection", o.selection, *(["--k", str(o.k)] if o.k is not None else []),
             "--max-length", str(o.max_length), "--tokens-per-batch", str(o.tokens_per_batch),
             "--device", "cpu", "--shard-mb", str(o.shard_mb), "--quiet"]
     return args

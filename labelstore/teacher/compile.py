@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from labelstore.codecs import get_codec
 from labelstore.distributed import local_rank, rank_world
 from labelstore.errors import ConfigMismatchError, InputDataError, LabelStoreError
 from labelstore.selection import is_sampled
@@ -121,7 +120,7 @@ def build_meta(opts: CompileOptions, plan: Plan | None, vocab_size: int, k: int,
 
     from labelstore import __version__
 
-    codec = get_codec(opts.codec_name)
+    codec = opts.value_codec
     selection = opts.selection_meta(vocab_size)
     sampled = is_sampled(selection["mode"])
     # only sampled labels depend on the seed and the sampler (stores of other modes written before resume as before)
@@ -296,7 +295,7 @@ def _compile(opts: CompileOptions, objs: Objects) -> CompileResult:
                 f"the tokenizer has {len(tokenizer):,} tokens but the teacher's output vocabulary is {V:,}: "
                 "they do not belong together; pass the teacher's own tokenizer (--tokenizer)"
             )
-        codec = get_codec(opts.codec_name)
+        codec = opts.value_codec
         k = 1 if opts.hard_labels else min(opts.kept, V)
         if not opts.hard_labels and opts.selection in ("topk", "topp") and opts.kept > V and rank == 0:
             print(f"labelstore compile: note: --k {opts.kept} is more than the teacher's vocabulary ({V:,}): every "

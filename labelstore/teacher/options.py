@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labelstore.codecs import CODEC_NAMES, DEFAULT_CODEC
+from labelstore.codecs import CODEC_NAMES, DEFAULT_CODEC, get_codec
 from labelstore.constants import MAX_SAMPLES
 from labelstore.selection import COMPILE_MODES, SelectionError, check_selection, default_codec
 
@@ -97,6 +97,9 @@ class CompileOptions:
     codec: str | None = _opt(None, f"value codec for the kept probabilities (default {DEFAULT_CODEC}; count8, the "
                                    "only choice, for --selection sample)",
                              choices=[c for c in CODEC_NAMES if c != "none"])
+    log8_step: float | None = _opt(None, "log8: nats between value codes (default 1/16; 0.5 stores ~7-10 B/token "
+                                         "less at top-32..50 for +0.003 nats KL, benchmarks/results/compression.md)",
+                                   type=float)
     max_length: int | None = _opt(None, "tokens per sequence (default: the teacher's context length from its config, "
                                         "at most --tokens-per-batch; 2048 if the config names none)", type=int)
     pack: bool = _opt(True, "concatenate documents with EOS separators, cut into max-length sequences (default)",
@@ -203,6 +206,13 @@ class CompileOptions:
             return "none"
         return default_codec(self.selection) if self.codec is None else self.codec
 
+    @property
+    def value_codec(self):
+        """The :class:`~labelstore.codecs.ValueCodec` this compile writes (``--codec`` with ``--log8-step``)."""
+        if self.log8_step is None:
+            return get_codec(self.codec_name)
+        return get_codec(self.codec_name, step=self.log8_step)
+
     def selection_meta(self, vocab_size: int | None = None) -> dict:
         """``meta["selection"]`` exactly as docs/FORMAT.md 5b spells it (k clipped to the vocabulary)."""
         if self.hard_labels:
@@ -257,6 +267,14 @@ class CompileOptions:
                 check_selection(self.selection_meta(), self.codec_name, extraction=True)
             except SelectionError as exc:
                 raise ValueError(cli_message(exc)) from None
+        if self.log8_step is not None:
+            if self.codec_name != "log8":
+                raise ValueError(f"--log8-step sets the log8 codec's step; this compile writes codec "
+                                 f"{self.codec_name!r}: pass --codec log8 (with --selection topk, topp or "
+                                 "topk+sample) or drop --log8-step")
+            step = self.log8_step
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not (0 < step <= 1):
+                raise ValueError(f"--log8-step must be in (0, 1] nats, got {step!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
         tpb = self.tokens_per_batch

@@ -23,6 +23,7 @@ from _teachers import (
 )
 
 from labelstore.cli import main as cli_main
+from labelstore.codecs import get_codec
 from labelstore.store.reader import LabelStore
 from labelstore.store.verify import verify_store
 from labelstore.teacher.compile import CompileOptions, compile_store
@@ -98,6 +99,34 @@ def test_stored_entries_equal_extract_on_a_direct_forward(env, tmp_path, mode):
     assert varied > 0  # variable-length positions really occur (the test would not see a counts mix-up else)
 
 
+def test_log8_step_is_recorded_and_stored_values_are_that_codecs_codes(env, tmp_path):
+    """``--log8-step 0.5``: the store's codec records the step, its value bytes are exactly what the extraction
+    with that codec writes, and the decoded weights are within half a step (in log space) of the teacher's."""
+    out = tmp_path / "coarse"
+    compile_store(opts(env, out, k=6, log8_step=0.5))
+    store = LabelStore(out)
+    assert store.meta["value_codec"] == {"name": "log8", "params": {"step": 0.5}}
+    codec = get_codec("log8", step=0.5)
+    model = load_model(env["teacher"])
+    coarse = 0
+    for sid, row in raw_store_rows(out).items():
+        x = torch.from_numpy(row["input_ids"])[None]
+        with torch.inference_mode():
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
+        ex = extract(logits, {"mode": "topk", "k": 6}, codec=codec)
+        np.testing.assert_array_equal(row["values"], ex.values.numpy().reshape(-1), err_msg=f"sample {sid}")
+        np.testing.assert_array_equal(row["ids"], ex.ids.numpy().reshape(-1), err_msg=f"sample {sid}")
+        lp = torch.log_softmax(logits.double(), -1)
+        r = lp.gather(1, ex.ids.long()) - lp.max(-1, keepdim=True).values  # log p - log p_max, float64
+        w = torch.from_numpy(codec.decode_numpy(row["values"]).reshape(r.shape)).double()
+        assert (torch.log(w) - r).abs().max() <= 0.25 + 1e-6
+        coarse += int((row["values"] % 8 != 0).sum())  # codes of a 1/16 step would not all be multiples
+    assert coarse > 0
+    # resuming with another step is another store: refused, naming the codec
+    with pytest.raises(Exception, match="value_codec"):
+        compile_store(opts(env, out, k=6, log8_step=0.25))
+
+
 def test_sampled_compile_interrupted_and_resumed_equals_an_uninterrupted_one(env, tmp_path):
     """SIGINT (Ctrl-C) half-way, then the same command: the resumed store draws exactly the same samples."""
     kw = ["--selection", "topk+sample", "--k-exact", "2", "--samples", "8", "--seed", "5"]
@@ -123,7 +152,10 @@ def test_invalid_selection_settings_are_refused(env, tmp_path, capsys):
                        (["--selection", "topk", "--codec", "count8"], "count8 belongs to --selection sample"),
                        (["--selection", "topp", "--top-p", "1.5"], "--top-p must be in"),
                        (["--selection", "sample", "--samples", "300"], "--samples must be in"),
-                       (["--selection", "topk+sample", "--codec", "fp16"], "1-byte codec")]:
+                       (["--selection", "topk+sample", "--codec", "fp16"], "1-byte codec"),
+                       (["--log8-step", "0.5"], "--log8-step sets the log8 codec's step"),
+                       (["--selection", "topk", "--codec", "e4m3", "--log8-step", "0.5"], "pass --codec log8"),
+                       (["--selection", "topk", "--log8-step", "2"], "--log8-step must be in (0, 1]")]:
         assert cli_main(base + extra) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

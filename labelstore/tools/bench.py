@@ -39,7 +39,13 @@ import torch
 
 from labelstore.reconstruction import mixed_prior, uniform_fill
 from labelstore.selection import check_selection, is_sampled
-from labelstore.tools.bench_report import costs_paragraph, distillkit_tables, markdown_table, plot
+from labelstore.tools.bench_report import (
+    costs_paragraph,
+    distillkit_tables,
+    markdown_table,
+    plot,
+    reference_table,
+)
 
 SEED_FP8_DENSE_GB = 5e12 * 1e5 / 1e9  # the seed's scenario: 5T tokens x 100k vocabulary x 1 byte = 5e8 GB
 DENSE = {"fp32": 4, "bf16": 2, "fp8": 1}
@@ -87,10 +93,14 @@ def synthetic_source(vocab: int, positions: int, mean_entropy: float = 2.5, seed
 
 
 # ------------------------------------------------------------------------------------------------ measuring
+CURVE_K = (8, 12, 16, 20, 32, 50, 64, 72, 128)  # the sizes of every bytes-against-KL curve
+
+
 def default_settings() -> list[dict]:
     s = [{"mode": "topk", "k": k, "codec": "log8", "encoding": "packed"} for k in (1, 8, 16, 32, 64, 128)]
     s += [{"mode": "topk", "k": k, "codec": "log8", "encoding": enc}
-          for enc in ("zstd", "expgolomb") for k in (1, 8, 12, 16, 20, 32, 50, 64, 72, 128)]
+          for enc in ("zstd", "expgolomb") for k in (1, *CURVE_K)]
+    s += [{"mode": "topk", "k": k, "codec": "log8", "step": 0.5, "encoding": "expgolomb"} for k in CURVE_K]
     s += [{"mode": "topk", "k": 32, "codec": c, "encoding": "packed"} for c in ("e4m3", "e5m2", "fp16")]
     s += [{"mode": "topp", "k": 128, "p": 0.8, "min_k": 4, "codec": "log8", "encoding": "zstd"},
           {"mode": "topk+sample", "k_exact": 8, "samples": 8, "k": 16, "codec": "log8", "encoding": "zstd"},
@@ -100,23 +110,40 @@ def default_settings() -> list[dict]:
     return s
 
 
+def codec_of(setting: dict):
+    """The setting's value codec (``"step"``: the log8 step, default 1/16)."""
+    from labelstore.codecs import get_codec
+
+    return get_codec(setting["codec"], **({"step": setting["step"]} if "step" in setting else {}))
+
+
+def codec_label(setting: dict) -> str:
+    return setting["codec"] + (f"/{setting['step']:g}" if "step" in setting else "")
+
+
 def selection_of(setting: dict) -> dict:
     """The store's ``meta["selection"]`` for a setting (its mode's keys, checked by the one selection schema)."""
     return check_selection(setting, setting["codec"])
 
 
-def select(logits: torch.Tensor, setting: dict):
+def select(logits: torch.Tensor, setting: dict, seq_len: int = 256):
     """Run the extraction for one setting. Returns (ids [N, K] int, values [N, K*bpv] uint8, counts [N], tail [N]).
 
-    Sampled modes draw with ``setting.get("seed", 0)`` and row ids ``0..N-1``."""
+    Sampled modes draw with ``setting.get("seed", 0)`` and row ids ``0..N-1``; ``adaptive`` shares its entry
+    budget within each row of ``seq_len`` positions (as a compile does within a sample)."""
     from labelstore_kernels import extract, extract_topk
 
     mode = setting["mode"]
+    codec = codec_of(setting)
     if mode in ("topk", "argmax"):
-        ex = extract_topk(logits, setting["k"], codec=setting["codec"])
+        ex = extract_topk(logits, setting["k"], codec=codec)
+        return ex.ids, ex.values, ex.counts, ex.tail
+    if mode == "adaptive":
+        groups = torch.arange(logits.shape[0], dtype=torch.int64) // seq_len
+        ex = extract(logits, selection_of(setting), codec=codec, groups=groups)
         return ex.ids, ex.values, ex.counts, ex.tail
     if mode == "topp" or is_sampled(mode):
-        ex = extract(logits, selection_of(setting), codec=setting["codec"], seed=setting.get("seed", 0))
+        ex = extract(logits, selection_of(setting), codec=codec, seed=setting.get("seed", 0))
         return ex.ids, ex.values, ex.counts, ex.tail
     raise ValueError(f"selection mode {mode!r} is not supported by this bench yet")
 
@@ -208,16 +235,15 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
     KL columns: ``kl_mean`` (uniform rule), ``kl_mean_prior`` (prior rule, cross-fitted prior),
     ``kl_mean_prior_insample`` (prior estimated on the scored positions themselves: flattering, for reference),
     ``kl_mean_bucket`` (the bucket view)."""
-    from labelstore.codecs import get_codec
     from labelstore.store.reader import LabelStore
     from labelstore.store.writer import StoreWriter
     from labelstore.tools.fidelity import bucket_kl, kl_to_reconstruction, summarize
 
     N, V = logits.shape
-    codec = get_codec(setting["codec"])
+    codec = codec_of(setting)
     hard = setting["mode"] == "argmax"
     t0 = time.perf_counter()
-    ids, values, counts, tail = select(logits, setting)
+    ids, values, counts, tail = select(logits, setting, seq_len)
     t_extract = time.perf_counter() - t0
     K = ids.shape[1]
     meta = bench_meta(setting, V, K, codec)
@@ -305,7 +331,8 @@ def run_bench(sources: list[tuple], settings: list[dict] | None = None, log=prin
                 r["source"] = name
                 results.append(r)
                 kl = "-" if r["kl_mean"] is None else f"{r['kl_mean']:.4f} / {r['kl_mean_prior']:.4f}"
-                log(f"{name:<22} {st['mode']:<7} k={st['k']:<4} {st['codec']:<5} {st['encoding']:<6} "
+                log(f"{name:<22} {st['mode']:<8} k={st.get('mean_k', st['k']):<4} {codec_label(st):<8} "
+                    f"{st['encoding']:<9} "
                     f"{r['bytes_per_token']:8.1f} B/tok  KL uniform / prior {kl}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -334,6 +361,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from labelstore.tools.distillkit_compare import (
         DISTILLKIT_CONFIGS,
+        at_reference_fidelity,
         distillkit_measure,
         equal_fidelity,
         load_distillkit,
@@ -393,8 +421,11 @@ def run(args) -> int:
     doc = {**run_info, "runs": runs, "results": results,
            "distillkit": {"ran": bool(dk_rows), "note": dk_note, "rows": dk_rows, "equal_fidelity": comparisons}}
     (out / "compression.json").write_text(json.dumps(doc, indent=1))
+    reference = at_reference_fidelity(results, 32, args.scale_tokens)
+    doc["at_top32_fidelity"] = reference
+    (out / "compression.json").write_text(json.dumps(doc, indent=1))
     table = "\n\n".join([markdown_table(results), costs_paragraph(results, args.scale_tokens),
-                          distillkit_tables(dk_rows, comparisons, dk_note)])
+                          reference_table(reference), distillkit_tables(dk_rows, comparisons, dk_note)])
     (out / "compression.md").write_text(table + "\n")
     plotted = plot(results, out / "compression.png", dk_rows)
     print(table)

@@ -95,41 +95,103 @@ def distillkit_measure(logits: torch.Tensor, name: str, dk, folds, chunk: int = 
 RULE_KEYS = {"uniform": "kl_mean", "prior": "kl_mean_prior"}  # the rules a comparison at equal KL can use
 
 
-def equal_fidelity(results: list[dict], dk_rows: list[dict], encodings=("zstd", "expgolomb")) -> list[dict]:
-    """For each DistillKit row, rule and labelstore encoding (``encodings``, each a curve of top-k log8 rows):
-    the smallest measured labelstore row whose KL under the SAME rule is at most DistillKit's, and the byte
-    ratio. Under the prior rule both sides pay the prior file amortised at the scale (DistillKit would need the
-    same file to use that rule). Encodings never mix: the entries of a k are the same in every encoding.
+CURVE_MODES = ("topk", "adaptive")  # modes whose rows form a bytes-against-KL curve by their size parameter
+DEFAULT_STEP = 1.0 / 16.0  # log8's default step (labelstore.codecs.LOG8_DEFAULT_STEP)
+
+
+def family_of(r: dict) -> tuple | None:
+    """A curve's identity: (mode, log8 step, encoding). Rows of one family keep the same kind of entries at
+    every size and differ only in how many; None for rows that are no curve's (other codecs, sampled modes)."""
+    if r.get("mode") not in CURVE_MODES or r.get("codec") != "log8" or r.get("kl_mean") is None:
+        return None
+    return (r["mode"], float(r.get("step", DEFAULT_STEP)), r["encoding"])
+
+
+def family_label(fam: tuple) -> str:
+    mode, step, enc = fam
+    st = "" if step == DEFAULT_STEP else f" step {step:g}"
+    return f"{mode} log8{st} {enc}"
+
+
+def size_of(r: dict):
+    """A row's size parameter on its curve: k for topk, the mean entries for adaptive."""
+    return r.get("mean_k", r["k"]) if r["mode"] == "adaptive" else r["k"]
+
+
+def curves(results: list[dict], source: str, encodings=None) -> dict[tuple, list[dict]]:
+    """Every family's rows of ``source``, each sorted by bytes per token."""
+    out: dict[tuple, list[dict]] = {}
+    for r in results:
+        fam = family_of(r)
+        if r["source"] == source and fam is not None and (encodings is None or fam[2] in encodings):
+            out.setdefault(fam, []).append(r)
+    return {f: sorted(rs, key=lambda r: r["bytes_per_token"]) for f, rs in sorted(out.items())}
+
+
+def bytes_at_kl(curve: list[dict], key: str, target: float, extra: float = 0.0) -> dict:
+    """The smallest measured row of ``curve`` whose ``key`` is at most ``target``, and the bytes at exactly
+    ``target`` interpolated between it and the previous point (log-linear in KL: an estimate, not a store)."""
+    match = next((r for r in curve if r[key] <= target), None)
+    row = {"match": match, "bytes": None if match is None else match["bytes_per_token"] + extra,
+           "interpolated_bytes": None}
+    if match is not None:
+        i = curve.index(match)
+        if i > 0 and curve[i - 1][key] > target > 0 and match[key] < target:  # not needed at a measured point
+            lo, hi = curve[i - 1], match
+            f = math.log(lo[key] / target) / math.log(lo[key] / hi[key])
+            row["interpolated_bytes"] = (lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"])
+                                         + extra)
+    return row
+
+
+def equal_fidelity(results: list[dict], dk_rows: list[dict], encodings=None) -> list[dict]:
+    """For each DistillKit row, rule and labelstore curve (a family: mode topk or adaptive, log8 step, encoding;
+    ``encodings`` filters): the smallest measured labelstore row whose KL under the SAME rule is at most
+    DistillKit's, and the byte ratio. Under the prior rule both sides pay the prior file amortised at the scale
+    (DistillKit would need the same file to use that rule). Curves never mix: each is matched on its own rows.
 
     The bucket rule is left out: it makes truncation free, so a smaller k would always "match"."""
     out = []
     for d in dk_rows:
-        for enc in encodings:
-            curve = sorted((r for r in results if r["source"] == d["source"] and r["mode"] == "topk"
-                            and r["codec"] == "log8" and r["encoding"] == enc and r["kl_mean"] is not None),
-                           key=lambda r: r["bytes_per_token"])
-            if not curve:
-                continue
+        for fam, curve in curves(results, d["source"], encodings).items():
             for rule, key in RULE_KEYS.items():
-                out.append(_match(d, curve, enc, rule, key))
+                out.append(_match(d, curve, fam, rule, key))
     return out
 
 
-def _match(d: dict, curve: list[dict], enc: str, rule: str, key: str) -> dict:
+def _match(d: dict, curve: list[dict], fam: tuple, rule: str, key: str) -> dict:
     extra = curve[0]["prior_bytes_per_token_at_scale"] if rule == "prior" else 0.0
-    match = next((r for r in curve if r[key] <= d[key]), None)
-    row = {"source": d["source"], "rule": rule, "distillkit": d["setting"], "encoding": enc,
+    hit = bytes_at_kl(curve, key, d[key], extra)
+    match = hit["match"]
+    row = {"source": d["source"], "rule": rule, "distillkit": d["setting"], "encoding": fam[2],
+           "family": family_label(fam), "mode": fam[0], "step": fam[1],
            "distillkit_bytes": d["bytes_per_token"] + extra, "distillkit_kl": d[key],
-           "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None}
-    row["interpolated_bytes"] = row["interpolated_ratio"] = None
+           "labelstore_k": None, "labelstore_bytes": None, "labelstore_kl": None, "ratio": None,
+           "interpolated_bytes": None, "interpolated_ratio": None}
     if match is not None:
-        ls_bytes = match["bytes_per_token"] + extra
-        row.update(labelstore_k=match["k"], labelstore_bytes=ls_bytes, labelstore_kl=match[key],
-                   ratio=ls_bytes / row["distillkit_bytes"])
-        i = curve.index(match)
-        if i > 0 and curve[i - 1][key] > d[key] > 0:  # bytes at exactly DistillKit's KL, log-linear in KL
-            lo, hi = curve[i - 1], match
-            f = math.log(lo[key] / d[key]) / math.log(lo[key] / hi[key])
-            b = lo["bytes_per_token"] + f * (hi["bytes_per_token"] - lo["bytes_per_token"]) + extra
-            row.update(interpolated_bytes=b, interpolated_ratio=b / row["distillkit_bytes"])
+        row.update(labelstore_k=size_of(match), labelstore_bytes=hit["bytes"], labelstore_kl=match[key],
+                   ratio=hit["bytes"] / row["distillkit_bytes"])
+        if hit["interpolated_bytes"] is not None:
+            row.update(interpolated_bytes=hit["interpolated_bytes"],
+                       interpolated_ratio=hit["interpolated_bytes"] / row["distillkit_bytes"])
     return row
+
+
+def at_reference_fidelity(results: list[dict], reference_k: int = 32, scale_tokens: float = 5e12) -> list[dict]:
+    """The seed scenario's question per source and curve: bytes per token at the mean KL (uniform rule) of
+    top-``reference_k`` log8 (step 1/16) expgolomb, interpolated on each curve, and the store at ``scale_tokens``."""
+    out = []
+    for src in dict.fromkeys(r["source"] for r in results):
+        ref = next((r for r in results if r["source"] == src and r["k"] == reference_k
+                    and family_of(r) == ("topk", DEFAULT_STEP, "expgolomb")), None)
+        if ref is None:
+            continue
+        for fam, curve in curves(results, src).items():
+            hit = bytes_at_kl(curve, "kl_mean", ref["kl_mean"])
+            b = hit["interpolated_bytes"] if hit["interpolated_bytes"] is not None else hit["bytes"]
+            out.append({"source": src, "family": family_label(fam), "reference_k": reference_k,
+                        "reference_kl": ref["kl_mean"], "bytes_per_token": b,
+                        "measured_size": None if hit["match"] is None else size_of(hit["match"]),
+                        "measured_bytes": hit["bytes"], "interpolated": hit["interpolated_bytes"] is not None,
+                        "store_TB": None if b is None else b * scale_tokens / 1e12})
+    return out

@@ -177,3 +177,32 @@ def test_equal_fidelity_compares_each_encoding_on_its_own_curve():
     assert got[("expgolomb", "uniform")]["labelstore_k"] == 16
     f = np.log(0.9 / 0.65) / np.log(0.9 / 0.6)
     assert abs(got[("expgolomb", "uniform")]["interpolated_bytes"] - 0.9 * (20.0 + f * 15.0)) < 1e-9
+
+
+def test_curves_keep_log8_steps_and_modes_apart_and_reference_fidelity_interpolates():
+    """A coarser log8 step is its own curve; the top-32 reference is read off each curve at top-32 1/16's KL."""
+    from labelstore.tools.distillkit_compare import at_reference_fidelity, equal_fidelity
+
+    def row(k, b, u, **kw):
+        return {"source": "s", "mode": "topk", "codec": "log8", "encoding": "expgolomb", "k": k,
+                "bytes_per_token": b, "kl_mean": u, "kl_mean_prior": u / 2, "prior_bytes_per_token_at_scale": 0.0,
+                **kw}
+
+    rows = [row(16, 30.0, 0.6), row(32, 50.0, 0.4), row(50, 70.0, 0.3),
+            row(16, 24.0, 0.61, step=0.5), row(32, 40.0, 0.41, step=0.5), row(50, 58.0, 0.31, step=0.5),
+            row(128, 99.0, 0.2, mode="adaptive", mean_k=32), row(512, 40.0, 0.5, mode="adaptive", mean_k=16)]
+    dkr = [{"source": "s", "setting": "budget", "bytes_per_token": 100.0, "kl_mean": 0.35, "kl_mean_prior": 0.175}]
+    got = {(c["family"], c["rule"]): c for c in equal_fidelity(rows, dkr)}
+    assert {f for f, _ in got} == {"topk log8 expgolomb", "topk log8 step 0.5 expgolomb",
+                                   "adaptive log8 expgolomb"}
+    coarse = got[("topk log8 step 0.5 expgolomb", "uniform")]
+    assert coarse["labelstore_k"] == 50 and coarse["labelstore_bytes"] == 58.0  # its own rows only
+    f = np.log(0.41 / 0.35) / np.log(0.41 / 0.31)
+    assert abs(coarse["interpolated_bytes"] - (40.0 + f * 18.0)) < 1e-9
+    adaptive = got[("adaptive log8 expgolomb", "uniform")]
+    assert adaptive["labelstore_k"] == 32 and adaptive["labelstore_bytes"] == 99.0  # size = mean entries
+    ref = {r["family"]: r for r in at_reference_fidelity(rows, 32, scale_tokens=5e12)}
+    assert ref["topk log8 expgolomb"]["bytes_per_token"] == 50.0 and not ref["topk log8 expgolomb"]["interpolated"]
+    g = np.log(0.41 / 0.4) / np.log(0.41 / 0.31)
+    assert abs(ref["topk log8 step 0.5 expgolomb"]["bytes_per_token"] - (40.0 + g * 18.0)) < 1e-9
+    assert abs(ref["topk log8 step 0.5 expgolomb"]["store_TB"] - (40.0 + g * 18.0) * 5) < 1e-6

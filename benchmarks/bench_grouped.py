@@ -11,7 +11,7 @@ shard per store: its fixed cost, the schema metadata, is included and is under 0
 tokens per CPU-second of one thread reading every row to padded [T, K] ids and float32 probabilities, best of
 ``--repeats`` (CPU seconds hold on a shared machine). Each grouped store is checked against the packed one: same
 first entry, same probabilities, ids equal once both are put in 6d's order. Writes
-benchmarks/results/grouped.json.
+benchmarks/results/grouped.json and the table as grouped.md.
 """
 
 from __future__ import annotations
@@ -139,22 +139,29 @@ def main():
             del logits
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print()
-    print("| source | k | log8 step | " + " | ".join(f"{e} B/tok" for e in ENCODINGS) + " | grouped saves vs "
-          "expgolomb | " + " | ".join(f"{e} decode tok/CPU-s" for e in ENCODINGS) + " |")
-    print("|---" * (4 + 2 * len(ENCODINGS)) + "|")
+    lines = ["| source | k | log8 step | " + " | ".join(f"{e} B/tok" for e in ENCODINGS)
+             + " | grouped saves vs expgolomb | " + " | ".join(f"{e} decode tok/CPU-s" for e in ENCODINGS) + " |",
+             "|---" * (4 + 2 * len(ENCODINGS)) + "|"]
     keys = sorted({(r["source"], r["k"], r["step"]) for r in results}, key=lambda x: (x[0], x[1], -x[2]))
     for key in keys:
         by = {r["encoding"]: r for r in results if (r["source"], r["k"], r["step"]) == key}
         save = by["expgolomb"]["bytes_per_token"] - by["grouped"]["bytes_per_token"]
-        print(f"| {key[0]} | {key[1]} | {key[2]:g} | " + " | ".join(f"{by[e]['bytes_per_token']:.2f}" for e in ENCODINGS)
-              + f" | {save:.2f} | " + " | ".join(f"{by[e]['decode_tokens_per_cpu_s']:,.0f}" for e in ENCODINGS) + " |")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | "
+                     + " | ".join(f"{by[e]['bytes_per_token']:.2f}" for e in ENCODINGS) + f" | {save:.2f} | "
+                     + " | ".join(f"{by[e]['decode_tokens_per_cpu_s']:,.0f}" for e in ENCODINGS) + " |")
+    print("\n" + "\n".join(lines))
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"seq_len": a.seq_len, "repeats": a.repeats, "machine": platform.machine(),
                    "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
                    "python": platform.python_version(), "results": results}, f, indent=1)
-    print(f"wrote {a.out}")
+    md = os.path.splitext(a.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"`python benchmarks/bench_grouped.py` ({platform.machine()}, {os.cpu_count()} cores, load average "
+                f"{os.getloadavg()[0]:.1f} at the end: decode rates are noisy on a shared machine). Bytes per token "
+                "include the shard's fixed cost; decode is tokens per CPU-second, best of "
+                f"{a.repeats}.\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {a.out} and {md}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Store write/read throughput and bytes per token, side by side with the quick-script baseline.
 
-    python benchmarks/bench_store.py [--tokens 131072] [--vocab 32000] [--repeats 5] [--encodings packed,zstd,expgolomb]
+    python benchmarks/bench_store.py [--tokens 131072] [--vocab 32000] [--repeats 5]
+        [--encodings packed,zstd,expgolomb,grouped]
 
 Content: top-k of SYNTHETIC Zipf-like teacher logits (labelstore.tools.synthetic, mean entropy 2.5 nats), sequences
 of 2048 positions whose probabilities are drawn from a pool of generated positions (jittered) and whose
 ids are uniform random (the worst case for id compression; real top-k ids favour frequent tokens).
 labelstore: log8 values, bit-packed ids (encoding packed, format v1), per-row zstd (encoding zstd, v2) or Exp-Golomb
-coded ids under zstd (encoding expgolomb, v5; docs/FORMAT.md 6c). Baseline
+coded ids under zstd (encoding expgolomb, v5; docs/FORMAT.md 6c) or the same with the ids of tied values sorted and
+gap-coded (encoding grouped, v6; 6d: these uniform ids and jittered values tie rarely at step 1/16, so it saves
+little here; benchmarks/bench_grouped.py measures it where values tie). Baseline
 (what a quick script does): Parquet (pyarrow defaults, snappy) with int64 input ids, list<int64> kept ids and
 list<float32> probabilities per sequence, read back with pyarrow and sliced into numpy per sequence.
 Reading = decoding every sequence to [T, K] ids and float32 probabilities, warm page cache, one process.
@@ -146,7 +149,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ks", default="8,32,64,128")
-    ap.add_argument("--encodings", default="packed,zstd,expgolomb")
+    ap.add_argument("--encodings", default="packed,zstd,expgolomb,grouped")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, both sides (median)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "store.json"))
     a = ap.parse_args()
@@ -169,14 +172,14 @@ def main():
     slope, icpt = np.polyfit(kk, bb, 1) if len(packed) > 1 else (float("nan"), float("nan"))
     print(f"SYNTHETIC teacher top-k, V={a.vocab}, {a.tokens} tokens per setting, sequences of {a.seq_len}, "
           f"one process, warm page cache, median of {a.repeats} runs each")
-    hdr = (f"{'enc':>6} {'k':>4} | {'labelstore B/tok':>16} {'write tok/s':>12} {'read tok/s':>12} "
+    hdr = (f"{'enc':>9} {'k':>4} | {'labelstore B/tok':>16} {'write tok/s':>12} {'read tok/s':>12} "
            f"{'read/CPU-s':>11} | {'parquet B/tok':>13} {'write tok/s':>12} {'read tok/s':>12} {'read/CPU-s':>11} | "
            f"{'size x':>6} {'read x':>6}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         ls, bl = r["labelstore"], r["baseline_parquet"]
-        print(f"{r['encoding']:>6} {r['k']:>4} | {ls['bytes_per_token']:16.1f} {ls['write_tokens_per_s']:12,.0f} "
+        print(f"{r['encoding']:>9} {r['k']:>4} | {ls['bytes_per_token']:16.1f} {ls['write_tokens_per_s']:12,.0f} "
               f"{ls['read_tokens_per_s']:12,.0f} {ls['read']['per_cpu_s']:11,.0f} | {bl['bytes_per_token']:13.1f} "
               f"{bl['write_tokens_per_s']:12,.0f} {bl['read_tokens_per_s']:12,.0f} {bl['read']['per_cpu_s']:11,.0f} | "
               f"{bl['bytes_per_token'] / ls['bytes_per_token']:6.2f} "

@@ -225,10 +225,16 @@ class ExpGolombCoder:
 
     def encode(self, id_bits, bpv, input_ids, counts_bytes, counts, ids, values, tail_bytes) -> dict[str, bytes]:
         counts = np.asarray(counts, dtype=np.int64)
+        out = self.encode_rest(id_bits, bpv, input_ids, counts_bytes, counts, values, tail_bytes)
+        sym, extra = encode_codes(swap_next(ids, counts, input_ids))
+        frame = self.zc._c.compress(sym.tobytes())
+        out["ids"] = struct.pack("<I", len(frame)) + frame + extra
+        return out
+
+    def encode_rest(self, id_bits, bpv, input_ids, counts_bytes, counts, values, tail_bytes) -> dict[str, bytes]:
+        """Every column but ``ids`` (shared with encoding "grouped", FORMAT.md 6d)."""
         z = self.zc._c.compress
         w = entropy.id_width(id_bits)
-        sym, extra = encode_codes(swap_next(ids, counts, input_ids))
-        frame = z(sym.tobytes())
         if bpv == 1:
             deltas = entropy._delta_codes(np.asarray(values, dtype=np.uint8), counts)
             vstream = _slot_major(deltas, counts, True).tobytes()
@@ -240,7 +246,6 @@ class ExpGolombCoder:
         return {
             "input_ids": z(entropy._planes(input_ids, w)),
             "counts": z(counts_bytes),
-            "ids": struct.pack("<I", len(frame)) + frame + extra,
             "values": z(vstream) if vstream else b"",
             "tail": z(tail_stream) if tail_stream else b"",
         }

@@ -1,5 +1,12 @@
-"""The on-disk format (version 4, and 5 for encoding "expgolomb"; versions 1 to 3 still read): the Arrow schema, the
-metadata, the per-row encoding and the checksums (row CRC, manifest and config digests).
+"""The on-disk format (version 4; 5 for encoding "expgolomb"; 6 for encoding "grouped" or selection mode "adaptive";
+versions 1 to 3 still read): the Arrow schema, the metadata, the per-row encoding and the checksums (row CRC,
+manifest and config digests).
+
+Which version a store has follows from its metadata alone (docs/FORMAT.md 8): encoding "grouped" (6d) or selection
+mode "adaptive" (5b) make it 6; otherwise encoding "expgolomb" (6c) makes it 5; otherwise it is 4 (or 3 when asked
+for). A store never carries a newer version than its content needs, so older readers keep reading every store
+they can, and a reader refuses a store whose version and content disagree (a version-6 encoding in a version-5
+store, and so on).
 
 This module is the executable half of docs/FORMAT.md; the two must agree. Writer, reader and
 `verify` all encode and decode rows through the functions here.
@@ -27,11 +34,15 @@ from labelstore.store import bitpack
 
 FORMAT_NAME = "labelstore"
 FORMAT_VERSION = 4  # what writers write: version 3's rows and checksums, the shard table in index.arrow (FORMAT.md 8)
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)  # 1: packed; 2: zstd; 3: either, version-3 checksums; 4: index; 5: expgolomb
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)  # 1: packed; 2: zstd; 3: either, version-3 checksums; 4: index;
+# 5: expgolomb; 6: grouped, or selection mode "adaptive"
 WRITABLE_VERSIONS = (3, 4)  # a writer may be asked for version 3 (a JSON shard list, for older readers)
 EXPGOLOMB_VERSION = 5  # version 4 plus encoding "expgolomb" (FORMAT.md 6c); written only by stores of that encoding
-ENCODINGS = ("packed", "zstd", "expgolomb")
-ZSTD_FAMILY = ("zstd", "expgolomb")  # encodings whose columns are zstd frames and carry a "level"
+GROUPED_VERSION = 6  # version 5 plus encoding "grouped" (FORMAT.md 6d) and selection mode "adaptive" (FORMAT.md 5b)
+V6_ENCODINGS = ("grouped",)
+V6_MODES = ("adaptive",)  # selection modes that make a store version 6 (the mode itself: labelstore.selection)
+ENCODINGS = ("packed", "zstd", "expgolomb", "grouped")
+ZSTD_FAMILY = ("zstd", "expgolomb", "grouped")  # encodings whose columns are zstd frames and carry a "level"
 DEFAULT_ENCODING = "packed"
 META_KEY = b"labelstore"
 SHARD_KEY = b"labelstore_shard"  # version 3: the shard's own {"rank", "seq"} in its schema metadata
@@ -138,11 +149,12 @@ def normalize_meta(meta: dict) -> dict:
         enc = {"name": enc["name"], "level": int(enc.get("level", 3))}
     out["encoding"] = enc
     asked = meta.get("format_version")
-    if isinstance(enc, dict) and enc.get("name") == "expgolomb":
-        if asked not in (None, EXPGOLOMB_VERSION):
-            raise StoreFormatError(f"encoding 'expgolomb' is format version {EXPGOLOMB_VERSION}; version {asked!r} "
-                                   "cannot hold it (use encoding 'zstd' or 'packed' for older readers)")
-        out["format_version"] = EXPGOLOMB_VERSION
+    needed = required_version(out)
+    if needed is not None:
+        if asked not in (None, needed):
+            raise StoreFormatError(f"{content_name(out)} is format version {needed}; version {asked!r} cannot hold "
+                                   "it (use encoding 'zstd' or 'packed' for older readers)")
+        out["format_version"] = needed
     else:
         out["format_version"] = asked if asked in WRITABLE_VERSIONS else FORMAT_VERSION
     out.setdefault("store_id", uuid.uuid4().hex)  # a writer resuming a store adopts the store's own id
@@ -173,10 +185,15 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
         raise StoreFormatError(f"{where}: encoding {enc!r} is unknown ({', '.join(ENCODINGS)})")
     if ver < 3 and (ver == 2) != (enc["name"] == "zstd"):
         raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver}")
-    if (ver == EXPGOLOMB_VERSION) != (enc["name"] == "expgolomb"):
-        raise StoreFormatError(f"{where}: encoding {enc['name']!r} does not belong to format version {ver} "
-                               f"(encoding 'expgolomb' is version {EXPGOLOMB_VERSION}, and version "
-                               f"{EXPGOLOMB_VERSION} only that)")
+    needed = required_version(meta)
+    if ver >= EXPGOLOMB_VERSION and needed != ver:
+        raise StoreFormatError(f"{where}: {content_name(meta)} does not belong to format version {ver} "
+                               f"(encoding 'expgolomb' is version {EXPGOLOMB_VERSION}; encoding 'grouped' and "
+                               f"selection mode 'adaptive' are version {GROUPED_VERSION}; a version-{ver} store "
+                               "holds one of those)")
+    if ver < EXPGOLOMB_VERSION and needed is not None:
+        raise StoreFormatError(f"{where}: {content_name(meta)} does not belong to format version {ver} (it needs "
+                               f"version {needed})")
     if ver >= 3:
         sid = meta.get("store_id")
         if not isinstance(sid, str) or not re.fullmatch(r"[0-9a-f]{32}", sid):
@@ -216,6 +233,31 @@ def validate_meta(meta: dict, where: str = "store metadata") -> None:
     t = meta.get("temperature")
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t > 0):
         raise StoreFormatError(f"{where}: temperature {t!r} is not a positive number")
+
+
+def required_version(meta: dict) -> int | None:
+    """The format version a store's content fixes (FORMAT.md 8): 6 for encoding "grouped" or selection mode
+    "adaptive", 5 for encoding "expgolomb", None when versions 3 and 4 (or, by their own rules, 1 and 2) hold it."""
+    enc = meta.get("encoding")
+    name = enc.get("name") if isinstance(enc, dict) else None
+    sel = meta.get("selection")
+    mode = sel.get("mode") if isinstance(sel, dict) else None
+    if name in V6_ENCODINGS or mode in V6_MODES:
+        return GROUPED_VERSION
+    if name == "expgolomb":
+        return EXPGOLOMB_VERSION
+    return None
+
+
+def content_name(meta: dict) -> str:
+    """How error messages name what fixed a store's version: its encoding, or its selection mode."""
+    enc = meta.get("encoding")
+    name = enc.get("name") if isinstance(enc, dict) else None
+    sel = meta.get("selection")
+    mode = sel.get("mode") if isinstance(sel, dict) else None
+    if name not in V6_ENCODINGS and mode in V6_MODES:
+        return f"selection mode {mode!r}"
+    return f"encoding {name!r}"
 
 
 def has_tail_column(meta: dict) -> bool:
@@ -295,7 +337,8 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
     """Validate one sequence's arrays against ``meta`` and pack them into bytes.
 
     ``compressor`` (a :class:`labelstore.store.entropy.RowCompressor` for encoding "zstd", a
-    :class:`labelstore.store.expgolomb.ExpGolombCoder` for "expgolomb") is made here when not given."""
+    :class:`labelstore.store.expgolomb.ExpGolombCoder` for "expgolomb", a
+    :class:`labelstore.store.grouped.GroupedCoder` for "grouped": :func:`row_coder`) is made here when not given."""
     v = meta["vocab_size"]
     bits = meta["id_bits"]
     k = meta["selection"]["k"]
@@ -334,10 +377,7 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
     enc_name = meta.get("encoding", {}).get("name")
     if enc_name in ZSTD_FAMILY:
         if compressor is None:
-            from labelstore.store.entropy import RowCompressor
-            from labelstore.store.expgolomb import ExpGolombCoder
-
-            compressor = (RowCompressor if enc_name == "zstd" else ExpGolombCoder)(meta["encoding"]["level"])
+            compressor = row_coder(meta)
         streams = compressor.encode(bits, bpv, input_ids, counts.astype(count_dt).tobytes(), counts, ids,
                                     values, tail_b)
         return EncodedRow(sample_id=int(sample_id), num_tokens=T, doc_starts=ds.tobytes(), num_entries=n,
@@ -353,6 +393,26 @@ def encode_row(meta: dict, sample_id, input_ids, counts, ids, values, tail, doc_
         doc_starts=ds.tobytes(),
         num_entries=n,
     )
+
+
+def row_coder(meta: dict, level: int | None = None):
+    """The encoder/decoder of a zstd-family store's rows (None for "packed"): one per writer or reader, since it
+    holds reusable zstd contexts. ``level`` defaults to the store's own."""
+    name = meta.get("encoding", {}).get("name")
+    if name not in ZSTD_FAMILY:
+        return None
+    level = meta["encoding"].get("level", 3) if level is None else level
+    if name == "zstd":
+        from labelstore.store.entropy import RowCompressor
+
+        return RowCompressor(level)
+    if name == "expgolomb":
+        from labelstore.store.expgolomb import ExpGolombCoder
+
+        return ExpGolombCoder(level)
+    from labelstore.store.grouped import GroupedCoder, groups_apply
+
+    return GroupedCoder(level, groups=groups_apply(meta))
 
 
 def rows_to_batch(rows: list[EncodedRow], schema: pa.Schema) -> pa.RecordBatch:

@@ -28,10 +28,12 @@ from labelstore.store.format import (
     DEFAULT_ROW_BUDGET,
     MAX_SEQ_LEN,
     PAYLOAD_COLUMNS,
+    ZSTD_FAMILY,
     check_row_crc,
     has_tail_column,
     meta_from_schema,
     row_bytes,
+    row_coder,
     row_header,
     shard_identity,
 )
@@ -228,13 +230,13 @@ class LabelStore:
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._lut = self.codec.decode_lut() if self.codec.bytes_per_value == 1 else None
         self._encoding = self.meta.get("encoding", {}).get("name", "packed")
-        self._zstd = self._encoding in ("zstd", "expgolomb")  # columns of zstd frames (expgolomb: FORMAT.md 6c)
+        self._zstd = self._encoding in ZSTD_FAMILY  # columns of zstd frames (expgolomb, grouped: FORMAT.md 6c, 6d)
         self._mode = self.meta["selection"]["mode"]
         self._sampled_mode = is_sampled(self._mode)
         self._has_tail = has_tail_column(self.meta)
         self._v3 = self.meta["format_version"] >= 3
         self._dec = None
-        self._eg = None  # encoding "expgolomb": its ids/values decoder (made with _dec)
+        self._eg = None  # encodings "expgolomb" and "grouped": their ids/values decoder (made with _dec)
         self.count_invalid_codes = False  # verify: count value codes no writer produces (they decode to +0)
         self.invalid_codes = 0
         # exact integer weights of the codes, for the per-position sums of the reconstruction rule (FORMAT.md 5)
@@ -428,10 +430,9 @@ class LabelStore:
     def _decode_zstd(self, sample_id: int, T: int, parts: dict, where: str) -> RawRow:
         if self._dec is None:
             from labelstore.store.entropy import RowDecompressor
-            from labelstore.store.expgolomb import ExpGolombCoder
 
             self._dec = RowDecompressor()
-            self._eg = ExpGolombCoder() if self._encoding == "expgolomb" else None
+            self._eg = row_coder(self.meta) if self._encoding != "zstd" else None
         d, bits, cb = self._dec, self.id_bits, self.meta["count_bytes"]
         counts = np.frombuffer(d.frame(parts["counts"], T * cb, where, "counts"), dtype=self._count_dtype)
         counts = counts.astype(np.int64)
@@ -440,16 +441,22 @@ class LabelStore:
             raise StoreCorruptError(f"{where}: a position keeps {counts.max()} entries, more than k={self.k}")
         self._check_budget(T, n, where)
         input_ids = d.ids(parts["input_ids"], bits, T, where, "input_ids")
-        if self._eg is not None:
+        bpv = self.codec.bytes_per_value
+        codes = None
+        if self._encoding == "grouped":  # the values say where the tie groups are (FORMAT.md 6d): decode them first
+            if self.label_kind == "soft":
+                codes = self._eg.values(parts["values"], bpv, counts, n, where)
+            ids = self._eg.ids(parts["ids"], bits, counts, input_ids, n, where, codes, bpv)
+        elif self._eg is not None:
             ids = self._eg.ids(parts["ids"], bits, counts, input_ids, n, where)
         else:
             ids = d.ids(parts["ids"], bits, n, where, "ids")
         if (n and ids.max() >= self.vocab_size) or (T and input_ids.max() >= self.vocab_size):
             raise StoreCorruptError(f"{where}: a token id is >= vocab_size {self.vocab_size}")
-        bpv = self.codec.bytes_per_value
         weights, sums, tail = None, None, np.zeros(T, dtype=np.float32)
         if self.label_kind == "soft":
-            codes = (self._eg or d).values(parts["values"], bpv, counts, n, where)
+            if codes is None:
+                codes = (self._eg or d).values(parts["values"], bpv, counts, n, where)
             weights = self._weights(codes, counts)
             sums = self._sums(codes, weights, counts)
         if self._has_tail:

@@ -21,7 +21,14 @@ from labelstore.errors import (
     StoreLockedError,
     StoreWriteError,
 )
-from labelstore.store.format import WRITABLE_VERSIONS, build_schema, encode_row, normalize_meta, rows_to_batch
+from labelstore.store.format import (
+    WRITABLE_VERSIONS,
+    build_schema,
+    encode_row,
+    normalize_meta,
+    row_coder,
+    rows_to_batch,
+)
 from labelstore.store.manifest import (
     CONFIG,
     MANIFEST,
@@ -115,15 +122,7 @@ class StoreWriter:
         self.rank, self.world_size = rank, world_size
         self.shard_bytes, self.batch_bytes = shard_bytes, min(batch_bytes, shard_bytes)
         self.meta = normalize_meta(meta)
-        self._compressor = None
-        if self.meta["encoding"]["name"] == "zstd":
-            from labelstore.store.entropy import RowCompressor
-
-            self._compressor = RowCompressor(self.meta["encoding"]["level"])
-        elif self.meta["encoding"]["name"] == "expgolomb":
-            from labelstore.store.expgolomb import ExpGolombCoder
-
-            self._compressor = ExpGolombCoder(self.meta["encoding"]["level"])
+        self._compressor = row_coder(self.meta)  # None for "packed"
         self._lock_fd = None
         self._closed = False
         self._rows: list = []

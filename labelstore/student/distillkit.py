@@ -337,7 +337,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("src", help="a DistillKit capture directory (compression_config.yaml + *.parquet)")
     parser.add_argument("out", help="the new store directory")
     parser.add_argument("--codec", default="log8", help="value codec of the new store (default %(default)s)")
-    parser.add_argument("--encoding", default="packed", choices=("packed", "zstd", "expgolomb"))
+    parser.add_argument("--encoding", default="packed", choices=("packed", "zstd", "expgolomb", "grouped"))
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="the temperature the teacher's log-probabilities were captured at (default 1)")
     parser.add_argument("--tokenizer", default=None,

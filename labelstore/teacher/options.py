@@ -23,7 +23,7 @@ HEAD_DTYPES = ("auto", "float32")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's named placements
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-ENCODING_NAMES = ("packed", "zstd", "expgolomb")  # expgolomb: format v5, docs/FORMAT.md 6c
+ENCODING_NAMES = ("packed", "zstd", "expgolomb", "grouped")  # expgolomb: format v5, FORMAT.md 6c; grouped: v6, 6d
 # The default selection: sampled stores trained students closer to online distillation than top-k stores at a
 # third of the bytes in both regimes of benchmarks/bench_students.py (README "Defaults, from this table").
 DEFAULT_SELECTION = "sample"
@@ -151,7 +151,9 @@ class CompileOptions:
     encoding: str = _opt("packed", "row encoding: packed (fastest reads), zstd (entropy-coded ids and values, about a "
                                    "third smaller on real teachers; docs/FORMAT.md 6b) or expgolomb (smaller still: "
                                    "id magnitudes under zstd plus raw bits, the next input token nearly free; format "
-                                   "version 5, docs/FORMAT.md 6c)", choices=ENCODING_NAMES)
+                                   "version 5, docs/FORMAT.md 6c) or grouped (smaller again: expgolomb without the "
+                                   "order of ids whose values tie; version 6, docs/FORMAT.md 6d)",
+                           choices=ENCODING_NAMES)
     trust_remote_code: bool = _opt(False, "allow the teacher's own modelling code (passed to from_pretrained only "
                                           "if given)")
     progress: bool = _opt(True, "no progress bar nor summary", negative=("--quiet",))

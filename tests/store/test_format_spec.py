@@ -126,44 +126,20 @@ def spec_v2_row(meta, cols, r, T):
     return inp, counts, ids, tail, values
 
 
-def spec_v5_row(meta, cols, r, T):
+def spec_v5_row(meta, cols, r, T, grouped=False):
     """Version 5 (encoding expgolomb), section 6c: as 6b except the ids (symbols, extra bits, next-token swap) and
-    the 1-byte values (slot-major deltas)."""
+    the 1-byte values (slot-major deltas). ``grouped``: version 6 (encoding grouped), section 6d: values first,
+    then ids from two symbol frames, gaps summed inside each group of byte-identical values."""
     id_bits, w, cb = meta["id_bits"], (meta["id_bits"] + 7) // 8, meta["count_bytes"]
     counts = np.frombuffer(spec_zstd(cols["counts"][r], T * cb), dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
     n = int(counts.sum())
     inp = spec_planes(spec_zstd(cols["input_ids"][r], T * w), w, T)
-    col = cols["ids"][r]
-    S = int.from_bytes(col[:4], "little")
-    assert 4 + S <= len(col)
-    sym = np.frombuffer(spec_zstd(col[4:4 + S], n), dtype=np.uint8)
-    extra = col[4 + S:]
-    limit = 16 + 8 * (id_bits - 4) if id_bits > 4 else 2**id_bits
-    stream = np.unpackbits(np.frombuffer(extra, dtype=np.uint8), bitorder="little")
-    codes, pos = [], 0
-    for y in sym.tolist():
-        assert y < limit
-        b, h = (0, y) if y < 16 else ((y - 16) // 8 + 1, 8 + (y - 16) % 8)
-        x = sum(int(stream[pos + j]) << j for j in range(b))
-        pos += b
-        codes.append(h * 2**b + x)
-    assert len(extra) == -(-pos // 8) and not stream[pos:].any()  # exact length, zero padding
-    ids, i = [], 0
-    for t in range(T):
-        for _ in range(int(counts[t])):
-            c = codes[i]
-            if t < T - 1:
-                u = int(inp[t + 1])
-                c = u if c == 0 else (0 if c == u else c)
-            ids.append(c)
-            i += 1
-    ids = np.array(ids, dtype=np.int64)
-    assert (ids < meta["vocab_size"]).all()
     if spec_has_tail(meta):
         tail = spec_planes(spec_zstd(cols["tail"][r], 4 * T), 4, T).astype("<u4").view("<f4").astype(np.float64)
     else:
         assert cols["tail"][r] == b""
         tail = np.zeros(T)
+    bpv = {"none": 0, "fp16": 2}.get(meta["value_codec"]["name"], 1)
     if meta["value_codec"]["name"] == "none":
         assert cols["values"][r] == b""
         values = b""
@@ -178,7 +154,79 @@ def spec_v5_row(meta, cols, r, T):
                     deltas[t][j] = next(slot_major)
         codes = [v for d in deltas for v in (np.cumsum(np.array(d, dtype=np.int64)) % 256).tolist()]
         values = np.array(codes, dtype=np.uint8).tobytes()
+    col = cols["ids"][r]
+    # 6d "Groups": slot 0 or 1, or value bytes unlike the previous slot's; every entry when the store is not grouped
+    is_grouped = grouped and meta["selection"]["mode"] not in ("sample", "topk+sample", "argmax") and bpv > 0
+    first = []
+    for t in range(T):
+        start = int(counts[:t].sum())
+        for j in range(int(counts[t])):
+            i = start + j
+            first.append(not is_grouped or j < 2 or values[i * bpv:(i + 1) * bpv] != values[(i - 1) * bpv:i * bpv])
+    if grouped:
+        n_a = sum(first)
+        S_a = int.from_bytes(col[:4], "little")
+        part_a = np.frombuffer(spec_zstd(col[4:4 + S_a], n_a), dtype=np.uint8).tolist()
+        S_g = int.from_bytes(col[4 + S_a:8 + S_a], "little")
+        assert 8 + S_a + S_g <= len(col)
+        part_g = np.frombuffer(spec_zstd(col[8 + S_a:8 + S_a + S_g], n - n_a), dtype=np.uint8).tolist()
+        it_a, it_g = iter(part_a), iter(part_g)
+        sym = [next(it_a) if f else next(it_g) for f in first]
+        extra = col[8 + S_a + S_g:]
+    else:
+        S = int.from_bytes(col[:4], "little")
+        assert 4 + S <= len(col)
+        sym = np.frombuffer(spec_zstd(col[4:4 + S], n), dtype=np.uint8).tolist()
+        extra = col[4 + S:]
+    limit = 16 + 8 * (id_bits - 4) if id_bits > 4 else 2**id_bits
+    stream = np.unpackbits(np.frombuffer(extra, dtype=np.uint8), bitorder="little")
+    codes, pos = [], 0
+    for i, y in enumerate(sym):
+        assert y < limit
+        b, h = (0, y) if y < 16 else ((y - 16) // 8 + 1, 8 + (y - 16) % 8)
+        x = sum(int(stream[pos + j]) << j for j in range(b))
+        pos += b
+        codes.append(h * 2**b + x if first[i] else codes[-1] + h * 2**b + x)  # 6d: c = c_prev + x
+        assert codes[-1] < 2**id_bits
+    assert len(extra) == -(-pos // 8) and not stream[pos:].any()  # exact length, zero padding
+    ids, i = [], 0
+    for t in range(T):
+        for _ in range(int(counts[t])):
+            c = codes[i]
+            if t < T - 1:
+                u = int(inp[t + 1])
+                c = u if c == 0 else (0 if c == u else c)
+            ids.append(c)
+            i += 1
+    ids = np.array(ids, dtype=np.int64)
+    assert (ids < meta["vocab_size"]).all()
     return inp, counts, ids, tail, values
+
+
+def spec_grouped_order(meta, input_ids, counts, ids, values) -> list[int]:
+    """Section 6d's writer order, in plain Python: inside each run of byte-identical values among slots 1.. of a
+    position, ids sorted by their next-token-swapped code (stores that are not grouped: unchanged)."""
+    bpv = {"none": 0, "fp16": 2}.get(meta["value_codec"]["name"], 1)
+    values = bytes(np.asarray(values, dtype=np.uint8))
+    ids = [int(x) for x in ids]
+    if meta["selection"]["mode"] in ("sample", "topk+sample", "argmax") or bpv == 0:
+        return ids
+    T, out, start = len(counts), [], 0
+    for t in range(T):
+        c = int(counts[t])
+        u = int(input_ids[t + 1]) if t < T - 1 else None
+        swap = (lambda x: x) if u is None else (lambda x: 0 if x == u else (u if x == 0 else x))
+        j = 0
+        while j < c:
+            end = j + 1
+            if j >= 1:
+                while end < c and values[(start + end) * bpv:(start + end + 1) * bpv] == \
+                        values[(start + j) * bpv:(start + j + 1) * bpv]:
+                    end += 1
+            out += sorted(ids[start + j:start + end], key=swap)
+            j = end
+        start += c
+    return out
 
 
 def spec_has_tail(meta) -> bool:
@@ -249,7 +297,7 @@ def spec_decode_store(path: Path) -> dict:
     """{sample_id: (input_ids, [per-position (ids, probs)], tail)} per docs/FORMAT.md."""
     man = json.loads((path / "manifest.json").read_text())
     version = man["format_version"]
-    assert man["format"] == "labelstore" and version in (1, 2, 3, 4, 5)
+    assert man["format"] == "labelstore" and version in (1, 2, 3, 4, 5, 6)
     if version >= 3:  # section 2: the digest of the manifest without its "digest" key, canonical JSON
         body = {k: v for k, v in man.items() if k != "digest"}
         assert man["digest"] == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -260,6 +308,7 @@ def spec_decode_store(path: Path) -> dict:
     encoding = meta.get("encoding", {"name": "packed"})["name"]
     zstd = encoding == "zstd"
     assert (version == 5) == (encoding == "expgolomb")  # sections 6c and 8
+    assert (version == 6) == (encoding == "grouped" or meta["selection"]["mode"] == "adaptive")  # 6d and 8
     w, cb = meta["id_bits"], meta["count_bytes"]
     assert w == max(1, (meta["vocab_size"] - 1).bit_length())
     bpv = {"none": 0, "fp16": 2}.get(meta["value_codec"]["name"], 1)
@@ -279,8 +328,8 @@ def spec_decode_store(path: Path) -> dict:
             assert crc == cols["crc32"][r]
             if zstd:
                 inp, counts, ids, tail, values = spec_v2_row(meta, cols, r, T)
-            elif encoding == "expgolomb":
-                inp, counts, ids, tail, values = spec_v5_row(meta, cols, r, T)
+            elif encoding in ("expgolomb", "grouped"):
+                inp, counts, ids, tail, values = spec_v5_row(meta, cols, r, T, grouped=encoding == "grouped")
             else:
                 inp = spec_unpack(cols["input_ids"][r], w, T)
                 counts = np.frombuffer(cols["counts"][r], dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
@@ -304,7 +353,7 @@ def spec_decode_store(path: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb", "grouped"])
 @pytest.mark.parametrize("codec,vocab", [("log8", 50257), ("e4m3", 1000), ("e5m2", 262144), ("fp16", 1 << 20)])
 def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab, encoding):
     from labelstore.store.reader import LabelStore  # only to cross-check, after the spec decode
@@ -321,7 +370,11 @@ def test_spec_decoder_matches_written_rows_and_reader(tmp_path, codec, vocab, en
         assert inp.tolist() == r["input_ids"].tolist()
         assert doc_starts.tolist() == r["doc_starts"].tolist()
         np.testing.assert_array_equal(tail, r["tail"].astype(np.float64))
-        assert np.concatenate([p[0] for p in positions] or [np.zeros(0)]).tolist() == r["ids"].tolist()
+        want = r["ids"].tolist()
+        if encoding == "grouped":  # section 6d: the writer's order inside ties
+            want = spec_grouped_order(s.meta, r["input_ids"], r["counts"], r["ids"], r["values"])
+            assert sorted(want) == sorted(r["ids"].tolist())
+        assert np.concatenate([p[0] for p in positions] or [np.zeros(0)]).tolist() == want
         assert_reader_matches(by_id[r["sample_id"]], positions, tail)
 
 
@@ -376,7 +429,7 @@ def torch_tensor(r):
     return torch.from_numpy(r).float()[None, :]
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb", "grouped"])
 @pytest.mark.parametrize("codec", ["log8", "e4m3", "e5m2", "fp16", "log8-step1"])
 def test_position_bits_do_not_depend_on_neighbours(tmp_path, codec, encoding):
     """The same position decodes to the same float32 bits alone, in a row of full positions, in a row of ragged
@@ -420,7 +473,7 @@ def test_position_bits_do_not_depend_on_neighbours(tmp_path, codec, encoding):
     assert dec[1][1][0][1].view(np.uint32).tolist() == bits[1]
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb", "grouped"])
 @pytest.mark.parametrize("mode", ["sample", "topk+sample", "topk+sample-0", "argmax"])
 def test_spec_decoder_sampled_and_hard_modes(tmp_path, mode, encoding):
     """Section 5b: which entries are exact, count8 weights, the reported tail; hard labels: probability 1, tail 0.

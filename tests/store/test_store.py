@@ -44,7 +44,7 @@ def expected_probs(row, codec):
     return out
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb", "grouped"])
 @pytest.mark.parametrize("vocab_size", [1000, 50257, 262144, 1 << 20])
 def test_round_trip(tmp_path, vocab_size, encoding):
     k = 16
@@ -54,7 +54,8 @@ def test_round_trip(tmp_path, vocab_size, encoding):
         write_rows(w, rows)
     s = LabelStore(tmp_path / "s")
     assert len(s) == 30 and s.num_shards > 1 and (tmp_path / "s" / "index.arrow").is_file()
-    assert s.meta["format_version"] == (5 if encoding == "expgolomb" else 4) and s.meta["encoding"]["name"] == encoding
+    assert s.meta["format_version"] == {"expgolomb": 5, "grouped": 6}.get(encoding, 4)
+    assert s.meta["encoding"]["name"] == encoding
     assert s.meta["id_bits"] == max(1, (vocab_size - 1).bit_length())
     by_id = {r["sample_id"]: r for r in rows}
     for i in range(len(s)):
@@ -64,7 +65,12 @@ def test_round_trip(tmp_path, vocab_size, encoding):
         assert x.input_ids.tolist() == r["input_ids"].tolist()
         assert x.counts.tolist() == r["counts"].tolist()
         assert x.ids.shape == (T, k) and x.probs.shape == (T, k) and x.probs.dtype == torch.float32
-        assert x.ids[x.mask].tolist() == r["ids"].tolist()
+        want = r["ids"].tolist()
+        if encoding == "grouped":  # FORMAT.md 6d: ids of equal value sorted (by next-token-swapped id)
+            from test_format_spec import spec_grouped_order
+
+            want = spec_grouped_order(s.meta, r["input_ids"], r["counts"], r["ids"], r["values"])
+        assert x.ids[x.mask].tolist() == want
         assert (x.ids[~x.mask] == 0).all() and (x.probs[~x.mask] == 0).all()
         np.testing.assert_array_equal(x.tail.numpy(), r["tail"])
         exp = expected_probs(r, "log8")
@@ -74,7 +80,7 @@ def test_round_trip(tmp_path, vocab_size, encoding):
     assert s.sample_ids().tolist() == [r["sample_id"] for r in rows]
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb", "grouped"])
 def test_empty_and_length_one_sequences(tmp_path, encoding):
     rows = random_rows(4, lengths=[0, 1, 0, 1], seed=3)
     with StoreWriter(tmp_path / "s", make_meta(encoding=encoding)) as w:
@@ -109,7 +115,7 @@ def test_codec_against_float64_reference(codec):
     assert c.decode(c.encode(torch.zeros(1, 1))).item() == 1.0
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb", "grouped"])
 def test_hard_label_store(tmp_path, encoding):
     rows = random_rows(5, k=1, codec="none", label_kind="hard", seed=5)
     with StoreWriter(tmp_path / "s", make_meta(k=1, codec="none", label_kind="hard", encoding=encoding)) as w:
@@ -310,7 +316,7 @@ def test_cli_info_and_verify(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "nope")]) == 1
 
 
-@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb"])
+@pytest.mark.parametrize("encoding", ["packed", "zstd", "expgolomb", "grouped"])
 def test_sampled_modes_reconstruction(tmp_path, encoding):
     """sample: p = c / sum(c), no tail. topk+sample: exact part scaled to 1 - t, sampled part to t (FORMAT 5b)."""
     rng = np.random.default_rng(9)

@@ -136,13 +136,21 @@ class ValueCodec:
             return 0
         return int((~np.isfinite(x) | (x < 0) | ((x == 0) & np.signbit(x))).sum())
 
-    def int_lut(self, k: int) -> tuple[np.ndarray, int] | None:
+    def int_lut(self, k: int, max_code: int | None = None) -> tuple[np.ndarray, int] | None:
         """``(table, q)``: every code's weight as an exact integer multiple of ``2^-q`` (int64), so that a reader sums
         up to ``k`` weights of a position exactly (the rounding rule of docs/FORMAT.md 5) with integer adds. None
-        for ``none``, and where ``k`` such integers could overflow int64 (log8 with a step above ~1/12)."""
+        for ``none``, and where ``k`` such integers could overflow int64 (log8 with a step above ~1/12).
+
+        ``max_code`` (log8 only): a table valid for codes ``<= max_code`` and the zero code only (the larger codes'
+        entries are 0 and must not be looked up). A row whose codes stop there can then be summed with integers
+        even where the whole table could not (a coarse step: the smallest weights set ``q``)."""
         if self.name == "none":
             return None
         lut = (_fp16_lut() if self.name == "fp16" else self.decode_lut()).astype(np.float64)
+        if max_code is not None:
+            if self.name != "log8":
+                raise ValueError("int_lut(max_code=...) is for log8 codes")
+            lut = np.where(np.arange(256) <= max_code, lut, 0.0)
         q = 0
         while q < 160 and not np.all(np.ldexp(lut, q) == np.floor(np.ldexp(lut, q))):
             q += 1

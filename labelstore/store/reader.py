@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from labelstore.codecs import get_codec
+from labelstore.codecs import ZERO_CODE, get_codec
 from labelstore.constants import count_dtype
 from labelstore.errors import StoreCorruptError, StoreFormatError
 from labelstore.reconstruction import int_position_sums, mixed_prior, pad_row, sampled_probs
@@ -476,12 +476,28 @@ class LabelStore:
         """Each position's weights summed exactly, rounded once to float64, from the codec's integer table (or, for
         full rows whose sums stay below 2^53 units of the table, a float64 sum: exact in any order, and cheaper)."""
         if self._ilut is None:
-            return None
+            return self._row_int_sums(codes, weights, counts)
         table, q = self._ilut
         T = counts.size
         if self._f64_exact and T and weights.size == T * self.k:
             return weights.reshape(T, self.k).sum(axis=1, dtype=np.float64)
         return int_position_sums(table[codes.view("<u2") if self.codec.name == "fp16" else codes], counts, q)
+
+    def _row_int_sums(self, codes: np.ndarray, weights: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+        """:meth:`_sums` for a log8 store whose whole integer table would overflow (a step above ~1/12): a table
+        for the codes up to the row's largest non-zero code (cached per largest code) sums it exactly with
+        integers; None (the reader then sums with ``position_sums``) where even that table cannot."""
+        if self.codec.name != "log8" or self._sampled_mode or self.label_kind != "soft" or codes.size == 0:
+            return None
+        nz = codes[codes != ZERO_CODE]
+        mc = int(nz.max()) if nz.size else 0
+        cache = self.__dict__.setdefault("_row_iluts", {})
+        if mc not in cache:
+            cache[mc] = self.codec.int_lut(self.k, max_code=mc)
+        if cache[mc] is None:
+            return None
+        table, q = cache[mc]
+        return int_position_sums(table[codes], counts, q)
 
     def _weights(self, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Codec weights of a row's value bytes; in topk+sample the sampled entries' bytes are counts (count8)."""

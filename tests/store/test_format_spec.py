@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 from store_factory import make_meta, random_rows, write_rows
 
+from labelstore.codecs import get_codec
 from labelstore.store.writer import StoreWriter
 
 
@@ -609,3 +610,28 @@ def test_uniform_tail_with_every_token_kept():
 
     q = uniform_fill(torch.tensor([0.0, 0.3]), torch.tensor([5, 4]), 5)
     assert q.tolist() == [0.0, pytest.approx(0.3)]
+
+
+@pytest.mark.parametrize("encoding", ["packed", "grouped"])
+def test_coarse_log8_step_sums_exactly_on_the_row_table_and_on_the_fallback(tmp_path, encoding):
+    """log8 step 0.5: the whole integer table would overflow int64, so the reader sums each row with a table up to
+    the row's largest code, or falls back where even that cannot (a code near the bottom of the range). Both
+    must give the spec decoder's bits (math.fsum)."""
+    from labelstore.store.reader import LabelStore
+
+    codec = {"name": "log8", "params": {"step": 0.5}}
+    assert get_codec(codec).int_lut(8) is None  # the whole table cannot: the per-row path is what is tested
+    rows = random_rows(10, vocab_size=5000, k=8, codec=codec, seed=4, lengths=[30] * 10)
+    deep = rows[3]["values"].copy()
+    deep[-1] = 230  # weight exp(-115): the row's table would need q ~ 190 bits
+    rows[3]["values"] = deep
+    with StoreWriter(tmp_path / "s", make_meta(5000, 8, codec=codec, encoding=encoding)) as wr:
+        write_rows(wr, rows)
+    dec = spec_decode_store(tmp_path / "s")
+    s = LabelStore(tmp_path / "s")
+    assert s.codec.int_lut(8, max_code=int(rows[0]["values"].max())) is not None
+    assert s.codec.int_lut(8, max_code=230) is None
+    for i in range(len(s)):
+        x = s[i]
+        _, positions, tail, _ = dec[x.sample_id]
+        assert_reader_matches(x, positions, tail)

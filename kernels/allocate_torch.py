@@ -26,8 +26,8 @@ The allocation
 Positions share a budget by *group* (the compile: one group per sample, ``row_id // max_length``): group ``g`` of
 ``n_g`` positions may keep ``B_g = floor(mean_k * n_g)`` entries in all. :func:`allocate` picks, per group, the
 Lagrangian solution ``k_i(lam) = argmin_{1 <= k <= c_i} D_k + lam * k`` (``c_i`` the row's finite entries; ties:
-the smaller ``k``) for the smallest ``lam >= 0`` found with ``sum_i k_i(lam) <= B_g``: ``lam`` is bisected in
-float64 over ``[0, lam_max_g]`` (``lam_max_g = 2 max_i (D_1 - min_k D_k)`` gives ``k_i = 1`` everywhere, which
+the smaller ``k``) for the smallest ``lam >= LAM_MIN`` found with ``sum_i k_i(lam) <= B_g``: ``lam`` is bisected in
+float64 over ``[LAM_MIN, lam_max_g]`` (``lam_max_g = 2 max_i (D_1 - min_k D_k)`` gives ``k_i = 1`` everywhere, which
 always fits since ``mean_k >= 1``), :data:`BISECT_STEPS` steps, vectorised over the groups of a batch.
 
 Properties. (1) Never over budget. (2) Optimal for the budget it uses: any Lagrangian choice minimises
@@ -53,7 +53,11 @@ import torch
 from labelstore.codecs import ValueCodec
 from labelstore_kernels.contract import Extracted
 
-BISECT_STEPS = 64  # [0, lam_max] halved 64 times: below float64 resolution of lam_max
+BISECT_STEPS = 64  # [LAM_MIN, lam_max] halved 64 times: below float64 resolution of lam_max
+# The smallest price of an entry, in nats: an entry that lowers the KL by less is not kept even when the budget
+# allows it. Such gains are the float64 rounding noise of the curve (a uniform tail gains exactly 0, computed as
+# +-1e-17), far below what a float32 probability or tail can even express.
+LAM_MIN = 1e-12
 
 
 def topk_probs(logits: torch.Tensor, ex: Extracted, temperature: float) -> torch.Tensor:
@@ -145,9 +149,9 @@ def allocate(D: torch.Tensor, counts: torch.Tensor, mean_k: float, groups=None) 
     span = (Dm[:, 0] - finite_min).clamp(min=0.0)
     # 2 * max span: every row at k = 1 with a margin for the rounding of D_k + lam * k
     hi = 2.0 * torch.zeros(n_groups + 1, dtype=torch.float64, device=dev).scatter_reduce_(0, ga, span, "amax")
-    lo = torch.zeros_like(hi)
-    fits0 = used(choose(lo[ga])) <= budget  # lam = 0 already fits: the unconstrained optimum
-    hi = torch.where(fits0, 0.0, hi)
+    lo = torch.full_like(hi, LAM_MIN)
+    fits0 = used(choose(lo[ga])) <= budget  # the smallest price already fits: the unconstrained optimum
+    hi = torch.where(fits0, LAM_MIN, hi.clamp(min=LAM_MIN))
     for _ in range(BISECT_STEPS):
         mid = 0.5 * (lo + hi)
         fit = used(choose(mid[ga])) <= budget

@@ -401,7 +401,8 @@ PARITY_SCRIPT = textwrap.dedent("""
              ({"mode": "sample", "k": 16, "samples": 16}, "count8", torch.float32, 0.8),
              ({"mode": "sample", "k": 5, "samples": 5}, "count8", torch.bfloat16, 1.0),
              ({"mode": "topk+sample", "k_exact": 4, "samples": 9, "k": 13}, "log8", torch.float32, 1.3),
-             ({"mode": "topk+sample", "k_exact": 0, "samples": 3, "k": 3}, "e5m2", torch.bfloat16, 1.0)]
+             ({"mode": "topk+sample", "k_exact": 0, "samples": 3, "k": 3}, "e5m2", torch.bfloat16, 1.0),
+             ({"mode": "adaptive", "k": 16, "mean_k": 3}, "log8", torch.float32, 1.0)]  # Triton top-k, torch rest
     for sel, codec, dt, T in cases:
         xi = x.to(dt)
         rid = torch.arange(7) * 1000 + 3

@@ -112,7 +112,7 @@ def test_the_default_selection_is_sixteen_draws_and_k_needs_topk():
     assert opts.selection_meta(1000) == {"mode": "sample", "k": 16, "samples": 16}
     assert not opts.uses_tail_prior  # a sampled store has no tail to spread
     # --k alone used to size the default top-k store: refused with what to pass, never silently ignored
-    with pytest.raises(ValueError, match=r"--k 32 sizes --selection topk and topp stores.*--selection topk"):
+    with pytest.raises(ValueError, match=r"--k 32 sizes --selection topk, topp and adaptive stores.*--selection topk"):
         _parse(REQUIRED + ["--k", "32"]).validate()
     with pytest.raises(ValueError, match="--k 8 sizes"):
         CompileOptions(teacher="T", data=["a"], out="S", selection="topk+sample", k=8).validate()

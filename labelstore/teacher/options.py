@@ -93,9 +93,11 @@ class CompileOptions:
     selection: str | None = _opt(None, "which entries a position keeps (docs/FORMAT.md 5b): the distinct ids of "
                                        "--samples draws (sample, unbiased; the default, chosen by the student "
                                        "benchmark, README 'Defaults, from this table'), the k most probable "
-                                       "(topk), the smallest set with mass >= --top-p (topp), or the --k-exact most "
-                                       f"probable plus draws from the rest (topk+sample) (default {DEFAULT_SELECTION}; "
-                                       "topk with --hard-labels)", choices=COMPILE_MODES)
+                                       "(topk), the smallest set with mass >= --top-p (topp), the --k-exact most "
+                                       "probable plus draws from the rest (topk+sample), or a mean of --k most probable "
+                                       "per position, allocated within each sequence where it lowers the KL most, at "
+                                       f"most --max-k each (adaptive) (default {DEFAULT_SELECTION}; topk with "
+                                       "--hard-labels)", choices=COMPILE_MODES)
     top_p: float = _opt(0.9, "topp: mass to reach per position")
     min_k: int = _opt(1, "topp: minimum entries per position")
     samples: int = _opt(16, f"sample, topk+sample: draws per position, 1..{MAX_SAMPLES}")
@@ -258,7 +260,7 @@ class CompileOptions:
             # --k used to mean "top-k entries" by default; silently ignoring it would store another kind of label
             keeps = "the distinct ids of --samples draws" if self.selection == "sample" else \
                 "--k-exact entries plus --samples draws"
-            raise ValueError(f"--k {self.k} sizes --selection topk and topp stores; --selection {self.selection} "
+            raise ValueError(f"--k {self.k} sizes --selection topk, topp and adaptive stores; --selection {self.selection} "
                              f"keeps {keeps}. Pass --selection topk to keep the {self.k} most probable entries, "
                              "or drop --k")
         if self.max_k is not None and (self.hard_labels or self.selection != "adaptive"):

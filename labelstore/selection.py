@@ -42,8 +42,8 @@ def has_tail(label_kind: str, mode: str) -> bool:
 
 class SelectionError(ValueError):
     """A selection that breaks a rule of docs/FORMAT.md 5b. ``key`` names the offending setting (``"mode"``,
-    ``"k"``, ``"p"``, ``"min_k"``, ``"samples"``, ``"k_exact"``, ``"mean_k"`` or ``"codec"``), ``got`` its value, so that a caller
-    (the CLI) can phrase the error in its own terms."""
+    ``"k"``, ``"p"``, ``"min_k"``, ``"samples"``, ``"k_exact"``, ``"mean_k"`` or ``"codec"``), ``got`` its value, so
+    that a caller (the CLI) can phrase the error in its own terms."""
 
     def __init__(self, message: str, *, mode, key: str, got, requirement: str = ""):
         super().__init__(message)

@@ -65,7 +65,8 @@ def test_cli_defaults_are_the_dataclass_defaults():
 
 def test_every_option_has_a_flag_that_sets_it():
     """Each field is reachable from the command line and lands in the field of the same name."""
-    argv = REQUIRED + ["--tokenizer", "tok", "--k", "7", "--max-k", "21", "--selection", "topp", "--top-p", "0.5", "--min-k", "2",
+    argv = REQUIRED + ["--tokenizer", "tok", "--k", "7", "--max-k", "21", "--selection", "topp", "--top-p", "0.5",
+                       "--min-k", "2",
                        "--samples", "9", "--k-exact", "3", "--seed", "4", "--temperature", "2.5", "--codec", "e4m3",
                        "--max-length", "99", "--truncate", "--text-field", "body", "--token-field", "ids",
                        "--max-samples", "5", "--hard-labels", "--no-tail-prior", "--tokens-per-batch", "77",

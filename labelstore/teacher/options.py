@@ -94,10 +94,10 @@ class CompileOptions:
                                        "--samples draws (sample, unbiased; the default, chosen by the student "
                                        "benchmark, README 'Defaults, from this table'), the k most probable "
                                        "(topk), the smallest set with mass >= --top-p (topp), the --k-exact most "
-                                       "probable plus draws from the rest (topk+sample), or a mean of --k most probable "
-                                       "per position, allocated within each sequence where it lowers the KL most, at "
-                                       f"most --max-k each (adaptive) (default {DEFAULT_SELECTION}; topk with "
-                                       "--hard-labels)", choices=COMPILE_MODES)
+                                       "probable plus draws from the rest (topk+sample), or a mean of --k most "
+                                       "probable per position, allocated within each sequence where it lowers the KL "
+                                       f"most, at most --max-k each (adaptive) (default {DEFAULT_SELECTION}; topk "
+                                       "with --hard-labels)", choices=COMPILE_MODES)
     top_p: float = _opt(0.9, "topp: mass to reach per position")
     min_k: int = _opt(1, "topp: minimum entries per position")
     samples: int = _opt(16, f"sample, topk+sample: draws per position, 1..{MAX_SAMPLES}")
@@ -260,12 +260,12 @@ class CompileOptions:
             # --k used to mean "top-k entries" by default; silently ignoring it would store another kind of label
             keeps = "the distinct ids of --samples draws" if self.selection == "sample" else \
                 "--k-exact entries plus --samples draws"
-            raise ValueError(f"--k {self.k} sizes --selection topk, topp and adaptive stores; --selection {self.selection} "
-                             f"keeps {keeps}. Pass --selection topk to keep the {self.k} most probable entries, "
-                             "or drop --k")
+            raise ValueError(f"--k {self.k} sizes --selection topk, topp and adaptive stores; --selection "
+                             f"{self.selection} keeps {keeps}. Pass --selection topk to keep the {self.k} most "
+                             "probable entries, or drop --k")
         if self.max_k is not None and (self.hard_labels or self.selection != "adaptive"):
-            raise ValueError(f"--max-k sizes --selection adaptive stores only (the most entries one position keeps); "
-                             f"drop it, or pass --selection adaptive (--k is then the mean per position)")
+            raise ValueError("--max-k sizes --selection adaptive stores only (the most entries one position keeps); "
+                             "drop it, or pass --selection adaptive (--k is then the mean per position)")
         if self.max_k is not None and (isinstance(self.max_k, bool) or not isinstance(self.max_k, int)
                                        or not 1 <= self.max_k <= MAX_K):
             raise ValueError(f"--max-k must be in [1, {MAX_K}] (the format's widest position), got {self.max_k!r}")

@@ -2,6 +2,9 @@
 
     python benchmarks/bench_adaptive.py [--synthetic-positions 2048] [--demo-positions 4096]
 
+Settings: ``topk`` with ``k = M``; ``adaptive`` with mean ``M``; ``topp`` with ``min_k = 1``, at most ``4 M`` and
+the largest ``p`` whose mean entries stay within ``M`` (the nucleus at the same budget).
+
 Sources: SYNTHETIC Zipf-like logits at V = 131072 (:func:`labelstore.tools.bench.synthetic_source`) and the demo
 teacher on held-out text (:func:`labelstore.tools.bench.demo_source`). Samples are consecutive blocks of 512
 positions: adaptive allocates each block's budget ``floor(mean_k * 512)`` (as a compile does per sequence) with
@@ -35,9 +38,22 @@ from labelstore.store.writer import StoreWriter  # noqa: E402
 from labelstore.tools.bench import bench_meta, crossfit_folds, demo_source, prior_kl_crossfit, synthetic_source  # noqa: E402
 from labelstore.tools.fidelity import kl_to_reconstruction  # noqa: E402
 from labelstore_kernels import extract, extract_topk  # noqa: E402
+from labelstore_kernels.select_torch import topp_from_topk  # noqa: E402
 
 SEQ = 512  # positions per sample: the budget group
 CODEC, ENCODING = "log8", "expgolomb"
+
+
+def topp_at_mean(logits: torch.Tensor, setting: dict, codec) -> tuple:
+    """``topp`` (``min_k = 1``, at most ``k``) with the largest ``p`` whose mean entries stay <= ``mean_k``: the
+    nucleus at the same budget as the other two (``p`` by bisection, 30 steps, on one top-``k`` extraction)."""
+    top = extract_topk(logits, setting["k"], codec=codec)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        n = topp_from_topk(logits, top, mid, 1, 1.0, codec).counts.double().mean()
+        lo, hi = (mid, hi) if n <= setting["mean_k"] else (lo, mid)
+    return topp_from_topk(logits, top, lo, 1, 1.0, codec), {**setting, "p": lo, "min_k": 1}
 
 
 def run_setting(logits: torch.Tensor, setting: dict, work: Path, prior: bool) -> dict:
@@ -46,6 +62,8 @@ def run_setting(logits: torch.Tensor, setting: dict, work: Path, prior: bool) ->
     t0 = time.perf_counter()
     if setting["mode"] == "topk":
         ex = extract_topk(logits, setting["k"], codec=codec)
+    elif setting["mode"] == "topp":
+        ex, setting = topp_at_mean(logits, setting, codec)
     else:
         groups = torch.arange(N) // SEQ
         ex = extract(logits, {"mode": "adaptive", "k": setting["k"], "mean_k": setting["mean_k"]}, codec=codec,
@@ -92,11 +110,14 @@ def main(argv=None) -> int:
     ap.add_argument("--demo-positions", type=int, default=4096)
     ap.add_argument("--no-demo", action="store_true")
     ap.add_argument("--no-prior", action="store_true", help="skip the prior-rule KL (halves the time)")
+    ap.add_argument("--no-topp", action="store_true", help="skip topp at the same mean entries")
     ap.add_argument("--ks", default="16,32,50")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adaptive.json"))
     args = ap.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     settings = [{"mode": "topk", "k": k} for k in ks] + [{"mode": "adaptive", "k": 4 * k, "mean_k": k} for k in ks]
+    if not args.no_topp:
+        settings += [{"mode": "topp", "k": 4 * k, "mean_k": k} for k in ks]
     sources = [synthetic_source(args.synthetic_vocab, args.synthetic_positions)]
     if not args.no_demo:
         sources.append(demo_source(args.demo_positions, seq_len=SEQ, log=lambda *a: print(*a, file=sys.stderr)))

@@ -98,6 +98,8 @@ def test_allocation_is_optimal_for_the_budget_it_uses_and_within_budget(seed):
     assert ((k >= 1) & (k <= counts)).all()
     got = float(sum(D[i, k[i] - 1] for i in range(n)))
     assert got <= brute_force(D, counts, used) + 1e-12  # optimal among every choice using as many entries
+    if seed % 2 == 0:  # strictly decreasing, continuous: only the row at the critical slope stops short of it
+        assert used >= min(budget, int(counts.sum())) - (K - 1)
 
 
 def test_allocation_spends_nearly_the_whole_budget_on_continuous_curves():

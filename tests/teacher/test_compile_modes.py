@@ -104,9 +104,11 @@ def test_stored_entries_equal_extract_on_a_direct_forward(env, tmp_path, mode):
     assert varied > 0  # variable-length positions really occur (the test would not see a counts mix-up else)
 
 
-def test_sampled_compile_interrupted_and_resumed_equals_an_uninterrupted_one(env, tmp_path):
-    """SIGINT (Ctrl-C) half-way, then the same command: the resumed store draws exactly the same samples."""
-    kw = ["--selection", "topk+sample", "--k-exact", "2", "--samples", "8", "--seed", "5"]
+@pytest.mark.parametrize("kw", [["--selection", "topk+sample", "--k-exact", "2", "--samples", "8", "--seed", "5"],
+                                ["--selection", "adaptive", "--k", "3", "--max-k", "10"]], ids=["sampled", "adaptive"])
+def test_compile_interrupted_and_resumed_equals_an_uninterrupted_one(env, tmp_path, kw):
+    """SIGINT (Ctrl-C) half-way, then the same command: the resumed store draws exactly the same samples (sampled
+    modes) and allocates exactly the same entries (adaptive: the recomputed batch holds whole samples)."""
     out = tmp_path / "resumed"
     args = ["compile", "--teacher", str(env["teacher"]), "--data", str(env["corpus"]), "--out", str(out),
             "--max-length", str(L), "--tokens-per-batch", str(L), "--device", "cpu", "--shard-mb", "0.002",

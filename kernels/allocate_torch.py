@@ -3,8 +3,9 @@
 A fixed top-k gives every position the same ``k``. A peaked position needs one or two entries, a flat one many:
 with the same *mean* number of entries per position, choosing each position's ``k_i`` to minimise the summed
 KL(teacher || reconstruction) of the uniform tail rule (docs/FORMAT.md 5) loses less than top-k at every budget
-measured (``benchmarks/bench_adaptive.py``). Top-p at the same mean entries is about twice as far from the teacher
-as top-k there: equal kept mass is not what the reconstruction's error depends on. What is stored is docs/FORMAT.md 5b (``adaptive``).
+measured (``benchmarks/bench_adaptive.py``). Top-p at the same mean entries has 1.9 to 2.5 times the mean KL of
+top-k there: equal kept mass is not what the reconstruction's error depends on. What is stored is docs/FORMAT.md
+5b (``adaptive``).
 
 Everything here runs on ``[N, K]`` tensors after the top-``K`` extraction (the dispatched top-k kernel, Triton on
 CUDA), so it is plain torch on any device; no ``[N, V]`` pass and no Triton kernel of its own.

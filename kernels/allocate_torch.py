@@ -35,9 +35,10 @@ Properties. (1) Never over budget. (2) Optimal for the budget it uses: any Lagra
 ``sum D_{k_i}`` among all choices using at most ``sum k_i`` entries. (3) ``D_k`` need not be convex in ``k``, so
 the solution sits on each row's lower convex hull and may leave part of the budget unused: the hull step at the
 critical slope that no longer fits (under ``K`` entries on continuous curves, more when several rows share that
-slope exactly). The remainder is left unspent rather than filled greedily, which would lose property (2). (4) Deterministic and per group: a group's result depends only
-on its own rows (``lam_max_g``, the bisection and the integer sums are per group), so the same sample gets the same
-entries whatever batch, batch size or rank it is compiled in. Rows with a negative group have no budget: they
+slope exactly). The remainder is left unspent rather than filled greedily, which would lose property (2).
+(4) Deterministic and per group: a group's result depends only on its own rows (``lam_max_g``, the bisection and
+the integer sums are per group, and nothing depends on the rows' order), so the same sample gets the same entries
+whatever batch, batch size or rank it is compiled in, for the same logits. Rows with a negative group have no budget: they
 keep 1 entry (the compile uses it for positions that store no label, ``--assistant-only``).
 
 Exactness of the stored tail: a trimmed position's tail is ``t_K`` plus the exact float64 probabilities of its

@@ -38,8 +38,8 @@ critical slope that no longer fits (under ``K`` entries on continuous curves, mo
 slope exactly). The remainder is left unspent rather than filled greedily, which would lose property (2).
 (4) Deterministic and per group: a group's result depends only on its own rows (``lam_max_g``, the bisection and
 the integer sums are per group, and nothing depends on the rows' order), so the same sample gets the same entries
-whatever batch, batch size or rank it is compiled in, for the same logits. Rows with a negative group have no budget: they
-keep 1 entry (the compile uses it for positions that store no label, ``--assistant-only``).
+whatever batch, batch size or rank it is compiled in, for the same logits. Rows with a negative group have no
+budget: they keep 1 entry (the compile uses it for positions that store no label, ``--assistant-only``).
 
 Exactness of the stored tail: a trimmed position's tail is ``t_K`` plus the exact float64 probabilities of its
 dropped entries (:func:`cut_to_counts`), a sum of non-kept terms as everywhere in the contract, never ``1 - kept``.

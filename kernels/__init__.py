@@ -141,13 +141,21 @@ def extract(
     seed: int = 0,
     row_ids=None,
     backend: str | None = None,
+    groups=None,
 ) -> Extracted:
     """Compress teacher logits ``[N, V]`` with any selection mode; ``selection`` is the store's ``meta["selection"]``.
 
     ``{"mode": "topk", "k"}`` (= :func:`extract_topk`), ``{"mode": "topp", "k", "p", "min_k"}``,
     ``{"mode": "sample", "k": S, "samples": S}`` (codec ``count8``), ``{"mode": "topk+sample", "k_exact",
-    "samples": S, "k": k_exact + S}`` (a 1-byte codec). Returns :class:`Extracted`; row ``i``'s first
-    ``counts[i]`` entries are what the store keeps (docs/FORMAT.md 5b, :mod:`labelstore_kernels.select_torch`).
+    "samples": S, "k": k_exact + S}`` (a 1-byte codec), ``{"mode": "adaptive", "k": K, "mean_k": m}``. Returns
+    :class:`Extracted`; row ``i``'s first ``counts[i]`` entries are what the store keeps (docs/FORMAT.md 5b,
+    :mod:`labelstore_kernels.select_torch`).
+
+    ``adaptive`` spends ``floor(m * n_g)`` entries on each group of ``n_g`` rows sharing a budget: ``groups``
+    (int64 ``[N]``, e.g. the sample id of each row; negative: no budget, 1 entry; default: all rows one group).
+    The top-``K`` runs on the dispatched kernel, the allocation in torch on the ``[N, K]`` result
+    (:mod:`labelstore_kernels.allocate_torch`). A group's entries depend only on its own rows, so a compile passes
+    whole samples.
 
     The sampled modes are deterministic given ``seed`` and ``row_ids`` (int64 ``[N]``, one *global* id per row,
     e.g. ``sample_id * max_len + t``; default ``arange(N)``): the same row id draws the same samples whatever
@@ -156,7 +164,7 @@ def extract(
     """
     sel, _ = parse_selection(selection, codec)
     k_top = top_width(sel)
-    kwargs = dict(temperature=temperature, codec=codec, seed=seed, row_ids=row_ids)
+    kwargs = dict(temperature=temperature, codec=codec, seed=seed, row_ids=row_ids, groups=groups)
     if _resolve_backend(logits, k_top, backend) == "triton":
         return extract_select_triton(logits, selection, **kwargs)
     return extract_select_torch(logits, selection, **kwargs)
@@ -181,6 +189,7 @@ def extract_fused(
     backend: str | None = None,
     on_block=None,
     block_elems: int | None = None,
+    groups=None,
 ) -> Extracted:
     """``extract(head_logits(hidden, head), selection, ...)`` without ever holding the ``[N, V]`` logits.
 
@@ -191,6 +200,9 @@ def extract_fused(
     block with the dispatched extraction kernel; ``backend="torch"`` forces the torch twin throughout.
     ``on_block(s0, z, ex)`` sees each block's logits (used for the tail prior's teacher mass); ``block_elems``
     bounds a block's logits (default :data:`labelstore_kernels.fused_head_torch.FUSED_BLOCK_ELEMS`).
+
+    ``adaptive`` (``groups`` as in :func:`extract`): each block is extracted as top-``K`` and its entries' exact
+    probabilities kept; the allocation runs once every block is there (a sample's rows may span blocks).
 
     ``backend="triton"`` (or ``LABELSTORE_EXTRACT_BACKEND=triton``) runs the fused Triton kernel
     (:mod:`labelstore_kernels.fused_head_triton`: matmul tiles, tile top-k, merge; vocabulary tiles, no ``[R, V]``
@@ -211,7 +223,8 @@ def extract_fused(
 
         return extract_fused_topk_triton(hidden, head, sel["k"], temperature=temperature, codec=cdc)
     return extract_fused_torch(hidden, head, selection, temperature=temperature, codec=codec, seed=seed,
-                               row_ids=row_ids, backend=backend, on_block=on_block, block_elems=block_elems)
+                               row_ids=row_ids, backend=backend, on_block=on_block, block_elems=block_elems,
+                               groups=groups)
 
 
 __all__ += ["LMHead", "extract_fused", "extract_fused_torch", "head_logits"]

@@ -128,6 +128,7 @@ def extract_fused_torch(
     block_elems: int | None = None,
     backend: str | None = "torch",
     on_block: BlockHook | None = None,
+    groups=None,
 ) -> Extracted:
     """Every selection mode from ``[N, D]`` hidden states, one ``[R, V]`` logits block at a time.
 
@@ -136,8 +137,14 @@ def extract_fused_torch(
     the dispatcher's choice, the Triton extraction kernel on CUDA). ``on_block(s0, z, ex)`` is called with each
     block's first row, its logits and its extraction (the compile sums the tail prior's teacher mass there).
     Raises :class:`labelstore.errors.InvalidLogitsError` naming rows of ``hidden`` whose logits are invalid.
+
+    ``adaptive`` (``groups``: rows sharing a budget, :func:`labelstore_kernels.extract`): the allocation needs every
+    row of a group, which may span blocks, and the exact probabilities of the kept entries, which need the block's
+    logits. So each block is extracted as plain top-``K`` (``on_block`` sees that) and its entries' float64
+    probabilities are kept (``[R, K]``, small); the allocation and the cut run once on the whole batch.
     """
     from labelstore_kernels import extract
+    from labelstore_kernels.select_torch import parse_selection
 
     if hidden.dim() != 2 or hidden.shape[1] != head.hidden_size:
         raise ValueError(f"hidden must be [N, {head.hidden_size}] (the head's input width), got "
@@ -150,19 +157,29 @@ def extract_fused_torch(
     rid = np.asarray(rid, dtype=np.int64)
     if rid.shape != (n,):
         raise ValueError(f"row_ids must be {n} integers (one global id per row), got shape {rid.shape}")
+    sel, cdc = parse_selection(selection, codec)
+    adaptive = sel["mode"] == "adaptive"
+    block_sel = {"mode": "topk", "k": sel["k"]} if adaptive else selection
     R = rows_per_block(head.vocab_size, head.weight.device, block_elems)
     buf = torch.empty(min(R, max(n, 1)), head.vocab_size, dtype=head.weight.dtype, device=head.weight.device)
-    parts = []
+    parts, probs = [], []
     for s0 in range(0, max(n, 1), R):
         z = head_logits(hidden[s0:s0 + R], head, out=buf[:min(R, n - s0)])
         try:
-            ex = extract(z, selection, temperature=temperature, codec=codec, seed=seed, row_ids=rid[s0:s0 + R],
+            ex = extract(z, block_sel, temperature=temperature, codec=cdc, seed=seed, row_ids=rid[s0:s0 + R],
                          backend=backend)
         except InvalidLogitsError as exc:
             raise _shift_rows(exc, s0) from None
         if on_block is not None and z.shape[0]:
             on_block(s0, z, ex)
         parts.append(ex)
-    if len(parts) == 1:
-        return parts[0]
-    return Extracted(*(torch.cat(list(t)) for t in zip(*parts)))
+        if adaptive:
+            from labelstore_kernels.allocate_torch import topk_probs
+
+            probs.append(topk_probs(z, ex, temperature))
+    out = parts[0] if len(parts) == 1 else Extracted(*(torch.cat(list(t)) for t in zip(*parts)))
+    if adaptive:
+        from labelstore_kernels.allocate_torch import adaptive_from_topk
+
+        out = adaptive_from_topk(out, torch.cat(probs), head.vocab_size, sel, cdc, groups)
+    return out

@@ -17,6 +17,9 @@ which takes the store's ``meta["selection"]`` dict. Every mode returns an :class
                  (no other finite token, or a tail below float32's range) draw nothing: the samples would carry
                  weight ``t * c / S = 0``. Draws exist only where the top part is full, which is what the
                  reader's "slot < k_exact is exact" rule needs.
+``adaptive``     top-k extraction (width ``min(k, V)``), then per row the ``k_i`` entries a per-group budget of
+                 ``mean_k`` entries per row allocates (:mod:`labelstore_kernels.allocate_torch`); padded as
+                 ``topp`` (ids kept, the codec's zero code), ``tail`` exact in the same way.
 Padding of the sampled part: id 0 with count byte 0 (weight 0).
 
 Random numbers: counter-based, bit-identical in the Triton kernel
@@ -227,8 +230,9 @@ DrawFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def extract_selection(logits: torch.Tensor, selection: Mapping, *, temperature: float, codec, seed: int, row_ids,
-                      topk_fn: TopkFn, draw_fn: DrawFn) -> Extracted:
-    """Every mode from a top-k extractor and a drawer (the torch pair here, the Triton pair in select_triton)."""
+                      topk_fn: TopkFn, draw_fn: DrawFn, groups=None) -> Extracted:
+    """Every mode from a top-k extractor and a drawer (the torch pair here, the Triton pair in select_triton).
+    ``groups`` (``adaptive`` only): which rows share a budget (:mod:`labelstore_kernels.allocate_torch`)."""
     sel, cdc = parse_selection(selection, codec)
     mode, k = sel["mode"], sel["k"]
     if mode in ("topk", "argmax"):
@@ -236,6 +240,11 @@ def extract_selection(logits: torch.Tensor, selection: Mapping, *, temperature: 
     if mode == "topp":
         ex = topk_fn(logits, k, temperature=temperature, codec=cdc)
         return topp_from_topk(logits, ex, sel["p"], sel["min_k"], float(temperature), cdc)
+    if mode == "adaptive":
+        from labelstore_kernels.allocate_torch import adaptive_from_topk, topk_probs
+
+        ex = topk_fn(logits, k, temperature=temperature, codec=cdc)
+        return adaptive_from_topk(ex, topk_probs(logits, ex, temperature), logits.shape[1], sel, cdc, groups)
 
     x, _, t, _ = prepare(logits, 1, temperature, cdc)
     n, S = x.shape[0], sel["samples"]
@@ -265,7 +274,7 @@ def extract_selection(logits: torch.Tensor, selection: Mapping, *, temperature: 
 
 def extract_select_torch(logits: torch.Tensor, selection: Mapping, *, temperature: float = 1.0,
                          codec: str | dict | ValueCodec = "log8", seed: int = 0, row_ids=None,
-                         chunk_elems: int | None = None) -> Extracted:
+                         chunk_elems: int | None = None, groups=None) -> Extracted:
     """The twin of every selection mode (see :func:`labelstore_kernels.extract`)."""
 
     def topk(x, k, **kw):
@@ -275,4 +284,4 @@ def extract_select_torch(logits: torch.Tensor, selection: Mapping, *, temperatur
         return draw_torch(*args, chunk_elems=chunk_elems, **kw)
 
     return extract_selection(logits, selection, temperature=temperature, codec=codec, seed=seed, row_ids=row_ids,
-                             topk_fn=topk, draw_fn=draw)
+                             topk_fn=topk, draw_fn=draw, groups=groups)

@@ -158,7 +158,9 @@ def draw_triton(
 
 
 def extract_select_triton(logits: torch.Tensor, selection: dict, *, temperature: float = 1.0,
-                          codec: str | dict | ValueCodec = "log8", seed: int = 0, row_ids=None) -> Extracted:
-    """Every selection mode with the Triton kernels (top-k and drawing); see :func:`labelstore_kernels.extract`."""
+                          codec: str | dict | ValueCodec = "log8", seed: int = 0, row_ids=None,
+                          groups=None) -> Extracted:
+    """Every selection mode with the Triton kernels (top-k and drawing); see :func:`labelstore_kernels.extract`.
+    ``adaptive`` allocates in torch after the Triton top-k (:mod:`labelstore_kernels.allocate_torch`)."""
     return extract_selection(logits, selection, temperature=temperature, codec=codec, seed=seed, row_ids=row_ids,
-                             topk_fn=extract_topk_triton, draw_fn=draw_triton)
+                             topk_fn=extract_topk_triton, draw_fn=draw_triton, groups=groups)

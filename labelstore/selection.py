@@ -8,6 +8,9 @@ kernels, the compile options and the student side all call :func:`check_selectio
 ``sample``       the distinct ids of ``samples`` draws from the teacher (unbiased), ``count8`` values.
 ``topk+sample``  the ``k_exact`` most probable tokens plus the distinct ids of ``samples`` draws from the rest.
 ``argmax``       the teacher's top token only (hard labels: ``k = 1``, no values).
+``adaptive``     per position the ``k_i <= k`` most probable tokens, ``k_i`` chosen per sample so that the mean is
+                 at most ``mean_k`` and the summed KL(teacher || uniform-tail reconstruction) is smallest
+                 (:mod:`labelstore_kernels.allocate_torch`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from collections.abc import Mapping
 from labelstore.codecs import DEFAULT_CODEC
 from labelstore.constants import MAX_SAMPLES
 
-MODES = ("topk", "topp", "sample", "topk+sample", "argmax")
-COMPILE_MODES = ("topk", "topp", "sample", "topk+sample")  # `compile --selection`; argmax is --hard-labels
+MODES = ("topk", "topp", "sample", "topk+sample", "argmax", "adaptive")
+COMPILE_MODES = ("topk", "topp", "sample", "topk+sample", "adaptive")  # `compile --selection`; argmax is --hard-labels
 SAMPLED_MODES = ("sample", "topk+sample")  # values are sampling estimator weights, not probabilities
 ONE_BYTE_CODECS = ("log8", "e4m3", "e5m2")  # topk+sample shares one byte per entry between codes and counts
 
@@ -39,8 +42,8 @@ def has_tail(label_kind: str, mode: str) -> bool:
 
 class SelectionError(ValueError):
     """A selection that breaks a rule of docs/FORMAT.md 5b. ``key`` names the offending setting (``"mode"``,
-    ``"k"``, ``"p"``, ``"min_k"``, ``"samples"``, ``"k_exact"`` or ``"codec"``), ``got`` its value, so that a caller
-    (the CLI) can phrase the error in its own terms."""
+    ``"k"``, ``"p"``, ``"min_k"``, ``"samples"``, ``"k_exact"``, ``"mean_k"`` or ``"codec"``), ``got`` its value, so
+    that a caller (the CLI) can phrase the error in its own terms."""
 
     def __init__(self, message: str, *, mode, key: str, got, requirement: str = ""):
         super().__init__(message)
@@ -102,6 +105,16 @@ def check_selection(selection, codec_name: str | None, *, max_k: int | None = No
         if extraction and codec_name == "none":
             raise SelectionError("selection topp stores probabilities: codec 'none' is for argmax only", mode=mode,
                                  key="codec", got=codec_name)
+    elif mode == "adaptive":
+        m = selection.get("mean_k")
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 1 <= m <= k:  # NaN fails too
+            raise SelectionError(f"selection adaptive needs a number mean_k in [1, k={k}] (the mean entries per "
+                                 f"position; k is the most one position keeps), got {m!r}", mode=mode, key="mean_k",
+                                 got=m, requirement=f"in [1, {k}]")
+        sel["mean_k"] = m
+        if codec_name == "none":
+            raise SelectionError("selection adaptive stores probabilities: codec 'none' is for argmax only",
+                                 mode=mode, key="codec", got=codec_name)
     elif mode == "topk+sample":
         sel["k_exact"] = ke = _int(selection, "k_exact", 0, k)
         sel["samples"] = s = _int(selection, "samples", 1, MAX_SAMPLES)

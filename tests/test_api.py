@@ -65,7 +65,8 @@ def test_cli_defaults_are_the_dataclass_defaults():
 
 def test_every_option_has_a_flag_that_sets_it():
     """Each field is reachable from the command line and lands in the field of the same name."""
-    argv = REQUIRED + ["--tokenizer", "tok", "--k", "7", "--selection", "topp", "--top-p", "0.5", "--min-k", "2",
+    argv = REQUIRED + ["--tokenizer", "tok", "--k", "7", "--max-k", "21", "--selection", "topp", "--top-p", "0.5",
+                       "--min-k", "2",
                        "--samples", "9", "--k-exact", "3", "--seed", "4", "--temperature", "2.5", "--codec", "e4m3",
                        "--max-length", "99", "--truncate", "--text-field", "body", "--token-field", "ids",
                        "--max-samples", "5", "--hard-labels", "--no-tail-prior", "--tokens-per-batch", "77",
@@ -82,7 +83,22 @@ def test_every_option_has_a_flag_that_sets_it():
     assert not unchanged, f"options the CLI could not set: {unchanged}"
     assert (got.k, got.top_p, got.pack, got.tail_prior, got.progress, got.max_samples) == (7, 0.5, False, False,
                                                                                           False, 5)
-    assert got.plan == "units"
+    assert got.plan == "units" and got.max_k == 21
+
+
+def test_adaptive_k_is_the_mean_and_max_k_defaults_to_four_times_it():
+    opts = _parse(REQUIRED + ["--selection", "adaptive", "--k", "32"])
+    opts.validate()
+    assert opts.selection_meta(100_000) == {"mode": "adaptive", "k": 128, "mean_k": 32}
+    assert opts.selection_meta(100) == {"mode": "adaptive", "k": 100, "mean_k": 32}  # clipped to the vocabulary
+    assert _parse(REQUIRED + ["--selection", "adaptive", "--k", "2000"]).selection_meta(10**6)["k"] == 4096
+    assert _parse(REQUIRED + ["--selection", "adaptive"]).selection_meta(10**6) == \
+        {"mode": "adaptive", "k": 128, "mean_k": 32}
+    assert opts.uses_tail_prior
+    with pytest.raises(ValueError, match=r"--k 40 \(the mean entries per position\) must be at most --max-k"):
+        _parse(REQUIRED + ["--selection", "adaptive", "--k", "40", "--max-k", "20"]).validate()
+    with pytest.raises(ValueError, match="--max-k sizes --selection adaptive stores only"):
+        _parse(REQUIRED + ["--selection", "topk", "--max-k", "20"]).validate()
 
 
 def test_pack_and_truncate_are_exclusive():
@@ -97,7 +113,7 @@ def test_the_default_selection_is_sixteen_draws_and_k_needs_topk():
     assert opts.selection_meta(1000) == {"mode": "sample", "k": 16, "samples": 16}
     assert not opts.uses_tail_prior  # a sampled store has no tail to spread
     # --k alone used to size the default top-k store: refused with what to pass, never silently ignored
-    with pytest.raises(ValueError, match=r"--k 32 sizes --selection topk and topp stores.*--selection topk"):
+    with pytest.raises(ValueError, match=r"--k 32 sizes --selection topk, topp and adaptive stores.*--selection topk"):
         _parse(REQUIRED + ["--k", "32"]).validate()
     with pytest.raises(ValueError, match="--k 8 sizes"):
         CompileOptions(teacher="T", data=["a"], out="S", selection="topk+sample", k=8).validate()

@@ -12,10 +12,11 @@ tells a reader nothing (every member decodes to the same weight), yet encoding "
    consumers read as such) is a group of its own and never moves.
 2. **Gaps.** The first member of a group is coded as in "expgolomb" (symbol byte plus raw extra bits); every later
    member codes ``c_j - c_{j-1}`` with the same symbol table (not ``- 1``: the writer API accepts one id twice in a
-   position, which a gap of 0 still codes, and the measured cost of the extra 1 is nil). The reader knows the groups from the values,
-   which it decodes first. Group-first symbols and gap symbols have different distributions and go into two zstd
-   frames (measured: about 0.3 to 1 byte per position smaller than one interleaved frame on the demo teacher;
-   slot-major order gained under 0.1 byte, so both stay in entry order); the extra bits stay one raw stream.
+   position, which a gap of 0 still codes, and the measured cost of the extra 1 is nil). The reader knows the
+   groups from the values, which it decodes first. Group-first symbols and gap symbols have different
+   distributions and go into two zstd frames (measured: about 0.3 to 1 byte per position smaller than one
+   interleaved frame on the demo teacher; slot-major order gained under 0.1 byte, so both stay in entry order);
+   the extra bits stay one raw stream.
 
 The selection modes whose values are not a descending ranking of one distribution (``sample``, ``topk+sample``,
 ``argmax``, and every hard-label store: codec ``none``) have no groups: every entry is group-first, the gap frame

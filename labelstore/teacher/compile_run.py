@@ -80,8 +80,8 @@ class CompileRun:
         if meta["selection"]["mode"] in ("topk", "argmax"):
             def fn(flat, row_ids):
                 return extract_topk(flat, k, temperature=opts.temperature, codec=codec)  # k=1 "none": argmax
-        else:
-            def fn(flat, row_ids):
+        else:  # groups: adaptive's budget groups (the pipeline's budget_groups)
+            def fn(flat, row_ids, groups=None):
                 return extract(flat, meta["selection"], temperature=opts.temperature, codec=codec,
-                               seed=opts.seed, row_ids=row_ids)
+                               seed=opts.seed, row_ids=row_ids, groups=groups)
         return fn

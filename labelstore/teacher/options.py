@@ -17,6 +17,7 @@ from pathlib import Path
 from labelstore.codecs import CODEC_NAMES, DEFAULT_CODEC, get_codec
 from labelstore.constants import MAX_SAMPLES
 from labelstore.selection import COMPILE_MODES, SelectionError, check_selection, default_codec
+from labelstore.store.format import MAX_K
 
 LM_HEAD_MODES = ("auto", "fused", "materialized")  # labelstore.teacher.head reads these
 HEAD_DTYPES = ("auto", "float32")
@@ -32,6 +33,7 @@ DEFAULT_K = 32  # topk / topp
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 FLAGS = {"k": "--k", "p": "--top-p", "min_k": "--min-k", "samples": "--samples", "k_exact": "--k-exact"}
+MAX_K_FACTOR = 4  # adaptive: --max-k defaults to this many times --k (the mean), capped at the format's MAX_K
 
 
 def tokens_arg(text: str) -> int | str:
@@ -61,6 +63,10 @@ def cli_message(exc: SelectionError) -> str:
             return f"--codec count8 belongs to --selection sample only, not {exc.mode}"
         if exc.mode == "topk+sample":
             return f"--selection topk+sample needs a 1-byte codec (log8, e4m3, e5m2), not {exc.got}"
+    if exc.mode == "adaptive" and exc.key == "mean_k":
+        return (f"--selection adaptive: --k {exc.got} (the mean entries per position) must be at most --max-k "
+                f"(the most one position keeps, {exc.requirement.split(', ')[-1].rstrip(']')}); pass a larger "
+                "--max-k or a smaller --k")
     if exc.key in FLAGS and exc.requirement:
         return f"{FLAGS[exc.key]} must be {exc.requirement}, got {exc.got}"
     return f"--selection {exc.mode}: {exc}"
@@ -79,15 +85,19 @@ class CompileOptions:
     out: str = _req("store directory or object-storage URL such as s3://bucket/prefix (created, or resumed if it "
                     "exists)")
     tokenizer: str | None = _opt(None, "tokenizer directory or name (default: --teacher)")
-    k: int | None = _opt(None, f"kept entries per position (--selection topk), the maximum per position (topp) "
-                               f"(default {DEFAULT_K}; sample and topk+sample stores are sized by --samples and "
-                               "--k-exact, and refuse --k)", type=int)
+    k: int | None = _opt(None, f"kept entries per position (--selection topk), the maximum per position (topp), "
+                               f"the mean per position (adaptive) (default {DEFAULT_K}; sample and topk+sample "
+                               "stores are sized by --samples and --k-exact, and refuse --k)", type=int)
+    max_k: int | None = _opt(None, f"adaptive: the most entries one position keeps (default {MAX_K_FACTOR} x --k, "
+                                   f"at most {MAX_K})", type=int)
     selection: str | None = _opt(None, "which entries a position keeps (docs/FORMAT.md 5b): the distinct ids of "
                                        "--samples draws (sample, unbiased; the default, chosen by the student "
                                        "benchmark, README 'Defaults, from this table'), the k most probable "
-                                       "(topk), the smallest set with mass >= --top-p (topp), or the --k-exact most "
-                                       f"probable plus draws from the rest (topk+sample) (default {DEFAULT_SELECTION}; "
-                                       "topk with --hard-labels)", choices=COMPILE_MODES)
+                                       "(topk), the smallest set with mass >= --top-p (topp), the --k-exact most "
+                                       "probable plus draws from the rest (topk+sample), or a mean of --k most "
+                                       "probable per position, allocated within each sequence where it lowers the KL "
+                                       f"most, at most --max-k each (adaptive) (default {DEFAULT_SELECTION}; topk "
+                                       "with --hard-labels)", choices=COMPILE_MODES)
     top_p: float = _opt(0.9, "topp: mass to reach per position")
     min_k: int = _opt(1, "topp: minimum entries per position")
     samples: int = _opt(16, f"sample, topk+sample: draws per position, 1..{MAX_SAMPLES}")
@@ -167,6 +177,11 @@ class CompileOptions:
         """``--k`` resolved: the kept entries of a topk/topp compile (:data:`DEFAULT_K` when not given)."""
         return DEFAULT_K if self.k is None else self.k
 
+    @property
+    def adaptive_max_k(self) -> int:
+        """``--max-k`` resolved: :data:`MAX_K_FACTOR` x the mean (``--k``) when not given, at most ``MAX_K``."""
+        return min(MAX_K_FACTOR * self.kept, MAX_K) if self.max_k is None else self.max_k
+
     # ------------------------------------------------------------------------------------------ CLI
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -225,6 +240,9 @@ class CompileOptions:
         if self.selection == "topp":  # min_k follows k when the vocabulary clips it
             return {"mode": "topp", "k": k, "p": float(self.top_p),
                     "min_k": self.min_k if vocab_size is None else min(self.min_k, k)}
+        if self.selection == "adaptive":  # --k is the mean; both clipped to the vocabulary
+            top = self.adaptive_max_k if vocab_size is None else min(self.adaptive_max_k, vocab_size)
+            return {"mode": "adaptive", "k": top, "mean_k": self.kept if vocab_size is None else min(self.kept, top)}
         if self.selection == "sample":
             return {"mode": "sample", "k": self.samples, "samples": self.samples}
         return {"mode": "topk+sample", "k_exact": self.k_exact, "samples": self.samples,
@@ -254,9 +272,15 @@ class CompileOptions:
             # --k used to mean "top-k entries" by default; silently ignoring it would store another kind of label
             keeps = "the distinct ids of --samples draws" if self.selection == "sample" else \
                 "--k-exact entries plus --samples draws"
-            raise ValueError(f"--k {self.k} sizes --selection topk and topp stores; --selection {self.selection} "
-                             f"keeps {keeps}. Pass --selection topk to keep the {self.k} most probable entries, "
-                             "or drop --k")
+            raise ValueError(f"--k {self.k} sizes --selection topk, topp and adaptive stores; --selection "
+                             f"{self.selection} keeps {keeps}. Pass --selection topk to keep the {self.k} most "
+                             "probable entries, or drop --k")
+        if self.max_k is not None and (self.hard_labels or self.selection != "adaptive"):
+            raise ValueError("--max-k sizes --selection adaptive stores only (the most entries one position keeps); "
+                             "drop it, or pass --selection adaptive (--k is then the mean per position)")
+        if self.max_k is not None and (isinstance(self.max_k, bool) or not isinstance(self.max_k, int)
+                                       or not 1 <= self.max_k <= MAX_K):
+            raise ValueError(f"--max-k must be in [1, {MAX_K}] (the format's widest position), got {self.max_k!r}")
         if self.selection not in COMPILE_MODES:
             raise ValueError(f"--selection must be one of {', '.join(COMPILE_MODES)}, got {self.selection!r}")
         if self.hard_labels and self.selection != "topk":

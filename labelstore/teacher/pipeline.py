@@ -165,6 +165,7 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
         raise ConfigMismatchError(f"the teacher's LM head has {hp.head.vocab_size} rows, expected its output "
                                   f"vocabulary of {V}")
     selection = opts.selection_meta(V)
+    adaptive = selection["mode"] == "adaptive"  # extraction needs each row's budget group (its sample)
     device = input_device(model, device)  # under --device-map: where the embedding lives
     if follower:
         result = follow_batches(model, hp, items, pad_id, device, rank, world)
@@ -191,11 +192,13 @@ def run_batches(model, plan, mine, writer, extract_fn, V, codec, opts, device, p
                         break
                     x, m, lengths = pad_batch(plan, batch, pad_id)
                     rids = row_ids(batch, lengths, opts.max_length)
+                    groups = budget_groups(plan, rids, opts.max_length) if adaptive else None
                     if hp.fused:
-                        ex, mass = fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device)
+                        ex, mass = fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device,
+                                               groups=groups)
                     else:
                         ex, mass = materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opts,
-                                                      device)
+                                                      device, groups=groups)
                     thread.queue.put((plan, batch, lengths, todo, ex, mass))
                 if thread.error is not None:
                     break
@@ -272,14 +275,25 @@ def follow_batches(model, hp, items, pad_id, device, rank, world) -> CompileResu
                          seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
 
 
+def budget_groups(plan: Plan, rids: np.ndarray, max_length: int) -> np.ndarray:
+    """Selection ``adaptive``: the budget group of each real position of a batch, its sample id (docs/FORMAT.md
+    5b: the mean entries are a per-sample budget, so a sample gets the same entries in any batch or rank). With
+    ``--assistant-only`` the positions that store no label get -1 (no budget): the sample's budget goes to its
+    labelled positions only. A batch always holds whole samples."""
+    groups = np.asarray(rids, dtype=np.int64) // max_length
+    keep = plan.keep_rows(rids, max_length)
+    return groups if keep is None else np.where(keep, groups, -1)
+
+
 def real_rows(m: torch.Tensor) -> torch.Tensor | None:
     """Indices of the real (non-padding) positions of a flattened batch, None when nothing is padded."""
     flat = m.reshape(-1)
     return None if bool((flat != 0).all()) else flat.nonzero().flatten()
 
 
-def materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opts, device):
-    """One batch through ``model(...).logits`` (or, with ``hp.head``, the body then that head on every row)."""
+def materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opts, device, groups=None):
+    """One batch through ``model(...).logits`` (or, with ``hp.head``, the body then that head on every row).
+    ``groups`` (selection ``adaptive``): each row's budget group, passed on to ``extract_fn``."""
     real = real_rows(m)
     if hp.head is None:
         logits = model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False).logits
@@ -294,14 +308,14 @@ def materialised_batch(model, hp, batch, x, m, lengths, rids, extract_fn, V, opt
         h = h.reshape(-1, h.shape[-1])
         flat = head_logits(h if real is None else h[real.to(h.device)], hp.head)
     try:
-        ex = extract_fn(flat, rids)
+        ex = extract_fn(flat, rids) if groups is None else extract_fn(flat, rids, groups=groups)
     except InvalidLogitsError as exc:
         raise locate_invalid(exc, batch, lengths) from None
     mass = teacher_mass(flat, ex.lse, lengths, opts.temperature) if opts.uses_tail_prior else None
     return ex, mass
 
 
-def fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device):
+def fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, device, groups=None):
     """One batch from the body's final hidden states: the ``[N, V]`` logits never exist (row blocks only)."""
     h = body_hidden(model, x.to(device), m.to(device))
     h = h.reshape(-1, h.shape[-1])
@@ -312,7 +326,8 @@ def fused_batch(model, hp, batch, x, m, lengths, rids, selection, codec, opts, d
            if opts.uses_tail_prior else None)
     try:
         ex = extract_fused(h, hp.head, selection, temperature=opts.temperature, codec=codec, seed=opts.seed,
-                           row_ids=rids, on_block=None if acc is None else (lambda s0, z, e: acc.add(s0, z, e.lse)))
+                           row_ids=rids, on_block=None if acc is None else (lambda s0, z, e: acc.add(s0, z, e.lse)),
+                           groups=groups)
     except InvalidLogitsError as exc:
         raise locate_invalid(exc, batch, lengths) from None
     return ex, None if acc is None else acc.out

@@ -288,7 +288,8 @@ def test_draws_depend_on_seed_and_row_id_only(selection, codec):
 @pytest.mark.parametrize("selection,codec", [({"mode": "topp", "k": 8, "p": 0.9, "min_k": 1}, "log8"),
                                              ({"mode": "sample", "k": 8, "samples": 8}, "count8"),
                                              ({"mode": "topk+sample", "k_exact": 2, "samples": 4, "k": 6}, "log8"),
-                                             ({"mode": "topk+sample", "k_exact": 0, "samples": 4, "k": 4}, "log8")])
+                                             ({"mode": "topk+sample", "k_exact": 0, "samples": 4, "k": 4}, "log8"),
+                                             ({"mode": "adaptive", "k": 8, "mean_k": 3}, "log8")])
 @pytest.mark.parametrize("bad", ["nan", "inf", "all-inf"])
 def test_invalid_rows_raise(selection, codec, bad):
     x = torch.randn(5, 50)
@@ -323,7 +324,9 @@ ROUND_TRIP = [({"mode": "topk", "k": 8}, "log8", "packed"),
               ({"mode": "sample", "k": 12, "samples": 12}, "count8", "packed"),
               ({"mode": "sample", "k": 12, "samples": 12}, "count8", "zstd"),
               ({"mode": "topk+sample", "k_exact": 4, "samples": 8, "k": 12}, "log8", "packed"),
-              ({"mode": "topk+sample", "k_exact": 4, "samples": 8, "k": 12}, "e4m3", "zstd")]
+              ({"mode": "topk+sample", "k_exact": 4, "samples": 8, "k": 12}, "e4m3", "zstd"),
+              ({"mode": "adaptive", "k": 16, "mean_k": 5}, "log8", "packed"),
+              ({"mode": "adaptive", "k": 16, "mean_k": 2.5}, "e4m3", "zstd")]
 
 
 @pytest.mark.parametrize("selection,codec,encoding", ROUND_TRIP)
@@ -356,7 +359,7 @@ def test_store_round_trip(tmp_path, selection, codec, encoding):
             on_disk = pa.ipc.open_file(f).read_all().column("values").to_pylist()
         assert [bytes(b) for b in on_disk] == [v.tobytes() for v in flat_values]
     store = LabelStore(tmp_path / "s")
-    want = None if mode in ("topk", "topp") else dense_from(ex, V, mode, selection.get("k_exact", 0), codec)
+    want = None if mode in ("topk", "topp", "adaptive") else dense_from(ex, V, mode, selection.get("k_exact", 0), codec)
     a = 0
     for i, n in enumerate(lengths):
         smp = store[i]
@@ -398,7 +401,8 @@ PARITY_SCRIPT = textwrap.dedent("""
              ({"mode": "sample", "k": 16, "samples": 16}, "count8", torch.float32, 0.8),
              ({"mode": "sample", "k": 5, "samples": 5}, "count8", torch.bfloat16, 1.0),
              ({"mode": "topk+sample", "k_exact": 4, "samples": 9, "k": 13}, "log8", torch.float32, 1.3),
-             ({"mode": "topk+sample", "k_exact": 0, "samples": 3, "k": 3}, "e5m2", torch.bfloat16, 1.0)]
+             ({"mode": "topk+sample", "k_exact": 0, "samples": 3, "k": 3}, "e5m2", torch.bfloat16, 1.0),
+             ({"mode": "adaptive", "k": 16, "mean_k": 3}, "log8", torch.float32, 1.0)]  # Triton top-k, torch rest
     for sel, codec, dt, T in cases:
         xi = x.to(dt)
         rid = torch.arange(7) * 1000 + 3

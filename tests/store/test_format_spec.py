@@ -216,7 +216,9 @@ def spec_grouped_order(meta, input_ids, counts, ids, values) -> list[int]:
     for t in range(T):
         c = int(counts[t])
         u = int(input_ids[t + 1]) if t < T - 1 else None
-        swap = (lambda x: x) if u is None else (lambda x: 0 if x == u else (u if x == 0 else x))
+        def swap(x, u=u):
+            return x if u is None else (0 if x == u else (u if x == 0 else x))
+
         j = 0
         while j < c:
             end = j + 1

@@ -353,11 +353,19 @@ def test_invalid_selection_parameters_refused(tmp_path):
     for sel, codec in [({"mode": "sample", "k": 5}, "count8"), ({"mode": "sample", "k": 5, "samples": 9}, "log8"),
                        ({"mode": "topk+sample", "k": 5, "k_exact": 2, "samples": 4}, "log8"),
                        ({"mode": "topp", "k": 5, "p": 1.5, "min_k": 1}, "log8"),
-                       ({"mode": "topk", "k": 5}, "count8")]:
+                       ({"mode": "topk", "k": 5}, "count8"),
+                       ({"mode": "adaptive", "k": 5}, "log8"),
+                       ({"mode": "adaptive", "k": 5, "mean_k": 6}, "log8"),
+                       ({"mode": "adaptive", "k": 5, "mean_k": 2}, "count8")]:
         meta = make_meta(500, 5, codec=codec)
         meta["selection"] = sel
         with pytest.raises(StoreFormatError):
             StoreWriter(tmp_path / "x", meta)
+    meta = make_meta(500, 5)  # the same shape with a valid mean_k is a store
+    meta["selection"] = {"mode": "adaptive", "k": 5, "mean_k": 2.5}
+    with StoreWriter(tmp_path / "ok", meta) as w:
+        w.add(0, [1, 2], [1, 3], [10, 11, 12, 13], np.zeros(4, np.uint8), np.array([0.5, 0.25], np.float32))
+    assert LabelStore(tmp_path / "ok").meta["selection"] == {"mode": "adaptive", "k": 5, "mean_k": 2.5}
 
 
 def test_tail_prior_is_the_mean_teacher_distribution(tmp_path):

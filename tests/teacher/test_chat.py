@@ -159,6 +159,40 @@ def chat_env(tmp_path_factory, tok):
     return {"base": base, "teacher": teacher, "data": data}
 
 
+def test_adaptive_assistant_only_spends_each_sample_budget_on_its_labelled_positions(chat_env, tok):
+    """--selection adaptive --assistant-only: a sample's budget is floor(mean_k * labelled positions), all of it
+    for those positions (the unlabelled ones store nothing). Reference: extract on a direct forward (one sequence
+    per forward in the compile too, so the logits are the same) with the unlabelled rows outside every group."""
+    from _teachers import load_model
+
+    from labelstore_kernels import extract
+
+    out = chat_env["base"] / "asst-adaptive"
+    compile_store(CompileOptions(out=str(out), teacher=str(chat_env["teacher"]), data=[str(chat_env["data"])],
+                                 max_length=40, tokens_per_batch=40, device="cpu", progress=False,
+                                 selection="adaptive", k=2, max_k=8, assistant_only=True))
+    sel = LabelStore(out).meta["selection"]
+    assert sel == {"mode": "adaptive", "k": 8, "mean_k": 2}
+    plan = build_plan([chat_env["data"]], tok, InputConfig(max_length=40, assistant_only=True), len(tok))
+    model = load_model(chat_env["teacher"])
+    differs = 0
+    for sid, row in raw_store_rows(out).items():
+        keep = plan.label_mask[plan.offsets[sid]:plan.offsets[sid + 1]].astype(bool)
+        x = torch.from_numpy(row["input_ids"])[None]
+        with torch.inference_mode():
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0]
+        ex = extract(logits, sel, groups=np.where(keep, 0, -1))
+        c = np.where(keep, ex.counts.numpy(), 0)
+        np.testing.assert_array_equal(row["counts"], c, err_msg=f"sample {sid}")
+        slot = np.arange(8)[None, :] < c[:, None]
+        np.testing.assert_array_equal(row["ids"], ex.ids.numpy()[slot], err_msg=f"sample {sid}")
+        np.testing.assert_array_equal(row["tail"][keep], ex.tail.numpy()[keep], err_msg=f"sample {sid}")
+        assert c.sum() <= 2 * keep.sum()
+        spread = np.where(keep, extract(logits, sel).counts.numpy(), 0)  # a budget over every position instead
+        differs += int(not np.array_equal(c, spread))
+    assert differs > 0  # the two budgets really differ, so the equality above pins the compile's grouping
+
+
 @pytest.mark.parametrize("mode", [dict(selection="topk", k=8), dict(hard_labels=True),
                                   dict(selection="topk+sample", k_exact=4, samples=8)], ids=["topk", "hard", "mixed"])
 def test_assistant_only_store_holds_exactly_the_kept_positions(chat_env, tok, mode):

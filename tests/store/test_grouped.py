@@ -258,6 +258,14 @@ def test_version_rules():
         validate_meta(dict(normalize_meta(make_meta(encoding="zstd")), format_version=2,
                            encoding={"name": "grouped", "level": 3}))
     validate_meta(meta)
+    # selection mode adaptive is version 6 in every encoding (FORMAT.md 5b, 8); version-5 metadata is refused
+    adaptive = {"mode": "adaptive", "k": 8, "mean_k": 4}
+    for enc in ("packed", "zstd", "expgolomb", "grouped"):
+        m = normalize_meta(make_meta(encoding=enc, selection=adaptive))
+        assert m["format_version"] == 6 and required_version(m) == 6
+        validate_meta(m)
+        with pytest.raises(StoreFormatError, match="does not belong"):
+            validate_meta(dict(m, format_version=5 if enc == "expgolomb" else 4))
 
 
 # ------------------------------------------------------------------------------------------------ damage

@@ -66,11 +66,11 @@ def rate(ntok, t):
     return {"median": ntok / t[0], "min": ntok / t[2], "max": ntok / t[1], "per_cpu_s": ntok / max(t[3], 1e-9)}
 
 
-def run_one(vocab, k, tokens, T, pool, tmp, encoding="packed", repeats=5):
+def run_one(vocab, k, tokens, T, pool, tmp, encoding="packed", repeats=5, step=None):
     ids_pool, lp_pool = pool[0][:, :k], pool[1][:, :k]
     rng = np.random.default_rng(k)
     nseq = tokens // T
-    codec = get_codec("log8")
+    codec = get_codec("log8") if step is None else get_codec("log8", step=step)
     seqs = []
     for i in range(nseq):
         pick = rng.integers(0, ids_pool.shape[0], size=T)
@@ -135,6 +135,7 @@ def run_one(vocab, k, tokens, T, pool, tmp, encoding="packed", repeats=5):
     ntok = nseq * T
     return {
         "vocab_size": vocab, "k": k, "tokens": ntok, "encoding": encoding, "repeats": repeats,
+        "log8_step": codec.param["step"],
         "labelstore": {"bytes_per_token": ls_bytes / ntok, "write": rate(ntok, t_write), "read": rate(ntok, t_read),
                        "write_tokens_per_s": ntok / t_write[0], "read_tokens_per_s": ntok / t_read[0]},
         "baseline_parquet": {"bytes_per_token": pq_bytes / ntok, "write": rate(ntok, t_bwrite),
@@ -151,6 +152,7 @@ def main():
     ap.add_argument("--ks", default="8,32,64,128")
     ap.add_argument("--encodings", default="packed,zstd,expgolomb,grouped")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, both sides (median)")
+    ap.add_argument("--log8-step", type=float, default=None, help="the log8 codec's step (default 1/16)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "store.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -162,7 +164,7 @@ def main():
     try:
         for enc in a.encodings.split(","):
             for k in ks:
-                results.append(run_one(a.vocab, k, a.tokens, a.seq_len, pool, tmp, enc, a.repeats))
+                results.append(run_one(a.vocab, k, a.tokens, a.seq_len, pool, tmp, enc, a.repeats, a.log8_step))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # marginal bytes per kept entry: slope of bytes/token over k; per-position overhead: the intercept

@@ -94,7 +94,7 @@ def synthetic_source(vocab: int, positions: int, mean_entropy: float = 2.5, seed
 
 # ------------------------------------------------------------------------------------------------ measuring
 CURVE_K = (8, 12, 16, 20, 32, 50, 64, 72, 128)  # the sizes of every bytes-against-KL curve
-ADAPTIVE_MEANS = (8, 12, 16, 20, 32, 50, 64)  # mean entries per position of the adaptive curves
+ADAPTIVE_MEANS = (8, 12, 16, 20, 32, 50, 64, 96, 128)  # mean entries per position of the adaptive curves
 
 
 def default_settings() -> list[dict]:
@@ -106,7 +106,8 @@ def default_settings() -> list[dict]:
           for step in ({}, {"step": 0.5}) for k in CURVE_K]
     # adaptive: the same mean entries per position, spent where they lower the KL most (cap 4x the mean)
     s += [{"mode": "adaptive", "k": 4 * m, "mean_k": m, "codec": "log8", **step, "encoding": enc}
-          for enc, step in (("expgolomb", {}), ("grouped", {"step": 0.5})) for m in ADAPTIVE_MEANS]
+          for enc, step in (("expgolomb", {}), ("grouped", {"step": 0.25}), ("grouped", {"step": 0.5}))
+          for m in ADAPTIVE_MEANS]
     s += [{"mode": "topk", "k": 32, "codec": c, "encoding": "packed"} for c in ("e4m3", "e5m2", "fp16")]
     s += [{"mode": "topp", "k": 128, "p": 0.8, "min_k": 4, "codec": "log8", "encoding": "zstd"},
           {"mode": "topk+sample", "k_exact": 8, "samples": 8, "k": 16, "codec": "log8", "encoding": "zstd"},

@@ -74,7 +74,7 @@ def test_every_option_has_a_flag_that_sets_it():
                        "--trust-remote-code", "--quiet", "--assistant-only", "--chat-template", "t.jinja",
                        "--text-glob", "*.py", "--split", "train", "--streaming", "--overwrite",
                        "--lm-head", "fused", "--head-dtype", "float32", "--mask-vocab-padding", "--device-map", "auto",
-                       "--tp-size", "2", "--plan", "units"]
+                       "--tp-size", "2", "--plan", "units", "--log8-step", "0.25"]
     got = _parse(argv)
     default = CompileOptions(teacher="T", data=["a.txt", "b.txt"], out="S")
     changed = {f.name for f in dataclasses.fields(CompileOptions)

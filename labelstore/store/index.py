@@ -254,7 +254,11 @@ class ShardIndex(ShardTable):
         bad = ((cols["rank"] < 0) | (cols["rank"] > 99999) | (cols["seq"] < 0) | (cols["seq"] > 999999)
                | (r < 0) | (r > MAX_ROWS_PER_SHARD) | (nbytes < 0) | (nbytes > 1 << 50) | (cols["tokens"] < 0)
                | (cols["tokens"] > 1 << 50) | (cols["entries"] < 0) | (cols["entries"] > 1 << 56)
-               | (r * MIN_ROW_BYTES > nbytes) | ((r > 0) & (cols["last_sample_id"] < cols["first_sample_id"])))
+               | (r * MIN_ROW_BYTES > nbytes) | ((r > 0) & (cols["last_sample_id"] < cols["first_sample_id"]))
+               # a shard of 0 rows holds nothing (FORMAT.md 11): no tokens, entries or sample ids. A real shard's
+               # rows forged to 0 would otherwise be skipped unread, its rows silently missing
+               | ((r == 0) & ((cols["tokens"] != 0) | (cols["entries"] != 0) | (cols["first_sample_id"] != 0)
+                              | (cols["last_sample_id"] != 0))))
         start = int(self.block_starts[b])
         exp_starts = start + np.concatenate([[0], np.cumsum(r)[:-1]]) if expect else r
         if bad.any() or not np.array_equal(cols["row_start"], exp_starts) or start + int(r.sum()) != int(

@@ -167,3 +167,19 @@ def test_fuzzed_index_reference_only_raises_labelstore_errors(pristine, pristine
     body = {k: v for k, v in man.items() if k != "digest"}
     (d / "manifest.json").write_text(json.dumps(with_digest(body) if data.draw(st.booleans()) else man))
     _outcome(d, pristine_rows)
+
+
+def test_a_real_shard_forged_to_zero_rows_is_refused_not_skipped(pristine, tmp_path_factory):
+    """Found by the fuzzer above: the last shard's ``rows`` set to 0 (totals made to agree, digests recomputed)
+    used to be skipped unread, its rows silently missing. A shard of 0 rows must hold nothing (FORMAT.md 11)."""
+    d = _copy(pristine, tmp_path_factory)
+    cols = _columns(pristine)
+    cols["rows"][-1] = 0
+    blob, ref = write_index_columns(cols)
+    (d / INDEX).write_bytes(blob)
+    man = json.loads((pristine / "manifest.json").read_text())
+    man["index"] = ref
+    man["totals"] = dict(man["totals"], samples=int(cols["rows"].sum()))
+    (d / "manifest.json").write_text(json.dumps(with_digest({k: v for k, v in man.items() if k != "digest"})))
+    with pytest.raises(LabelStoreError, match="shard index is damaged"):
+        read_all_rows(d)

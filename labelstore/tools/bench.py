@@ -94,7 +94,7 @@ def synthetic_source(vocab: int, positions: int, mean_entropy: float = 2.5, seed
 
 # ------------------------------------------------------------------------------------------------ measuring
 CURVE_K = (8, 12, 16, 20, 32, 50, 64, 72, 128)  # the sizes of every bytes-against-KL curve
-ADAPTIVE_MEANS = (8, 12, 16, 20, 32, 50, 64, 96, 128)  # mean entries per position of the adaptive curves
+ADAPTIVE_MEANS = (8, 12, 16, 20, 32, 40, 50, 64, 80, 96, 112, 128)  # mean entries per position of the adaptive curves
 
 
 def default_settings() -> list[dict]:

@@ -73,8 +73,46 @@ def position_sums(weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
     bound = float(counts.max()) * float(aw.max())
     if math.ldexp(bound, -qexp) < 2.0**62:
         return int_position_sums(_scale_pow2(w, -qexp).astype(np.int64), counts, -qexp)  # exact integers
+    return _per_position_sums(w, aw, counts)
+
+
+def _per_position_sums(w: np.ndarray, aw: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`position_sums` where the row's weights span too many binades for one integer scale (a coarse log8
+    step: codes reach 127 nats below the top). Each position gets its own scale, the ulp of its own smallest
+    weight: its weights are then exact int64 multiples of it wherever ``count * max < 2^62`` of those units, and
+    their integer sum is rounded once (the same bits as ``math.fsum``). Only positions wider than that (entries
+    more than ~33 binades apart at k = 32) go through ``math.fsum``, one by one."""
+    T = counts.size
+    out = np.zeros(T)
+    has = counts > 0
+    if not has.any():
+        return out
     ends = np.cumsum(counts)
-    return np.array([math.fsum(w[e - c:e].tolist()) for e, c in zip(ends.tolist(), counts.tolist())])
+    starts = ends - counts
+    big = np.float32(np.inf)
+    masked = np.where(aw > 0, aw, big)
+    sidx = starts[has]
+    wmin = np.minimum.reduceat(masked, sidx)  # per position with entries (reduceat over non-empty segments)
+    wmax = np.maximum.reduceat(aw, sidx)
+    pos_q = np.zeros(T, dtype=np.int64)
+    finite = wmin < big
+    q = np.maximum(np.frexp(np.where(finite, wmin, np.float32(1)))[1].astype(np.int64) - 24, -149)
+    ok_h = finite & (np.ldexp(wmax.astype(np.float64) * counts[has], -q) < 2.0**62)
+    pos_q[np.flatnonzero(has)] = q
+    ok = np.zeros(T, dtype=bool)
+    ok[np.flatnonzero(has)] = ok_h
+    zero = np.zeros(T, dtype=bool)
+    zero[np.flatnonzero(has)] = ~finite  # every weight 0: the sum is 0
+    per = np.repeat(ok, counts)
+    eq = np.repeat(pos_q, counts)
+    iw = np.zeros(w.size, dtype=np.int64)
+    iw[per] = np.ldexp(w[per].astype(np.float64), -eq[per]).astype(np.int64)
+    cs = np.concatenate([np.zeros(1, np.int64), np.cumsum(iw)])  # wraps modulo 2^64; each difference is exact
+    seg = cs[ends] - cs[starts]
+    out[ok] = np.ldexp(seg[ok].astype(np.float64), pos_q[ok])
+    for t in np.flatnonzero(has & ~ok & ~zero).tolist():
+        out[t] = math.fsum(w[starts[t]:ends[t]].tolist())
+    return out
 
 
 def int_position_sums(iw: np.ndarray, counts: np.ndarray, q: int) -> np.ndarray:

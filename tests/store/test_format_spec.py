@@ -637,3 +637,21 @@ def test_coarse_log8_step_sums_exactly_on_the_row_table_and_on_the_fallback(tmp_
         x = s[i]
         _, positions, tail, _ = dec[x.sample_id]
         assert_reader_matches(x, positions, tail)
+
+
+def test_per_position_scales_sum_exactly_where_one_row_scale_cannot():
+    """reconstruction._per_position_sums (a coarse log8 step: weights 2^-180 apart in one row): each position on its
+    own integer scale, the widest through math.fsum; zeros, empty positions and subnormals included."""
+    from labelstore.reconstruction import _per_position_sums
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        counts = rng.integers(0, 9, size=int(rng.integers(1, 60)))
+        n = int(counts.sum())
+        w = np.exp(-rng.exponential(float(rng.choice([3.0, 20.0, 60.0])), size=n)).astype(np.float32)
+        w[rng.random(n) < 0.1] = 0
+        if n and rng.random() < 0.3:
+            w[rng.integers(0, n)] = np.float32(1e-44)
+        ends = np.cumsum(counts)
+        ref = [math.fsum(w[e - c:e].astype(np.float64).tolist()) for e, c in zip(ends, counts)]
+        assert _per_position_sums(w, np.abs(w), counts).tolist() == ref

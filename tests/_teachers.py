@@ -185,7 +185,11 @@ def committed_files(path) -> dict[str, str]:
 
 # A compile slowed down (a sleep before each batch) so that a test can interrupt it half-way.
 SLOW_COMPILE = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as a terminal delivers it, whatever the test process left behind: a signal mask or an ignored SIGINT
+# is inherited through exec (seen in the full suite: the child then finished, exit 0, never interrupted)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import labelstore.teacher.pipeline as c
 slow = c.pad_batch
 def collate(*a, **k):

@@ -34,8 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 from labelstore.codecs import get_codec  # noqa: E402
 from labelstore.store.reader import LabelStore  # noqa: E402
-from labelstore.store.writer import StoreWriter  # noqa: E402
-from labelstore.tools.bench import bench_meta, crossfit_folds, demo_source, prior_kl_crossfit, synthetic_source  # noqa: E402
+from labelstore.tools.bench import (  # noqa: E402
+    bench_meta,
+    crossfit_folds,
+    demo_source,
+    prior_kl_crossfit,
+    synthetic_source,
+    write_twice,
+)
 from labelstore.tools.fidelity import kl_to_reconstruction  # noqa: E402
 from labelstore_kernels import extract, extract_topk  # noqa: E402
 from labelstore_kernels.select_torch import topp_from_topk  # noqa: E402
@@ -78,16 +84,7 @@ def run_setting(logits: torch.Tensor, setting: dict, work: Path, prior: bool) ->
         rows.append((np.zeros(b - a, np.int64), cnt[a:b], ids[a:b][keep], vals[a:b][keep].reshape(-1), tail[a:b]))
     meta = bench_meta({**setting, "codec": CODEC, "encoding": ENCODING}, V, K, codec)
     mass = torch.softmax(logits.double(), -1).sum(0).numpy()
-    sizes = []
-    for copies in (1, 2):
-        store = work / f"store{copies}"
-        shutil.rmtree(store, ignore_errors=True)
-        with StoreWriter(store, meta) as w:
-            for rep in range(copies):
-                for i, r in enumerate(rows):
-                    w.add(rep * len(rows) + i, *r)
-            w.add_teacher_mass(mass, N)
-        sizes.append(sum(p.stat().st_size for p in (store / "shards").glob("r*.arrow")))
+    sizes = write_twice(rows, meta, mass, N, work)
     s = LabelStore(work / "store1")
     back = [s[i] for i in range(len(s))]
     r_ids, r_probs, r_tail, r_counts = (torch.cat([getattr(x, f) for x in back]) for f in ("ids", "probs", "tail",

@@ -233,6 +233,30 @@ def shard_metadata_bytes(store: Path) -> int:
     return sum(len(k) + len(v) for k, v in md.items())
 
 
+def write_twice(rows: list[tuple], meta: dict, teacher_mass: np.ndarray, positions: int, workdir: Path) -> list[int]:
+    """Shard bytes of ``workdir/store1`` (every row once) and ``workdir/store2`` (every row twice), each one shard.
+
+    Bytes per token is the marginal cost, ``(sizes[1] - sizes[0]) / positions``, so that the fixed cost of a shard
+    (2 x the schema metadata, schema, footer) stays separate. ``rows``: the writer's ``add`` arguments after the
+    sample id; the teacher mass goes in as a compile adds it (the store's tail prior)."""
+    from labelstore.store.writer import StoreWriter
+
+    sizes = []
+    for copies in (1, 2):
+        store = workdir / f"store{copies}"
+        shutil.rmtree(store, ignore_errors=True)
+        with StoreWriter(store, meta) as w:
+            for rep in range(copies):
+                for i, r in enumerate(rows):
+                    w.add(rep * len(rows) + i, *r)
+                w.add_teacher_mass(teacher_mass, positions)
+        shards = list((store / "shards").glob("r*.arrow"))
+        if len(shards) != 1:
+            raise RuntimeError(f"the bench expects one shard per store, got {len(shards)}: raise shard_bytes")
+        sizes.append(shards[0].stat().st_size)
+    return sizes
+
+
 def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, workdir: Path, seq_len: int = 256,
             scale_tokens: float = 5e12) -> dict:
     """One setting end to end. Soft modes also report ``ce_gap_mean`` (see :func:`ce_gap`); the sampled modes
@@ -243,7 +267,6 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
     ``kl_mean_prior_insample`` (prior estimated on the scored positions themselves: flattering, for reference),
     ``kl_mean_bucket`` (the bucket view)."""
     from labelstore.store.reader import LabelStore
-    from labelstore.store.writer import StoreWriter
     from labelstore.tools.fidelity import bucket_kl, kl_to_reconstruction, summarize
 
     N, V = logits.shape
@@ -268,21 +291,7 @@ def measure(logits: torch.Tensor, next_tokens: torch.Tensor, setting: dict, work
         vals = val_np[a:b].reshape(b - a, K, bpv)[keep].reshape(-1) if bpv else np.zeros(0, np.uint8)
         rows.append((inputs[a:b], c, ids_np[a:b][keep], vals, tail_np[a:b] if not hard else np.zeros(0, np.float32)))
     teacher_mass = torch.softmax(logits.double(), -1).sum(0).numpy()
-    # Bytes per token is the marginal cost: a store holding every row twice minus a store holding it once
-    # (one shard each), so the fixed cost of a shard (2 x the schema metadata, schema, footer) is separate.
-    sizes = []
-    for copies in (1, 2):
-        store = workdir / f"store{copies}"
-        shutil.rmtree(store, ignore_errors=True)
-        with StoreWriter(store, meta) as w:
-            for rep in range(copies):
-                for i, r in enumerate(rows):
-                    w.add(rep * len(rows) + i, *r)
-                w.add_teacher_mass(teacher_mass, N)  # as compile does: the store's tail prior
-        shards = list((store / "shards").glob("r*.arrow"))
-        if len(shards) != 1:
-            raise RuntimeError(f"the bench expects one shard per store, got {len(shards)}: raise shard_bytes")
-        sizes.append(shards[0].stat().st_size)
+    sizes = write_twice(rows, meta, teacher_mass, N, workdir)
     shard_bytes = sizes[1] - sizes[0]
     store1 = workdir / "store1"
     prior_file = store1 / "tail_prior.f32"

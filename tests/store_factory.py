@@ -77,3 +77,17 @@ def same_rows(got, want) -> bool:
     """Whether two :func:`read_all_rows` results are identical, bit for bit."""
     return len(got) == len(want) and all(
         a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:])) for a, b in zip(got, want))
+
+
+def decode_spliced_column(one_row, col: str, keep: int, blob: bytes, vocab_size: int = 1000) -> None:
+    """A hostile row (its CRC forged to match or bypassed): ``col`` cut to ``keep`` bytes plus ``blob`` either
+    decodes, with every id in range, or raises a labelstore error, never another exception. ``one_row``: (store,
+    sample id, tokens, raw parts) of a real row."""
+    from labelstore.errors import LabelStoreError
+
+    s, sid, T, parts = one_row
+    try:
+        raw = s.decode_parts(sid, T, dict(parts, **{col: parts[col][:keep] + blob}))
+    except LabelStoreError:
+        return
+    assert raw.ids.size == int(raw.counts.sum()) and (raw.ids.size == 0 or int(raw.ids.max()) < vocab_size)

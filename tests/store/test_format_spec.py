@@ -100,18 +100,26 @@ def spec_planes(buf: bytes, width: int, n: int) -> np.ndarray:
     return sum(planes[j] << (8 * j) for j in range(width)) if width else np.zeros(n, np.int64)
 
 
-def spec_v2_row(meta, cols, r, T):
-    """Version 2 (encoding zstd): undo zstd, byte planes and per-position code deltas (FORMAT.md section 6)."""
+def spec_zstd_common(meta, cols, r, T):
+    """Sections 6b-6d share these columns: counts and input ids (zstd byte planes), the tail (4 planes, or empty
+    where the store keeps none). Returns (counts, entries, input ids, tail as float64)."""
     w, cb = (meta["id_bits"] + 7) // 8, meta["count_bytes"]
     counts = np.frombuffer(spec_zstd(cols["counts"][r], T * cb), dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
     n = int(counts.sum())
     inp = spec_planes(spec_zstd(cols["input_ids"][r], T * w), w, T)
-    ids = spec_planes(spec_zstd(cols["ids"][r], n * w), w, n)
     if spec_has_tail(meta):
         tail = spec_planes(spec_zstd(cols["tail"][r], 4 * T), 4, T).astype("<u4").view("<f4").astype(np.float64)
     else:
         assert cols["tail"][r] == b""
         tail = np.zeros(T)
+    return counts, n, inp, tail
+
+
+def spec_v2_row(meta, cols, r, T):
+    """Version 2 (encoding zstd): undo zstd, byte planes and per-position code deltas (FORMAT.md section 6)."""
+    w = (meta["id_bits"] + 7) // 8
+    counts, n, inp, tail = spec_zstd_common(meta, cols, r, T)
+    ids = spec_planes(spec_zstd(cols["ids"][r], n * w), w, n)
     if meta["value_codec"]["name"] == "none":
         assert cols["values"][r] == b""
         values = b""
@@ -131,15 +139,8 @@ def spec_v5_row(meta, cols, r, T, grouped=False):
     """Version 5 (encoding expgolomb), section 6c: as 6b except the ids (symbols, extra bits, next-token swap) and
     the 1-byte values (slot-major deltas). ``grouped``: version 6 (encoding grouped), section 6d: values first,
     then ids from two symbol frames, gaps summed inside each group of byte-identical values."""
-    id_bits, w, cb = meta["id_bits"], (meta["id_bits"] + 7) // 8, meta["count_bytes"]
-    counts = np.frombuffer(spec_zstd(cols["counts"][r], T * cb), dtype="<u1" if cb == 1 else "<u2").astype(np.int64)
-    n = int(counts.sum())
-    inp = spec_planes(spec_zstd(cols["input_ids"][r], T * w), w, T)
-    if spec_has_tail(meta):
-        tail = spec_planes(spec_zstd(cols["tail"][r], 4 * T), 4, T).astype("<u4").view("<f4").astype(np.float64)
-    else:
-        assert cols["tail"][r] == b""
-        tail = np.zeros(T)
+    id_bits = meta["id_bits"]
+    counts, n, inp, tail = spec_zstd_common(meta, cols, r, T)
     bpv = {"none": 0, "fp16": 2}.get(meta["value_codec"]["name"], 1)
     if meta["value_codec"]["name"] == "none":
         assert cols["values"][r] == b""

@@ -242,6 +242,7 @@ class LabelStore:
         # exact integer weights of the codes, for the per-position sums of the reconstruction rule (FORMAT.md 5)
         self._ilut = None if self._sampled_mode or self.label_kind != "soft" else self.codec.int_lut(self.k)
         self._f64_exact = self._ilut is not None and float(self._ilut[0].max()) * self.k < 2.0**53
+        self._row_iluts: dict = {}  # coarse log8 steps: integer tables by a row's largest code (_row_int_sums)
 
     # ------------------------------------------------------------------------------ container protocol
     def __len__(self) -> int:
@@ -491,7 +492,7 @@ class LabelStore:
             return None
         nz = codes[codes != ZERO_CODE]
         mc = int(nz.max()) if nz.size else 0
-        cache = self.__dict__.setdefault("_row_iluts", {})
+        cache = self._row_iluts
         if mc not in cache:
             cache[mc] = self.codec.int_lut(self.k, max_code=mc)
         if cache[mc] is None:
